@@ -1,0 +1,133 @@
+"""Safe extraction of model archives (zip) and file checksums.
+
+Models are untrusted downloads: an entry such as ``../../.bashrc`` or ``/etc/passwd``, a symbolic
+link, or an archive that expands to terabytes must never be written. :func:`safe_extract_zip` checks
+every entry before writing anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import tempfile
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from DeepSegModuleLib.models.errors import ChecksumError, ModelFileError, UnsafeArchiveError
+
+#: Refuse archives that would expand beyond this (bytes); model archives are at most a few GB.
+DEFAULT_MAX_UNPACKED_BYTES = 32 * 1024**3
+DEFAULT_MAX_ENTRIES = 100_000
+
+
+def sha256_of_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
+    """Returns the hex sha256 of a file, read in chunks (weights files are large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: str | os.PathLike, expected: str) -> None:
+    """Checks a file against an expected sha256.
+
+    Raises:
+        ChecksumError: when they differ (the file is damaged, incomplete or not the expected one).
+    """
+    actual = sha256_of_file(path)
+    if actual.lower() != expected.lower():
+        raise ChecksumError(
+            f"{path} has sha256 {actual} but {expected} was expected: the file is damaged, incomplete or a "
+            "different version. Download or copy it again."
+        )
+
+
+def _checked_member_path(name: str) -> PurePosixPath:
+    normalized = name.replace("\\", "/")
+    posix = PurePosixPath(normalized)
+    if normalized.startswith("/") or (len(normalized) > 1 and normalized[1] == ":"):
+        raise UnsafeArchiveError(f"archive entry {name!r} has an absolute path; refusing to extract this archive")
+    if any(part == ".." for part in posix.parts):
+        raise UnsafeArchiveError(
+            f"archive entry {name!r} points outside the extraction folder ('..'); refusing to extract this archive"
+        )
+    return posix
+
+
+def safe_extract_zip(
+    archive: str | os.PathLike,
+    destination: str | os.PathLike,
+    max_unpacked_bytes: int = DEFAULT_MAX_UNPACKED_BYTES,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
+) -> Path:
+    """Extracts a zip archive after checking every entry, into ``destination``.
+
+    Nothing is written unless every entry is safe: relative, without ``..``, not a symbolic link,
+    and the declared total size within ``max_unpacked_bytes``. Extraction goes to a temporary
+    sibling folder first and is renamed into place, so a failure leaves no half-extracted model.
+
+    Args:
+        archive: the zip file.
+        destination: folder to create (must not exist yet).
+        max_unpacked_bytes: refuse archives declaring more than this many uncompressed bytes.
+        max_entries: refuse archives with more entries than this.
+
+    Returns:
+        The destination folder.
+
+    Raises:
+        UnsafeArchiveError: for path traversal, absolute paths, links or a zip bomb.
+        ModelFileError: when the file is not a readable zip archive.
+    """
+    destination = Path(destination)
+    try:
+        zip_file = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as error:
+        raise ModelFileError(f"{archive} is not a readable zip archive ({error}); download or copy it again") from error
+    with zip_file:
+        members = zip_file.infolist()
+        if len(members) > max_entries:
+            raise UnsafeArchiveError(f"{archive} has {len(members)} entries (limit {max_entries}); refusing to extract")
+        total = 0
+        for member in members:
+            _checked_member_path(member.filename)
+            mode = member.external_attr >> 16
+            if stat.S_ISLNK(mode):
+                raise UnsafeArchiveError(
+                    f"archive entry {member.filename!r} is a symbolic link; refusing to extract this archive"
+                )
+            total += member.file_size
+        if total > max_unpacked_bytes:
+            raise UnsafeArchiveError(
+                f"{archive} would expand to {total / 1e9:.1f} GB (limit {max_unpacked_bytes / 1e9:.1f} GB); "
+                "refusing to extract"
+            )
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".extracting-", dir=destination.parent))
+        try:
+            root = staging.resolve()
+            for member in members:
+                target = (staging / _checked_member_path(member.filename)).resolve()
+                if root not in target.parents and target != root:
+                    raise UnsafeArchiveError(f"archive entry {member.filename!r} resolves outside the folder")
+                if member.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                written = 0
+                with zip_file.open(member) as source, open(target, "wb") as sink:
+                    while chunk := source.read(1 << 22):
+                        written += len(chunk)
+                        if written > member.file_size:
+                            raise UnsafeArchiveError(
+                                f"archive entry {member.filename!r} is larger than it declares; refusing to extract"
+                            )
+                        sink.write(chunk)
+            os.replace(staging, destination)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return destination

@@ -1,0 +1,90 @@
+"""Reads any supported model (TorchScript + card, MONAI bundle, nnU-Net v2 folder) by looking at it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from DeepSegModuleLib.models.archive import safe_extract_zip, sha256_of_file
+from DeepSegModuleLib.models.description import LoadedModel, ModelFormat
+from DeepSegModuleLib.models.errors import ModelFileError, ModelFormatError
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without a GPU is an error naming the fix."""
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but PyTorch sees no CUDA GPU; choose device 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def _unpacked_archive(archive: Path) -> Path:
+    # Extract once per archive content, next to other unpacked models, so a cached load finds it again.
+    digest = sha256_of_file(archive)[:16]
+    target = Path(os.environ.get("DEEPSEG_CACHE_DIR") or Path.home() / ".deepseg" / "unpacked") / digest
+    if not target.is_dir():
+        safe_extract_zip(archive, target)
+    entries = [p for p in target.iterdir()]
+    if len(entries) == 1 and entries[0].is_dir():
+        return entries[0]
+    return target
+
+
+def detect_format(path: str | os.PathLike) -> ModelFormat:
+    """Tells which model format a file or folder holds.
+
+    Raises:
+        ModelFormatError: when it is none of them (the message lists what each format looks like).
+    """
+    from DeepSegModuleLib.models.torchscript import find_card
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"model {path} does not exist")
+    if path.is_dir():
+        if (path / "configs").is_dir():
+            return ModelFormat.MONAI_BUNDLE
+        if (path / "dataset.json").is_file() and (path / "plans.json").is_file():
+            return ModelFormat.NNUNET_V2
+    if find_card(path) is not None:
+        return ModelFormat.TORCHSCRIPT
+    raise ModelFormatError(
+        f"{path} is not a model DeepSeg reads. Expected one of: a MONAI bundle folder or .zip (configs/, models/); "
+        "an nnU-Net v2 trained-model folder (dataset.json, plans.json, fold_*/checkpoint_final.pth); a TorchScript "
+        "file with a DeepSeg model card (deepseg.json, see docs/model_card.md)."
+    )
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", **options) -> LoadedModel:
+    """Loads a model of any supported format onto ``device``.
+
+    Args:
+        path: a model folder, a ``.zip`` of one, a TorchScript file or a model card.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or a torch device.
+        **options: format-specific options (``folds`` and ``checkpoint_name`` for nnU-Net).
+
+    Raises:
+        ModelFormatError, ModelFileError, UnsafeArchiveError: see the format readers.
+    """
+    path = Path(path)
+    device = resolve_device(device)
+    if path.is_file() and path.suffix.lower() == ".zip":
+        path = _unpacked_archive(path)
+    model_format = detect_format(path)
+    if model_format == ModelFormat.TORCHSCRIPT:
+        from DeepSegModuleLib.models.torchscript import load_torchscript_model
+
+        return load_torchscript_model(path, device)
+    if model_format == ModelFormat.MONAI_BUNDLE:
+        from DeepSegModuleLib.models.monai_bundle import load_monai_bundle
+
+        return load_monai_bundle(path, device)
+    from DeepSegModuleLib.models.nnunet import load_nnunet_model
+
+    return load_nnunet_model(path, device, **options)

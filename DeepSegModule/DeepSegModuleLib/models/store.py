@@ -1,0 +1,185 @@
+"""A local model store: imported models live in one folder each, with a sha256 for every file.
+
+Layout::
+
+    <root>/<model id>/manifest.json     {"id", "source", "imported", "files": {relative path: sha256}}
+    <root>/<model id>/...               the model's files (a card + TorchScript, a bundle, an nnU-Net folder)
+
+The root defaults to ``$DEEPSEG_MODEL_DIR`` or ``~/.deepseg/models``, outside the Slicer install so
+models survive upgrades. Zip archives are extracted with :func:`safe_extract_zip`. :meth:`ModelStore.verify`
+recomputes the checksums, so a damaged or tampered file is found before it is loaded.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from DeepSegModuleLib.models.archive import safe_extract_zip, sha256_of_file, verify_sha256
+from DeepSegModuleLib.models.errors import ChecksumError, ModelFileError
+
+MANIFEST_NAME = "manifest.json"
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def default_store_root() -> Path:
+    """``$DEEPSEG_MODEL_DIR`` if set, else ``~/.deepseg/models``."""
+    return Path(os.environ.get("DEEPSEG_MODEL_DIR") or Path.home() / ".deepseg" / "models")
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    """A model in the store: its id, folder and recorded file checksums."""
+
+    model_id: str
+    path: Path
+    files: dict[str, str]
+    source: str
+
+    @property
+    def model_path(self) -> Path:
+        """What to hand to :func:`~DeepSegModuleLib.models.loader.load_model`: the folder, or its single
+        top-level sub-folder when an archive wrapped everything in one."""
+        entries = [p for p in self.path.iterdir() if p.name != MANIFEST_NAME]
+        if len(entries) == 1 and entries[0].is_dir():
+            return entries[0]
+        return self.path
+
+
+class ModelStore:
+    """Imports, lists, verifies and removes local models.
+
+    Args:
+        root: the store folder; created when needed.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None) -> None:
+        self.root = Path(root) if root is not None else default_store_root()
+
+    def _folder(self, model_id: str) -> Path:
+        if not _ID_PATTERN.match(model_id):
+            raise ValueError(f"model id {model_id!r}: use letters, digits, '.', '_' and '-' only (at most 128)")
+        return self.root / model_id
+
+    def import_model(
+        self, source: str | os.PathLike, model_id: str | None = None, expected_sha256: str | None = None,
+        replace: bool = False,
+    ) -> StoredModel:  # fmt: skip
+        """Copies a model file, folder or zip archive into the store and records its checksums.
+
+        Args:
+            source: a TorchScript file (its card beside it is copied too), a model folder, or a ``.zip``.
+            model_id: the id to store it under; defaults to the source's name without extension.
+            expected_sha256: when given, the source file (archive or TorchScript) must have this sha256.
+            replace: replace an existing model with the same id.
+
+        Raises:
+            FileExistsError: the id is taken and ``replace`` is False.
+            ChecksumError: ``expected_sha256`` does not match.
+            UnsafeArchiveError: the archive tries to write outside its folder.
+        """
+        source = Path(source)
+        if not source.exists():
+            raise ModelFileError(f"{source} does not exist")
+        if expected_sha256 is not None:
+            if source.is_dir():
+                raise ValueError("expected_sha256 applies to a file or an archive, not a folder")
+            verify_sha256(source, expected_sha256)
+        model_id = model_id or source.name.split(".")[0]
+        folder = self._folder(model_id)
+        if folder.exists() and not replace:
+            raise FileExistsError(f"a model with id {model_id!r} is already stored in {folder}; pass replace=True")
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".import-{model_id}-", dir=self.root))
+        try:
+            content = staging / "content"
+            if source.is_dir():
+                shutil.copytree(source, content, symlinks=False)
+            elif source.suffix.lower() == ".zip":
+                safe_extract_zip(source, content)
+            else:
+                content.mkdir()
+                shutil.copy2(source, content / source.name)
+                from DeepSegModuleLib.models.torchscript import find_card
+
+                card = find_card(source)
+                if card is not None and card.resolve() != source.resolve():
+                    shutil.copy2(card, content / card.name)
+            files = {
+                path.relative_to(content).as_posix(): sha256_of_file(path)
+                for path in sorted(content.rglob("*"))
+                if path.is_file()
+            }
+            manifest = {
+                "id": model_id,
+                "source": str(source.resolve()),
+                "imported": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                "files": files,
+            }
+            (content / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(content, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return StoredModel(model_id, folder, files, str(source))
+
+    def get(self, model_id: str) -> StoredModel:
+        """Returns a stored model's record.
+
+        Raises:
+            KeyError: no model with this id (the message lists the ids there are).
+        """
+        folder = self._folder(model_id)
+        manifest_path = folder / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise KeyError(f"no model {model_id!r} in {self.root}; stored models: {self.list_ids()}")
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        return StoredModel(model_id, folder, dict(manifest["files"]), manifest.get("source", ""))
+
+    def list_ids(self) -> list[str]:
+        """The ids of the stored models, sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / MANIFEST_NAME).is_file())
+
+    def verify(self, model_id: str) -> StoredModel:
+        """Recomputes every file's sha256 and compares with the manifest.
+
+        Raises:
+            ChecksumError: a file changed, is missing, or was added (naming it).
+        """
+        stored = self.get(model_id)
+        present = {
+            p.relative_to(stored.path).as_posix()
+            for p in stored.path.rglob("*")
+            if p.is_file() and p.name != MANIFEST_NAME
+        }
+        missing = sorted(set(stored.files) - present)
+        added = sorted(present - set(stored.files))
+        if missing or added:
+            raise ChecksumError(
+                f"model {model_id!r} in {stored.path} has missing files {missing} / unexpected files {added}; "
+                "import it again"
+            )
+        for relative, expected in stored.files.items():
+            actual = sha256_of_file(stored.path / relative)
+            if actual != expected:
+                raise ChecksumError(
+                    f"model {model_id!r}: {relative} has sha256 {actual}, recorded {expected}; the file was damaged "
+                    "or changed. Import the model again."
+                )
+        return stored
+
+    def remove(self, model_id: str) -> None:
+        """Deletes a stored model."""
+        folder = self._folder(model_id)
+        if not (folder / MANIFEST_NAME).is_file():
+            raise KeyError(f"no model {model_id!r} in {self.root}")
+        shutil.rmtree(folder)

@@ -1,0 +1,248 @@
+"""TorchScript model + DeepSeg model card (JSON).
+
+A DeepSeg model card is a small JSON file beside a TorchScript file (``torch.jit.save`` output,
+``.ts`` or ``.pt``). It tells the engine how to feed the network and what its outputs mean; the
+format is documented in ``docs/model_card.md``. Minimal example::
+
+    {
+      "deepseg_model_card": 1,
+      "name": "Brain (T1)",
+      "weights": "brain.ts",
+      "sha256": "<optional hex sha256 of brain.ts>",
+      "inputs": [{"name": "T1", "modality": "MR", "normalization": {"mode": "zscore", "nonzero": true}}],
+      "orientation": "RAS",
+      "spacing": [1.0, 1.0, 1.0],
+      "patch_size": [96, 96, 96],
+      "overlap": 0.5,
+      "activation": "softmax",
+      "mirror_axes": [0, 1, 2],
+      "labels": [{"value": 1, "name": "Brain", "color": [0.9, 0.7, 0.6],
+                  "terminology": "Segmentation category and type - DICOM master list~SCT^123037004^Anatomical Structure~SCT^12738006^Brain~^^~~^^~^^"}]
+    }
+
+TorchScript is loaded with ``torch.jit.load``, which runs only TorchScript code and restores
+tensors, never arbitrary Python pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from DeepSegModuleLib.labels import CodedEntry, LabelInfo, Terminology, as_label_table
+from DeepSegModuleLib.models.archive import verify_sha256
+from DeepSegModuleLib.models.description import (
+    InputSpec,
+    LoadedModel,
+    ModelDescription,
+    ModelFormat,
+    NormalizationSpec,
+    OutputActivation,
+)
+from DeepSegModuleLib.models.errors import ModelFileError, ModelFormatError
+
+CARD_VERSION = 1
+#: File names looked for when a folder or a bare TorchScript file is given.
+CARD_FILE_NAMES = ("deepseg.json", "model_card.json")
+
+_CARD_KEYS = {
+    "deepseg_model_card", "name", "description", "weights", "sha256", "inputs", "orientation", "spacing",
+    "patch_size", "overlap", "sw_batch_size", "activation", "mirror_axes", "axis_order", "labels", "license",
+    "version", "authors",
+}  # fmt: skip
+
+
+def find_card(path: str | os.PathLike) -> Path | None:
+    """Finds the model card for a folder, a card file or a TorchScript file, or None."""
+    path = Path(path)
+    if path.is_dir():
+        for name in CARD_FILE_NAMES:
+            if (path / name).is_file():
+                return path / name
+        return None
+    if path.suffix.lower() == ".json":
+        return path
+    for candidate in (path.with_suffix(".json"), *(path.parent / name for name in CARD_FILE_NAMES)):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _terminology(value: Any, where: str) -> Terminology | str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Mapping):
+        try:
+            category = CodedEntry.from_slicer(value["category"])
+            type_ = CodedEntry.from_slicer(value["type"])
+            modifier = CodedEntry.from_slicer(value["type_modifier"]) if value.get("type_modifier") else None
+            region = CodedEntry.from_slicer(value["anatomic_region"]) if value.get("anatomic_region") else None
+        except (KeyError, ValueError) as error:
+            raise ModelFormatError(
+                f"{where}: terminology needs 'category' and 'type' as 'scheme^value^meaning' codes ({error})"
+            ) from error
+        if category is None or type_ is None:
+            raise ModelFormatError(f"{where}: terminology category and type must not be empty")
+        return Terminology(category=category, type=type_, type_modifier=modifier, anatomic_region=region)
+    raise ModelFormatError(f"{where}: terminology must be a Slicer terminology string or an object, got {value!r}")
+
+
+def parse_card(card: Mapping[str, Any], source: str = "model card") -> ModelDescription:
+    """Reads a model card (already parsed JSON) into a :class:`ModelDescription`.
+
+    Raises:
+        ModelFormatError: naming the field that is missing or wrong.
+    """
+    if not isinstance(card, Mapping):
+        raise ModelFormatError(f"{source}: a model card is a JSON object")
+    version = card.get("deepseg_model_card")
+    if version != CARD_VERSION:
+        raise ModelFormatError(
+            f"{source}: 'deepseg_model_card' must be {CARD_VERSION} (got {version!r}); is this a DeepSeg model card?"
+        )
+    unknown = sorted(set(card) - _CARD_KEYS)
+    if unknown:
+        raise ModelFormatError(f"{source}: unknown fields {unknown}; see docs/model_card.md for the card format")
+    for key in ("inputs", "patch_size", "labels"):
+        if key not in card:
+            raise ModelFormatError(f"{source}: the card has no '{key}' field; see docs/model_card.md")
+    try:
+        inputs = []
+        for index, entry in enumerate(card["inputs"]):
+            norm = dict(entry.get("normalization", {}))
+            inputs.append(
+                InputSpec(
+                    name=str(entry.get("name", f"input {index}")),
+                    modality=str(entry.get("modality", "")),
+                    normalization=NormalizationSpec(**norm),
+                )
+            )
+        activation = OutputActivation(card.get("activation", "softmax"))
+        raw_labels = list(card["labels"])
+        labels = as_label_table(
+            [
+                LabelInfo(
+                    value=int(item["value"]),
+                    name=str(item["name"]),
+                    color=tuple(float(c) for c in item.get("color", (0.5, 0.5, 0.5))),
+                    terminology=_terminology(item.get("terminology"), f"{source}: label {item.get('name')!r}"),
+                )
+                for item in raw_labels
+            ]
+        )
+        if activation == OutputActivation.SIGMOID:
+            channels = {int(item.get("channel", index)): int(item["value"]) for index, item in enumerate(raw_labels)}
+        else:
+            channels = {int(item.get("channel", item["value"])): int(item["value"]) for item in raw_labels}
+            channels.setdefault(0, 0)
+        count = max(channels) + 1
+        missing = [c for c in range(count) if c not in channels]
+        if missing:
+            raise ModelFormatError(
+                f"{source}: output channels {missing} have no label; give every channel a label (or 'channel' fields)"
+            )
+        return ModelDescription(
+            name=str(card.get("name", source)),
+            format=ModelFormat.TORCHSCRIPT,
+            inputs=inputs,
+            labels=labels,
+            channel_to_label=[channels[c] for c in range(count)],
+            patch_size=tuple(card["patch_size"]),
+            spacing=tuple(card["spacing"]) if card.get("spacing") is not None else None,
+            orientation=card.get("orientation"),
+            overlap=float(card.get("overlap", 0.5)),
+            sw_batch_size=int(card.get("sw_batch_size", 1)),
+            activation=activation,
+            mirror_axes=tuple(int(a) for a in card.get("mirror_axes", ())),
+            axis_order=str(card.get("axis_order", "ijk")),
+            extra={"card": dict(card)},
+        )
+    except ModelFormatError:
+        raise
+    except (KeyError, TypeError, ValueError) as error:
+        raise ModelFormatError(f"{source}: {error}; see docs/model_card.md for the card format") from error
+
+
+def read_card(card_path: str | os.PathLike) -> tuple[ModelDescription, Path]:
+    """Reads a card file; returns the description and the TorchScript file it names.
+
+    Raises:
+        ModelFormatError: the JSON is invalid or the card is inconsistent.
+        ModelFileError: the weights file it names does not exist.
+    """
+    card_path = Path(card_path)
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ModelFormatError(f"{card_path} is not valid JSON ({error}); fix or replace the model card") from error
+    description = parse_card(card, source=str(card_path))
+    weights_name = card.get("weights")
+    if not weights_name:
+        candidates = sorted(p for p in card_path.parent.iterdir() if p.suffix.lower() in (".ts", ".pt"))
+        if len(candidates) != 1:
+            raise ModelFormatError(f"{card_path}: name the TorchScript file in the card's 'weights' field")
+        weights = candidates[0]
+    else:
+        weights = (card_path.parent / weights_name).resolve()
+        if card_path.parent.resolve() not in weights.parents:
+            raise ModelFormatError(f"{card_path}: 'weights' must be a file in the card's folder, got {weights_name!r}")
+    if not weights.is_file():
+        raise ModelFileError(f"{card_path} names weights {weights.name!r}, which is not in {card_path.parent}")
+    description.source = str(weights)
+    return description, weights
+
+
+def load_torchscript_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> LoadedModel:
+    """Loads a TorchScript model and its card.
+
+    Args:
+        path: the card (``.json``), the TorchScript file (card beside it), or their folder.
+        device: where to put the weights.
+
+    Raises:
+        ModelFormatError: no card, or an inconsistent one.
+        ModelFileError: the TorchScript file is truncated, damaged or not TorchScript, or its sha256
+            differs from the card's.
+    """
+    started = time.perf_counter()
+    card_path = find_card(path)
+    if card_path is None:
+        raise ModelFormatError(
+            f"no DeepSeg model card found for {path}: put a {CARD_FILE_NAMES[0]} (see docs/model_card.md) beside "
+            "the TorchScript file"
+        )
+    description, weights = read_card(card_path)
+    expected = description.extra["card"].get("sha256")
+    if expected:
+        verify_sha256(weights, expected)
+        description.sha256 = expected
+    device = torch.device(device)
+    try:
+        network = torch.jit.load(str(weights), map_location=device)
+    except (RuntimeError, ValueError) as error:
+        size = os.path.getsize(weights)
+        raise ModelFileError(
+            f"{weights} ({size} bytes) could not be read as TorchScript: it is truncated, damaged, or not a "
+            "TorchScript file (export with torch.jit.script or torch.jit.trace and save with torch.jit.save). "
+            f"Details: {str(error).splitlines()[0]}"
+        ) from error
+    network.eval()
+
+    def to_device(target: torch.device) -> Any:
+        network.to(target)
+        return network
+
+    return LoadedModel(
+        description=description,
+        predictor=network,
+        device=device,
+        networks=[network],
+        to_device=to_device,
+        load_seconds=time.perf_counter() - started,
+    )

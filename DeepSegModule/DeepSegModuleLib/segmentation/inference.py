@@ -1,0 +1,224 @@
+"""Sliding-window inference with gaussian blending, mirroring TTA and an out-of-memory fallback chain."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from monai.inferers import SlidingWindowInferer
+
+from DeepSegModuleLib.models.description import LoadedModel
+from DeepSegModuleLib.models.errors import ModelMismatchError
+
+logger = logging.getLogger(__name__)
+
+
+class SegmentationCancelled(Exception):
+    """The user cancelled the run; nothing was written."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for CUDA and CPU allocation failures (which torch reports as different exception types)."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def count_windows(image_shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
+    """How many windows MONAI's sliding window visits (image padded up to the roi first)."""
+    total = 1
+    for size, window in zip(image_shape, roi):
+        size = max(size, window)
+        if size == window:
+            continue
+        interval = max(int(window * (1 - overlap)), 1)
+        total *= math.ceil((size - window) / interval) + 1
+    return total
+
+
+@dataclass
+class InferenceAttempt:
+    """One rung of the fallback ladder: windows per call, where windows run, where they are stitched."""
+
+    sw_batch_size: int
+    window_device: torch.device
+    stitch_device: torch.device
+    message: str = ""
+
+
+def fallback_attempts(sw_batch_size: int, device: torch.device) -> list[InferenceAttempt]:
+    """The ladder tried in order when memory runs out: fewer windows, CPU stitching, CPU."""
+    cpu = torch.device("cpu")
+    attempts = [InferenceAttempt(sw_batch_size, device, device)]
+    if sw_batch_size > 1:
+        attempts.append(
+            InferenceAttempt(
+                1, device, device,
+                f"Out of {'GPU' if device.type == 'cuda' else 'main'} memory with {sw_batch_size} windows at a time: "
+                "retrying one window at a time.",
+            )
+        )  # fmt: skip
+    if device.type != "cpu":
+        attempts.append(
+            InferenceAttempt(
+                1, device, cpu, "Still out of GPU memory: stitching the result in main memory instead (slower)."
+            )
+        )
+        attempts.append(
+            InferenceAttempt(1, cpu, cpu, "Still out of GPU memory: running this model on the CPU (much slower).")
+        )
+    return attempts
+
+
+class WindowPredictor:
+    """Wraps a model's predictor for one run: axis order, mirroring, progress, cancel and checks."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        mirror_axes: Sequence[int],
+        total_calls: int,
+        progress: Callable[[str, float], None] | None,
+        cancel: Callable[[], bool] | None,
+        mixed_precision: bool,
+    ) -> None:
+        self.model = model
+        self.mirror_axes = tuple(mirror_axes)
+        self.total_calls = max(total_calls, 1)
+        self.progress = progress
+        self.cancel = cancel
+        self.mixed_precision = mixed_precision
+        self.calls = 0
+
+    def _forward(self, windows: torch.Tensor) -> torch.Tensor:
+        description = self.model.description
+        if description.axis_order == "kji":
+            windows = windows.permute(0, 1, 4, 3, 2)
+        try:
+            output = self.model.predictor(windows)
+        except Exception as error:
+            if is_out_of_memory(error):
+                raise
+            expected = len(description.inputs)
+            raise ModelMismatchError(
+                f"the network of model '{description.name}' failed on a window of shape {tuple(windows.shape)} "
+                f"({expected} input channel(s) as its description says): {str(error).splitlines()[0]}. "
+                "Check the model's inputs and patch size in its description."
+            ) from error
+        if isinstance(output, (tuple, list)):
+            output = output[0]  # deep-supervision networks return the full-resolution head first
+        if isinstance(output, dict):
+            raise ModelMismatchError(f"model '{description.name}' returned a dict; its predictor must return a tensor")
+        if output.shape[1] != description.num_output_channels or output.shape[2:] != windows.shape[2:]:
+            raise ModelMismatchError(
+                f"model '{description.name}' returned shape {tuple(output.shape)} for windows of shape "
+                f"{tuple(windows.shape)}, but its description expects {description.num_output_channels} output "
+                "channels of the window's size. Fix the labels in the model card or use the matching weights."
+            )
+        if description.axis_order == "kji":
+            output = output.permute(0, 1, 4, 3, 2)
+        return output.float()
+
+    def __call__(self, windows: torch.Tensor) -> torch.Tensor:
+        if self.cancel is not None and self.cancel():
+            raise SegmentationCancelled("segmentation cancelled by the user")
+        autocast = (
+            torch.autocast("cuda", dtype=torch.float16)
+            if self.mixed_precision and windows.device.type == "cuda"
+            else nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            prediction = self._forward(windows)
+            combos = [
+                c for r in range(1, len(self.mirror_axes) + 1) for c in itertools.combinations(self.mirror_axes, r)
+            ]
+            for axes in combos:
+                dims = [a + 2 for a in axes]
+                prediction += torch.flip(self._forward(torch.flip(windows, dims)), dims)
+            if combos:
+                prediction /= len(combos) + 1
+        self.calls += 1
+        if self.progress is not None:
+            self.progress("inference", min(self.calls / self.total_calls, 1.0))
+        return prediction
+
+
+def sliding_window_predict(
+    image: torch.Tensor,
+    model: LoadedModel,
+    *,
+    overlap: float,
+    sw_batch_size: int,
+    mirror_axes: Sequence[int] = (),
+    mixed_precision: bool = True,
+    progress: Callable[[str, float], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> torch.Tensor:
+    """Runs the network over a whole normalised image with gaussian-weighted sliding windows.
+
+    Args:
+        image: ``(1, C, X, Y, Z)`` in model-grid axis order (any device).
+        model: the loaded model; may be moved to the CPU by the fallback chain.
+        overlap: window overlap fraction.
+        sw_batch_size: windows per network call.
+        mirror_axes: spatial axes to mirror for test-time augmentation (empty: none).
+        mixed_precision: float16 autocast on CUDA.
+        progress: ``progress("inference", fraction)``.
+        cancel: returns True to stop.
+        log: receives user-readable lines about fallbacks.
+
+    Returns:
+        ``(1, num_output_channels, X, Y, Z)`` float32 network outputs, on the stitching device.
+
+    Raises:
+        MemoryError: when even the last fallback runs out of memory (the message says what to try).
+        SegmentationCancelled: when ``cancel()`` returned True.
+    """
+    description = model.description
+    roi = description.patch_size
+    total = count_windows(image.shape[2:], roi, overlap)
+    calls = math.ceil(total / max(sw_batch_size, 1))
+    last_error: BaseException | None = None
+    for attempt in fallback_attempts(sw_batch_size, model.device):
+        if attempt.message:
+            logger.warning(attempt.message)
+            if log is not None:
+                log(attempt.message)
+        if attempt.window_device != model.device:
+            model.move_to(attempt.window_device)
+        calls = math.ceil(total / attempt.sw_batch_size)
+        predictor = WindowPredictor(model, mirror_axes, calls, progress, cancel, mixed_precision)
+        inferer = SlidingWindowInferer(
+            roi_size=roi,
+            sw_batch_size=attempt.sw_batch_size,
+            overlap=overlap,
+            mode="gaussian",
+            sigma_scale=0.125,
+            padding_mode="constant",
+            cval=0.0,
+            sw_device=attempt.window_device,
+            device=attempt.stitch_device,
+            cache_roi_weight_map=True,
+        )
+        try:
+            with torch.inference_mode():
+                output = inferer(image.to(attempt.stitch_device), predictor)
+            return output.as_tensor() if hasattr(output, "as_tensor") else output
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            last_error = error
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    raise MemoryError(
+        "out of memory even with one window at a time"
+        + (" on the CPU" if model.device.type == "cpu" else "")
+        + ": close other programs, crop the volume to the region of interest, or use a lower-resolution model"
+    ) from last_error

@@ -1,0 +1,393 @@
+"""The segmentation engine: images + model in, label map + label table out.
+
+One run is: check inputs -> (load model, or take it from the cache) -> preprocess (reorient and
+resample to the model grid, normalise) -> sliding-window inference -> resample the network's
+outputs (logits, never labels) back to the first input's grid -> argmax -> clean-up -> keep the
+requested labels. Nothing here knows about MRML: images are (k, j, i) arrays with an IJK-to-RAS
+matrix, and the result is the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from DeepSegModuleLib.labels import LabelInfo
+from DeepSegModuleLib.models.cache import ModelCache, default_cache
+from DeepSegModuleLib.models.description import LoadedModel, ModelDescription, ModelFormat, OutputActivation
+from DeepSegModuleLib.models.loader import resolve_device
+from DeepSegModuleLib.segmentation import postprocess
+from DeepSegModuleLib.segmentation.grid import ModelGrid
+from DeepSegModuleLib.segmentation.inference import SegmentationCancelled, is_out_of_memory, sliding_window_predict
+from DeepSegModuleLib.segmentation.normalization import normalize
+from DeepSegModuleLib.segmentation.volume import VolumeArray, as_volume, resample_onto
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str, float], None]
+CancelCheck = Callable[[], bool]
+
+
+@dataclass
+class SegmentationOptions:
+    """What the user can choose for one run.
+
+    Attributes:
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        overlap: sliding-window overlap; None uses the model's.
+        sw_batch_size: windows per network call; None uses the model's.
+        mirroring: mirroring test-time augmentation along the model's mirror axes (up to 8x slower).
+        mixed_precision: float16 autocast on CUDA.
+        labels: label values or names to keep (None: all); others become background after the argmax.
+        keep_largest_component: True for every label, or the values/names to apply it to.
+        fill_holes: True for every label, or the values/names to apply it to.
+        min_component_mm3: connected components smaller than this volume (mm^3) are removed.
+        return_probabilities: also return a float32 probability map per kept label on the input grid.
+        channel_group_size: output channels resampled back at a time (bounds memory for many labels).
+    """
+
+    device: str = "auto"
+    overlap: float | None = None
+    sw_batch_size: int | None = None
+    mirroring: bool = False
+    mixed_precision: bool = True
+    labels: Sequence[int | str] | None = None
+    keep_largest_component: bool | Sequence[int | str] = False
+    fill_holes: bool | Sequence[int | str] = False
+    min_component_mm3: float = 0.0
+    return_probabilities: bool = False
+    channel_group_size: int = 4
+
+
+@dataclass
+class SegmentationResult:
+    """The engine's answer, on the first input's grid.
+
+    Attributes:
+        labels: integer label map in (k, j, i) order (uint8, or uint16 past 255).
+        ijk_to_ras: the grid of ``labels`` (the first input's).
+        label_table: one :class:`LabelInfo` per kept label, in value order.
+        probabilities: label value -> float32 probability map (k, j, i), when asked for.
+        timings: seconds per stage (``load``, ``preprocess``, ``inference``, ``resample``, ``postprocess``,
+            ``total``).
+        peak_memory: ``cuda_peak_bytes`` (this run) and ``process_peak_rss_bytes`` (the process's high-water
+            mark so far), in bytes.
+        model_from_cache: True when the model was already loaded.
+        device: where the network ran in the end (after any fallback).
+        messages: user-readable notes (fallbacks, skipped steps).
+    """
+
+    labels: np.ndarray
+    ijk_to_ras: np.ndarray
+    label_table: list[LabelInfo]
+    probabilities: dict[int, np.ndarray] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    peak_memory: dict[str, int] = field(default_factory=dict)
+    model_from_cache: bool = False
+    device: str = "cpu"
+    messages: list[str] = field(default_factory=list)
+
+
+class Preprocessor(Protocol):
+    """Turns input volumes into the network's input and maps outputs back. One per run."""
+
+    def prepare(self, volumes: list[VolumeArray], device: torch.device) -> torch.Tensor:
+        """Returns the normalised network input ``(1, C, *model grid)``."""
+
+    def to_input_grid(self, channels: torch.Tensor, fill: Sequence[float]) -> torch.Tensor:
+        """Maps ``(G, *model grid)`` outputs to ``(G, i, j, k)`` on the first input's grid; voxels the model
+        never saw get ``fill[g]``."""
+
+
+class GridPreprocessor:
+    """Reorient + resample with :class:`ModelGrid`, normalise per channel (TorchScript models)."""
+
+    def __init__(self, description: ModelDescription) -> None:
+        self.description = description
+        self.grid: ModelGrid | None = None
+
+    def prepare(self, volumes: list[VolumeArray], device: torch.device) -> torch.Tensor:
+        reference = volumes[0]
+        self.grid = ModelGrid.plan(
+            reference.array.shape[::-1], reference.ijk_to_ras, self.description.orientation, self.description.spacing
+        )
+        channels = []
+        for volume, spec in zip(volumes, self.description.inputs):
+            data = torch.from_numpy(np.ascontiguousarray(volume.array)).to(device=device, dtype=torch.float32)
+            on_model_grid = self.grid.to_model(data.permute(2, 1, 0)[None])[0]
+            channels.append(normalize(on_model_grid, spec.normalization))
+        return torch.stack(channels)[None]
+
+    def to_input_grid(self, channels: torch.Tensor, fill: Sequence[float]) -> torch.Tensor:
+        assert self.grid is not None, "prepare() first"
+        return self.grid.to_input(channels)
+
+
+def _peak_rss_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _label_values(selection: bool | Sequence[int | str] | None, table: list[LabelInfo], what: str) -> list[int]:
+    if selection is None or selection is True:
+        return [info.value for info in table]
+    if selection is False:
+        return []
+    by_name = {info.name.lower(): info.value for info in table}
+    known = {info.value for info in table}
+    values = []
+    for item in selection:
+        if isinstance(item, str) and not item.isdigit():
+            if item.lower() not in by_name:
+                raise ValueError(f"{what}: no label named {item!r}; the model's labels are {[i.name for i in table]}")
+            values.append(by_name[item.lower()])
+        else:
+            if int(item) not in known:
+                raise ValueError(f"{what}: no label with value {item}; the model's label values are {sorted(known)}")
+            values.append(int(item))
+    return values
+
+
+def check_inputs(volumes: list[VolumeArray], description: ModelDescription) -> None:
+    """Raises ValueError naming the fix when the images cannot be fed to the model."""
+    expected = len(description.inputs)
+    if len(volumes) != expected:
+        names = ", ".join(f"{spec.name} ({spec.modality})" if spec.modality else spec.name for spec in description.inputs)
+        raise ValueError(
+            f"model '{description.name}' takes {expected} input volume(s) ({names}) but {len(volumes)} were given; "
+            "select one volume for each input"
+        )
+    for index, volume in enumerate(volumes):
+        if min(volume.array.shape) < 2:
+            raise ValueError(
+                f"input {index + 1} has shape {volume.array.shape} (k, j, i): it is a 2D image, and this model segments "
+                "3D volumes; select a 3D volume"
+            )
+        if not np.issubdtype(volume.array.dtype, np.number) or np.issubdtype(volume.array.dtype, np.complexfloating):
+            raise ValueError(f"input {index + 1} has voxel type {volume.array.dtype}; a scalar volume is needed")
+        if np.issubdtype(volume.array.dtype, np.floating) and not np.isfinite(volume.array).all():
+            raise ValueError(
+                f"input {index + 1} contains NaN or infinite voxel values; fix or threshold the volume before segmenting"
+            )
+
+
+def make_preprocessor(model: LoadedModel) -> Preprocessor:
+    """The preprocessing a model's format asks for."""
+    if model.description.format == ModelFormat.NNUNET_V2:
+        from DeepSegModuleLib.segmentation.nnunet_preprocessing import NnunetPreprocessor
+
+        return NnunetPreprocessor(model.description)
+    return GridPreprocessor(model.description)
+
+
+def _labels_from_outputs(
+    outputs: torch.Tensor,
+    description: ModelDescription,
+    preprocessor: Preprocessor,
+    group_size: int,
+) -> torch.Tensor:
+    """Resamples output channels back in groups and reduces them to a label map (i, j, k) of label values."""
+    count = outputs.shape[0]
+    lookup = torch.tensor(description.channel_to_label, dtype=torch.int64, device=outputs.device)
+    if description.activation == OutputActivation.SIGMOID:
+        labels = None
+        for start in range(0, count, group_size):
+            group = preprocessor.to_input_grid(outputs[start : start + group_size], [-1e4] * group_size)
+            if labels is None:
+                labels = torch.zeros(group.shape[1:], dtype=torch.int64, device=group.device)
+            for offset in range(group.shape[0]):
+                labels[group[offset] > 0] = lookup[start + offset]
+        return labels
+    best = best_channel = None
+    for start in range(0, count, group_size):
+        stop = min(start + group_size, count)
+        fill = [1e4 if description.channel_to_label[c] == 0 else -1e4 for c in range(start, stop)]
+        group = preprocessor.to_input_grid(outputs[start:stop], fill)
+        group_best, group_channel = group.max(dim=0)
+        group_channel += start
+        if best is None:
+            best, best_channel = group_best, group_channel
+        else:
+            better = group_best > best
+            best = torch.where(better, group_best, best)
+            best_channel = torch.where(better, group_channel, best_channel)
+    return lookup.to(best_channel.device)[best_channel]
+
+
+def _probabilities(
+    outputs: torch.Tensor, description: ModelDescription, preprocessor: Preprocessor, values: list[int]
+) -> dict[int, np.ndarray]:
+    if description.activation == OutputActivation.SOFTMAX:
+        probabilities = torch.softmax(outputs, dim=0)
+    elif description.activation == OutputActivation.SIGMOID:
+        probabilities = torch.sigmoid(outputs)
+    else:
+        probabilities = outputs
+    maps = {}
+    for value in values:
+        channel = description.channel_to_label.index(value)
+        on_input = preprocessor.to_input_grid(probabilities[channel : channel + 1], [0.0])[0]
+        maps[value] = np.ascontiguousarray(on_input.clamp(0, 1).permute(2, 1, 0).cpu().numpy().astype(np.float32))
+    return maps
+
+
+def segment(
+    images: VolumeArray | Sequence[Any],
+    model: LoadedModel | str | os.PathLike,
+    options: SegmentationOptions | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+    cache: ModelCache | None = None,
+) -> SegmentationResult:
+    """Segments one case.
+
+    Args:
+        images: one :class:`VolumeArray` (or ``(array, ijk_to_ras)`` pair) per model input, in the model's
+            input order; all are resampled onto the first one's grid.
+        model: a loaded model, or a path that is loaded through ``cache`` (the default process-wide cache,
+            so a second run with the same model skips loading).
+        options: run options; defaults to :class:`SegmentationOptions` ().
+        progress: called as ``progress(stage, fraction)`` with stages ``load``, ``preprocess``, ``inference``,
+            ``postprocess``.
+        cancel: polled between windows; return True to stop (raises :class:`SegmentationCancelled`).
+        cache: the model cache to use for a path.
+
+    Returns:
+        The label map on the first input's grid, the label table, and the run's figures.
+
+    Raises:
+        ValueError: inputs that do not fit the model (wrong count, 2D, NaN), unknown label names.
+        ModelError: the model cannot be read or does not match its description.
+        MemoryError: out of memory after every fallback.
+        SegmentationCancelled: ``cancel()`` returned True.
+    """
+    options = options or SegmentationOptions()
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    messages: list[str] = []
+    report = progress or (lambda stage, fraction: None)
+    if isinstance(images, tuple) and len(images) == 2 and isinstance(images[0], np.ndarray):
+        images = [images]  # one (array, ijk_to_ras) pair
+    volumes = [as_volume(image) for image in (images if isinstance(images, (list, tuple)) else [images])]
+    device = resolve_device(options.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    report("load", 0.0)
+    from_cache = False
+    if isinstance(model, LoadedModel):
+        loaded = model
+        if loaded.device != device:
+            loaded.move_to(device)
+    else:
+        loaded, from_cache = (cache if cache is not None else default_cache).get(model, device)
+    timings["load"] = 0.0 if from_cache else loaded.load_seconds
+    description = loaded.description
+    report("load", 1.0)
+
+    check_inputs(volumes, description)
+    kept = _label_values(options.labels, description.labels, "labels to keep")
+    largest = _label_values(options.keep_largest_component, description.labels, "keep_largest_component")
+    holes = _label_values(options.fill_holes, description.labels, "fill_holes")
+    if cancel is not None and cancel():
+        raise SegmentationCancelled("segmentation cancelled by the user")
+
+    if loaded.bundle_workflow is not None:
+        labels_ijk, probabilities = loaded.bundle_workflow.run(
+            volumes, device=device, options=options, progress=report, cancel=cancel, timings=timings, log=messages.append
+        )
+        labels_ijk = torch.as_tensor(labels_ijk)
+    else:
+        step = time.perf_counter()
+        report("preprocess", 0.0)
+        reference = volumes[0]
+        volumes = [reference] + [resample_onto(v, reference) for v in volumes[1:]]
+        preprocessor = make_preprocessor(loaded)
+        try:
+            network_input = preprocessor.prepare(volumes, device)
+        except Exception as error:
+            if device.type != "cuda" or not is_out_of_memory(error):
+                raise
+            messages.append("Out of GPU memory while preparing the image: preparing it on the CPU instead.")
+            torch.cuda.empty_cache()
+            network_input = preprocessor.prepare(volumes, torch.device("cpu"))
+        timings["preprocess"] = time.perf_counter() - step
+        report("preprocess", 1.0)
+
+        step = time.perf_counter()
+        overlap = description.overlap if options.overlap is None else float(options.overlap)
+        sw_batch = description.sw_batch_size if options.sw_batch_size is None else int(options.sw_batch_size)
+        outputs = sliding_window_predict(
+            network_input,
+            loaded,
+            overlap=overlap,
+            sw_batch_size=max(sw_batch, 1),
+            mirror_axes=description.mirror_axes if options.mirroring else (),
+            mixed_precision=options.mixed_precision,
+            progress=report,
+            cancel=cancel,
+            log=messages.append,
+        )[0]
+        del network_input
+        timings["inference"] = time.perf_counter() - step
+
+        step = time.perf_counter()
+        group = max(int(options.channel_group_size), 1)
+        try:
+            labels_ijk = _labels_from_outputs(outputs, description, preprocessor, group)
+            probabilities = _probabilities(outputs, description, preprocessor, kept) if options.return_probabilities else {}
+        except Exception as error:
+            if outputs.device.type != "cuda" or not is_out_of_memory(error):
+                raise
+            messages.append("Out of GPU memory while resampling the result: finishing on the CPU.")
+            outputs = outputs.cpu()
+            torch.cuda.empty_cache()
+            labels_ijk = _labels_from_outputs(outputs, description, preprocessor, group)
+            probabilities = _probabilities(outputs, description, preprocessor, kept) if options.return_probabilities else {}
+        del outputs
+        timings["resample"] = time.perf_counter() - step
+
+    step = time.perf_counter()
+    report("postprocess", 0.0)
+    max_value = max([info.value for info in description.labels] + [0])
+    dtype = np.uint8 if max_value < 256 else np.uint16
+    labels = np.ascontiguousarray(labels_ijk.permute(2, 1, 0).cpu().numpy()).astype(dtype, copy=False)
+    all_values = [info.value for info in description.labels]
+    dropped = [v for v in all_values if v not in kept]
+    if dropped:
+        labels[np.isin(labels, dropped)] = 0
+    if options.min_component_mm3 > 0:
+        voxel_mm3 = abs(float(np.linalg.det(volumes[0].ijk_to_ras[:3, :3])))
+        postprocess.remove_small_components(labels, kept, int(np.ceil(options.min_component_mm3 / voxel_mm3)))
+    if largest:
+        postprocess.keep_largest_component(labels, [v for v in largest if v in kept])
+    if holes:
+        postprocess.fill_holes(labels, [v for v in holes if v in kept])
+    timings["postprocess"] = time.perf_counter() - step
+    report("postprocess", 1.0)
+
+    timings["total"] = time.perf_counter() - started
+    peak = {"process_peak_rss_bytes": _peak_rss_bytes()}
+    if device.type == "cuda":
+        peak["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    table = sorted((info for info in description.labels if info.value in kept), key=lambda info: info.value)
+    for line in messages:
+        logger.info(line)
+    return SegmentationResult(
+        labels=labels,
+        ijk_to_ras=volumes[0].ijk_to_ras.copy(),
+        label_table=table,
+        probabilities=probabilities,
+        timings=timings,
+        peak_memory=peak,
+        model_from_cache=from_cache,
+        device=str(loaded.device),
+        messages=messages,
+    )

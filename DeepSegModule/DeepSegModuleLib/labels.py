@@ -195,3 +195,17 @@ def default_color(value: int) -> tuple[float, float, float]:
     lightness = 0.55 if value % 2 else 0.42
     red, green, blue = colorsys.hls_to_rgb(hue, lightness, 0.65)
     return (round(red, 4), round(green, 4), round(blue, 4))
+
+
+# Codes for the brain tissue classes DeepSeg's demo and default model produce. Source: DICOM PS3.16 CID 7140
+# "Brain Structure for Volumetric Measurement" and CID 7150 "Segmentation Property Category".
+_TISSUE = CodedEntry("SCT", "85756007", "Tissue")
+_ANATOMICAL_STRUCTURE = CodedEntry("SCT", "123037004", "Anatomical Structure")
+_BODY_SUBSTANCE = CodedEntry("SCT", "91720002", "Body Substance")
+
+BRAIN_TERMS = {
+    "brain": Terminology(_ANATOMICAL_STRUCTURE, CodedEntry("SCT", "12738006", "Brain")),
+    "grey matter": Terminology(_TISSUE, CodedEntry("SCT", "40146001", "Cerebral Gray Matter")),
+    "white matter": Terminology(_TISSUE, CodedEntry("SCT", "68523003", "Cerebral White Matter")),
+    "cerebrospinal fluid": Terminology(_BODY_SUBSTANCE, CodedEntry("SCT", "65216001", "Cerebrospinal fluid")),
+}

@@ -77,8 +77,6 @@ def load_volume(context: SceneContext, path: str | os.PathLike, name: str | None
     node = slicer.vtkMRMLLabelMapVolumeNode() if labelmap else slicer.vtkMRMLScalarVolumeNode()
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetSingleFile(True)  # never pick up neighbouring files as a series
-    if labelmap:
-        storage.CenterImageOff()
     node = _read_into_new_node(context, node, storage, path, name or _default_name(path), "a volume")
     image = node.GetImageData()
     if image is None or image.GetNumberOfPoints() == 0:

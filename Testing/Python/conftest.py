@@ -1,0 +1,48 @@
+"""Shared fixtures: a fresh headless Slicer scene per test, and oblique anisotropic geometries."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def context():
+    """A new headless scene with Slicer's module logics (slicer-core), cleared after the test."""
+    from DeepSegModuleLib.context import SceneContext
+
+    scene_context = SceneContext.headless()
+    yield scene_context
+    scene_context.clear()
+
+
+def rotation(axis: str, degrees: float) -> np.ndarray:
+    angle = np.deg2rad(degrees)
+    c, s = np.cos(angle), np.sin(angle)
+    if axis == "x":
+        return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+    if axis == "y":
+        return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+
+
+def oblique_ijk_to_ras(
+    spacing=(0.7, 0.9, 2.5), origin=(12.5, -31.25, 7.75), source: str = "RAS"
+) -> np.ndarray:
+    """IJK->RAS of an anisotropic grid rotated 20 degrees about two axes.
+
+    ``source="LPS"`` gives the grid a scanner in LPS (DICOM/ITK) would produce: the first two axes run
+    towards left and posterior, so the RAS matrix has flipped first two rows.
+    """
+    directions = rotation("x", 20.0) @ rotation("z", 20.0)
+    if source == "LPS":
+        directions = np.diag([-1.0, -1.0, 1.0]) @ directions
+    matrix = np.eye(4)
+    matrix[:3, :3] = directions @ np.diag(spacing)
+    matrix[:3, 3] = origin
+    return matrix
+
+
+@pytest.fixture(params=["RAS", "LPS"])
+def oblique_grid(request) -> np.ndarray:
+    return oblique_ijk_to_ras(source=request.param)

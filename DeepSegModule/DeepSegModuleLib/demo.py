@@ -17,6 +17,7 @@ import numpy as np
 from . import nodes, storage
 from .context import SceneContext
 from .labels import BRAIN_TERMS, LabelInfo
+from .preview import write_preview
 
 TISSUE_LABELS = [
     LabelInfo(1, "grey matter", (0.55, 0.55, 0.75), BRAIN_TERMS["grey matter"]),
@@ -88,6 +89,10 @@ def run_demo(output: Path) -> dict:
     storage.save_node(context, label_node, written["label map"])
     storage.save_scene_bundle(context, written["scene"])
     lap("write files and scene")
+    written["preview"] = write_preview(
+        output / "preview.png", t1_array, ijk_to_ras, labels, TISSUE_LABELS, title="MNI152 T1 with tissue segments"
+    )
+    lap("preview picture")
 
     voxel_ml = abs(np.linalg.det(ijk_to_ras[:3, :3])) / 1000.0
     return {

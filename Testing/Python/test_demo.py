@@ -58,3 +58,15 @@ def test_demo_reports_json_and_fails_in_one_line(tmp_path, capsys):
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "choose another --output" in error[0]
     assert cli.main(["demo", "--no-such-option"]) == 2
+
+
+def test_demo_preview_picture_shows_the_segments(demo_output):
+    from PIL import Image
+
+    picture = np.asarray(Image.open(demo_output / "preview.png").convert("RGB")).astype(int)
+    assert picture.shape[0] > 200 and picture.shape[1] > 500
+    # Grey anatomy has no colour; the segment overlays tint a large part of the head.
+    anatomy = picture.sum(axis=-1) > 60
+    tinted = (picture.max(axis=-1) - picture.min(axis=-1)) > 20
+    assert anatomy.mean() > 0.15
+    assert (tinted & anatomy).sum() > 0.3 * anatomy.sum()

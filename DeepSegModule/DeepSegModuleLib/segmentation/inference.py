@@ -160,6 +160,8 @@ def sliding_window_predict(
     progress: Callable[[str, float], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     log: Callable[[str], None] | None = None,
+    blend_mode: str = "gaussian",
+    sigma_scale: float | Sequence[float] = 0.125,
 ) -> torch.Tensor:
     """Runs the network over a whole normalised image with gaussian-weighted sliding windows.
 
@@ -173,6 +175,8 @@ def sliding_window_predict(
         progress: ``progress("inference", fraction)``.
         cancel: returns True to stop.
         log: receives user-readable lines about fallbacks.
+        blend_mode: ``"gaussian"`` (default) or ``"constant"`` window blending (MONAI's BlendMode).
+        sigma_scale: gaussian sigma as a fraction of the window size.
 
     Returns:
         ``(1, num_output_channels, X, Y, Z)`` float32 network outputs, on the stitching device.
@@ -199,8 +203,8 @@ def sliding_window_predict(
             roi_size=roi,
             sw_batch_size=attempt.sw_batch_size,
             overlap=overlap,
-            mode="gaussian",
-            sigma_scale=0.125,
+            mode=blend_mode,
+            sigma_scale=sigma_scale,
             padding_mode="constant",
             cval=0.0,
             sw_device=attempt.window_device,

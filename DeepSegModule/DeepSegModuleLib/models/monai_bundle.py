@@ -1,0 +1,360 @@
+"""MONAI bundles: the network and the bundle's own pre- and post-processing, run on in-memory arrays.
+
+A bundle (folder or ``.zip``) has ``configs/metadata.json``, ``configs/inference.json`` (or ``.yaml``)
+and ``models/model.pt`` (a state dict) or ``models/model.ts`` (TorchScript). DeepSeg builds the
+bundle's ``network_def``, ``preprocessing``, ``inferer`` and ``postprocessing`` with
+``monai.bundle.ConfigParser`` so the bundle runs as its authors meant, except that:
+
+- file reading (``LoadImage(d)``) and writing (``SaveImage(d)``) transforms are left out: the image
+  arrives as a MetaTensor carrying the volume's IJK-to-RAS matrix, exactly what ``LoadImaged`` makes;
+- the sliding window runs through DeepSeg's inferer with the bundle's roi size, overlap, blend mode
+  and window batch, adding progress, cancel and the out-of-memory fallback;
+- weights load with ``torch.load(weights_only=True)``.
+
+A bundle config is code: ``_target_`` names a callable and ``$`` strings are Python expressions.
+Unless ``trust_code=True``, every ``_target_`` used must resolve inside ``monai`` or ``torch``, and
+``$`` expressions are refused except plain references (``$@name``), so a downloaded bundle cannot run
+arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from DeepSegModuleLib.labels import LabelInfo, default_color
+from DeepSegModuleLib.models.description import InputSpec, LoadedModel, ModelDescription, ModelFormat
+from DeepSegModuleLib.models.errors import ModelFileError, ModelFormatError
+
+_IO_TRANSFORMS = {"LoadImage", "LoadImaged", "SaveImage", "SaveImaged"}
+_SAFE_TARGET_PREFIXES = ("monai.", "torch.")
+_PLAIN_REFERENCE = re.compile(r"^\$@[A-Za-z0-9_#]+$")
+_USED_IDS = ("network_def", "preprocessing", "inferer", "postprocessing")
+
+
+def _config_file(bundle: Path) -> Path:
+    for name in ("inference.json", "inference.yaml", "inference.yml"):
+        if (bundle / "configs" / name).is_file():
+            return bundle / "configs" / name
+    raise ModelFormatError(f"{bundle} has no configs/inference.json or .yaml; it is not an inference-ready MONAI bundle")
+
+
+def _target_name(target: Any) -> str:
+    return target.rsplit(".", 1)[-1] if isinstance(target, str) else ""
+
+
+def _check_untrusted(node: Any, where: str, locator: Any) -> None:
+    if isinstance(node, Mapping):
+        target = node.get("_target_")
+        if isinstance(target, str):
+            if target.startswith("$") or target.startswith("@"):
+                raise ModelFormatError(
+                    f"bundle config {where}: '_target_' {target!r} is computed; load with trust_code=True if you "
+                    "trust this bundle's author"
+                )
+            if "." in target:
+                module = target
+            else:
+                module = locator.get_component_module_name(target)
+                if module is None:
+                    raise ModelFormatError(
+                        f"bundle config {where}: unknown class {target!r}; it is not a MONAI component (is the "
+                        "bundle written for another MONAI version, or does it need its own scripts?)"
+                    )
+                module = module[0] if isinstance(module, list) else module
+            if not module.startswith(_SAFE_TARGET_PREFIXES):
+                raise ModelFormatError(
+                    f"bundle config {where}: '_target_' {target!r} is outside MONAI and PyTorch; load with "
+                    "trust_code=True if you trust this bundle's author"
+                )
+        for key, value in node.items():
+            _check_untrusted(value, f"{where}#{key}", locator)
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            _check_untrusted(value, f"{where}#{index}", locator)
+    elif isinstance(node, str) and node.startswith("$") and not _PLAIN_REFERENCE.match(node):
+        raise ModelFormatError(
+            f"bundle config {where}: the Python expression {node!r} would run on load; load with trust_code=True "
+            "if you trust this bundle's author"
+        )
+
+
+def _labels_from_metadata(metadata: Mapping[str, Any], bundle: Path) -> tuple[list[LabelInfo], list[int]]:
+    outputs = metadata.get("network_data_format", {}).get("outputs", {})
+    output = outputs.get("pred") or next(iter(outputs.values()), {})
+    channel_def = output.get("channel_def") or {}
+    if not channel_def:
+        count = int(output.get("num_channels", 0))
+        if count < 2:
+            raise ModelFormatError(
+                f"{bundle}/configs/metadata.json names no output channels (network_data_format.outputs.pred."
+                "channel_def); add them so segments get names"
+            )
+        channel_def = {str(c): ("background" if c == 0 else f"label {c}") for c in range(count)}
+    labels, channels = [], []
+    for channel, name in sorted(((int(k), str(v)) for k, v in channel_def.items())):
+        if channel == 0 or name.lower() == "background":
+            channels.append(0)
+            continue
+        labels.append(LabelInfo(value=channel, name=name, color=default_color(channel)))
+        channels.append(channel)
+    return labels, channels
+
+
+def _weights(bundle: Path) -> Path:
+    for name in ("model.pt", "model.ts"):
+        if (bundle / "models" / name).is_file():
+            return bundle / "models" / name
+    raise ModelFileError(f"{bundle}/models has neither model.pt nor model.ts; copy the bundle's weights there")
+
+
+def _load_state_dict(weights: Path) -> Mapping[str, torch.Tensor]:
+    try:
+        checkpoint = torch.load(str(weights), map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, pickled objects outside the allow-list...
+        raise ModelFileError(
+            f"{weights} ({os.path.getsize(weights)} bytes) could not be read as a weights-only checkpoint: it is "
+            f"truncated, damaged, or holds Python objects besides tensors. Details: {str(error).splitlines()[0]}"
+        ) from error
+    if isinstance(checkpoint, Mapping) and "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
+        checkpoint = checkpoint["model"]
+    if not isinstance(checkpoint, Mapping):
+        raise ModelFileError(f"{weights} holds a {type(checkpoint).__name__}, not a state dict")
+    return checkpoint
+
+
+class BundleWorkflow:
+    """A bundle's pre-processing, inferer settings and post-processing, applied to in-memory volumes."""
+
+    def __init__(self, parser: Any, description: ModelDescription, model: LoadedModel | None = None) -> None:
+        self.parser = parser
+        self.description = description
+        self.model = model
+        preprocessing = parser.get_parsed_content("preprocessing", instantiate=True)
+        self.image_key = "image"
+        kept = []
+        for transform in getattr(preprocessing, "transforms", [preprocessing]):
+            if type(transform).__name__ in _IO_TRANSFORMS:
+                keys = getattr(transform, "keys", None)
+                if keys:
+                    self.image_key = keys[0]
+                continue
+            kept.append(transform)
+        from monai.transforms import Compose
+
+        self.preprocessing = Compose(kept)
+        self.postprocessing = None
+        if "postprocessing" in parser:
+            post = parser.get_parsed_content("postprocessing", instantiate=True)
+            self.postprocessing = Compose(
+                [t for t in getattr(post, "transforms", [post]) if type(t).__name__ not in _IO_TRANSFORMS]
+            )
+        self.inferer = parser.get_parsed_content("inferer", instantiate=True) if "inferer" in parser else None
+
+    def _input(self, volumes: list) -> dict[str, Any]:
+        from monai.data import MetaTensor
+
+        affine = torch.as_tensor(volumes[0].ijk_to_ras, dtype=torch.float64)
+        arrays = [np.ascontiguousarray(v.array.transpose(2, 1, 0)).astype(np.float32, copy=False) for v in volumes]
+        data = np.stack(arrays) if len(arrays) > 1 else arrays[0]
+        meta = {
+            "affine": affine.clone(),
+            "original_affine": affine.clone(),
+            "spatial_shape": np.array(arrays[0].shape),
+            "original_channel_dim": 0 if len(arrays) > 1 else float("nan"),
+            "filename_or_obj": "deepseg_input",
+            "space": "RAS",
+        }
+        return {self.image_key: MetaTensor(torch.from_numpy(data), affine=affine, meta=meta)}
+
+    def run(
+        self,
+        volumes: list,
+        device: torch.device,
+        options: Any,
+        progress: Callable[[str, float], None],
+        cancel: Callable[[], bool] | None,
+        timings: dict[str, float],
+        log: Callable[[str], None],
+    ) -> tuple[torch.Tensor, dict[int, np.ndarray]]:
+        """Runs the bundle on volumes already on the first one's grid; returns labels (i, j, k) on that grid."""
+        from monai.inferers import SlidingWindowInferer
+
+        from DeepSegModuleLib.segmentation.inference import sliding_window_predict
+        from DeepSegModuleLib.segmentation.volume import resample_onto
+
+        assert self.model is not None
+        step = time.perf_counter()
+        progress("preprocess", 0.0)
+        volumes = [volumes[0]] + [resample_onto(v, volumes[0]) for v in volumes[1:]]
+        data = self.preprocessing(self._input(volumes))
+        image = data[self.image_key]
+        timings["preprocess"] = time.perf_counter() - step
+        progress("preprocess", 1.0)
+
+        step = time.perf_counter()
+        if isinstance(self.inferer, SlidingWindowInferer) or self.inferer is None:
+            overlap = self.description.overlap if options.overlap is None else float(options.overlap)
+            sw_batch = self.description.sw_batch_size if options.sw_batch_size is None else int(options.sw_batch_size)
+            mode = str(getattr(self.inferer, "mode", "gaussian"))
+            sigma = getattr(self.inferer, "sigma_scale", 0.125)
+            prediction = sliding_window_predict(
+                image[None].as_tensor(),
+                self.model,
+                overlap=overlap,
+                sw_batch_size=max(sw_batch, 1),
+                mirror_axes=self.description.mirror_axes if options.mirroring else (),
+                mixed_precision=options.mixed_precision,
+                progress=progress,
+                cancel=cancel,
+                log=log,
+                blend_mode=mode,
+                sigma_scale=sigma,
+            )[0]
+        else:
+            with torch.inference_mode():
+                prediction = self.inferer(image[None].to(self.model.device), self.model.predictor)[0]
+        from monai.data import MetaTensor
+
+        data["pred"] = MetaTensor(prediction.float().cpu(), affine=image.affine, meta=dict(image.meta))
+        data["pred"].applied_operations = []
+        timings["inference"] = time.perf_counter() - step
+
+        step = time.perf_counter()
+        if self.postprocessing is not None:
+            data = self.postprocessing(data)
+        pred = data["pred"]
+        labels = torch.as_tensor(pred)
+        if labels.ndim == 4:
+            labels = labels.argmax(0) if labels.shape[0] > 1 else labels[0]
+        labels = labels.round().to(torch.int64)
+        target_shape = volumes[0].array.shape[::-1]
+        if tuple(labels.shape) != tuple(target_shape):
+            log("The bundle's post-processing does not invert its resampling: mapping labels back to the input grid.")
+            labels = self._labels_to_input_grid(labels, pred, volumes[0])
+        lookup = torch.tensor(self.description.channel_to_label, dtype=torch.int64)
+        labels = lookup[labels.clamp(0, len(lookup) - 1)]
+        timings["resample"] = time.perf_counter() - step
+        return labels, {}
+
+    @staticmethod
+    def _labels_to_input_grid(labels: torch.Tensor, pred: Any, reference: Any) -> torch.Tensor:
+        import SimpleITK as sitk
+
+        from DeepSegModuleLib.segmentation.volume import VolumeArray, to_sitk
+
+        affine = np.asarray(pred.affine, dtype=np.float64)
+        moving = to_sitk(VolumeArray(labels.numpy().transpose(2, 1, 0).astype(np.int32), affine))
+        fixed = to_sitk(VolumeArray(np.zeros(reference.array.shape, np.uint8), reference.ijk_to_ras))
+        out = sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)
+        return torch.from_numpy(sitk.GetArrayFromImage(out).transpose(2, 1, 0).astype(np.int64))
+
+
+def load_monai_bundle(bundle: str | os.PathLike, device: torch.device | str = "cpu", trust_code: bool = False) -> LoadedModel:
+    """Reads a MONAI bundle folder into a :class:`LoadedModel` whose ``bundle_workflow`` runs it.
+
+    Args:
+        bundle: the bundle folder (``.zip`` files are unpacked safely by ``load_model``).
+        device: where the network runs.
+        trust_code: allow ``$`` expressions and ``_target_`` classes outside MONAI/PyTorch in the config.
+
+    Raises:
+        ModelFormatError: missing configs, unknown or untrusted classes, no channel names.
+        ModelFileError: missing, truncated or non-weights-only weights.
+    """
+    from monai.bundle import ComponentLocator, ConfigParser
+
+    started = time.perf_counter()
+    bundle = Path(bundle)
+    device = torch.device(device)
+    config_path = _config_file(bundle)
+    metadata_path = bundle / "configs" / "metadata.json"
+    metadata = json.loads(metadata_path.read_text(encoding="utf-8")) if metadata_path.is_file() else {}
+    parser = ConfigParser()
+    try:
+        parser.read_config(str(config_path))
+    except Exception as error:
+        raise ModelFormatError(f"{config_path} could not be parsed ({error}); fix or replace the bundle") from error
+    parser.read_meta(metadata)
+    missing = [key for key in ("network_def", "preprocessing") if key not in parser]
+    if missing:
+        raise ModelFormatError(f"{config_path} defines no {missing}; DeepSeg needs them to run the bundle")
+    if not trust_code:
+        locator = ComponentLocator()
+        for key in _USED_IDS:
+            if key in parser:
+                _check_untrusted(parser[key], key, locator)
+    parser["bundle_root"] = str(bundle)
+    parser["device"] = device
+    try:
+        weights = _weights(bundle)
+        if weights.suffix == ".ts":
+            try:
+                network = torch.jit.load(str(weights), map_location=device)
+            except (RuntimeError, ValueError) as error:
+                raise ModelFileError(f"{weights} is truncated or not TorchScript ({str(error).splitlines()[0]})") from error
+        else:
+            network = parser.get_parsed_content("network_def", instantiate=True)
+            state = _load_state_dict(weights)
+            try:
+                network.load_state_dict(state, strict=True)
+            except RuntimeError as error:
+                raise ModelFileError(
+                    f"{weights} does not match the bundle's network_def ({str(error).splitlines()[0]}); the weights "
+                    "belong to another version of this bundle"
+                ) from error
+            network.to(device)
+        network.eval()
+        labels, channels = _labels_from_metadata(metadata, bundle)
+        inferer_config = parser.get("inferer", {}) if "inferer" in parser else {}
+        roi = inferer_config.get("roi_size") if isinstance(inferer_config, Mapping) else None
+        inputs_meta = metadata.get("network_data_format", {}).get("inputs", {})
+        image_meta = inputs_meta.get("image") or next(iter(inputs_meta.values()), {})
+        if roi is None or isinstance(roi, str):
+            roi = image_meta.get("spatial_shape", [96, 96, 96])
+        roi = [int(r) for r in roi]
+        channel_names = image_meta.get("channel_def") or {"0": image_meta.get("modality", "image")}
+        description = ModelDescription(
+            name=str(metadata.get("name") or bundle.name),
+            format=ModelFormat.MONAI_BUNDLE,
+            inputs=[InputSpec(name=str(name), modality=str(image_meta.get("modality", ""))) for name in channel_names.values()],
+            labels=labels,
+            channel_to_label=channels,
+            patch_size=tuple(roi),
+            overlap=float(inferer_config.get("overlap", 0.25)) if isinstance(inferer_config, Mapping) else 0.25,
+            sw_batch_size=int(inferer_config.get("sw_batch_size", 1)) if isinstance(inferer_config, Mapping) else 1,
+            source=str(bundle),
+            extra={"metadata": metadata},
+        )
+        workflow = BundleWorkflow(parser, description)
+    except (ModelFormatError, ModelFileError):
+        raise
+    except Exception as error:
+        raise ModelFormatError(
+            f"the bundle {bundle} could not be built: {str(error).splitlines()[0]}. If the config names classes from "
+            "the bundle's own scripts or a newer MONAI, update MONAI or the bundle."
+        ) from error
+
+    def to_device(target: torch.device) -> Any:
+        network.to(target)
+        return network
+
+    model = LoadedModel(
+        description=description,
+        predictor=network,
+        device=device,
+        networks=[network],
+        to_device=to_device,
+        load_seconds=time.perf_counter() - started,
+        bundle_workflow=workflow,
+    )
+    workflow.model = model
+    return model

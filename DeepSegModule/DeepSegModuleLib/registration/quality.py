@@ -1,0 +1,194 @@
+"""Quality report of a registration: the Learn2Reg metric set plus runtime and memory.
+
+Folding and log-Jacobian spread, Dice of propagated labels, landmark error. Functions work on
+plain numpy arrays in Slicer's (k, j, i) order so they can also judge a field made elsewhere.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class QualityReport:
+    """What a user checks after a registration.
+
+    Attributes:
+        folding_percent: Percent of voxels inside the quality mask whose Jacobian determinant of
+            the deformable part ``p -> p + d(p)`` is <= 0 (folded). ``None`` without a deformable stage.
+        log_jacobian_std: Standard deviation of ``log(det J)`` inside the mask (determinants
+            clipped at 1e-9), Learn2Reg's SDlogJ.
+        jacobian_min / jacobian_max: Extremes of det J inside the mask.
+        quality_mask: What the Jacobian statistics were taken over (``"fixed mask"`` or
+            ``"fixed foreground"``).
+        dice: Dice per label value of the propagated moving labels against the fixed labels.
+        mean_dice: Mean over the labels present in either map.
+        landmark_error_mm: Statistics of ``|phi(p_fixed) - p_moving|`` in mm (mean, median, max),
+            before (identity) and after registration.
+        runtime_s: Seconds per stage and in total.
+        peak_memory_mb: Peak CUDA memory allocated on a GPU, or the process' peak resident set on CPU.
+        peak_memory_kind: ``"cuda_max_memory_allocated"`` or ``"process_peak_rss"``.
+        final_similarity: Last loss value of each stage (lower is better).
+        warnings: Problems a user must know about (heavy folding, weak modality match).
+    """
+
+    folding_percent: float | None = None
+    log_jacobian_std: float | None = None
+    jacobian_min: float | None = None
+    jacobian_max: float | None = None
+    quality_mask: str = ""
+    dice: dict[int, float] = field(default_factory=dict)
+    mean_dice: float | None = None
+    landmark_error_mm: dict[str, float] = field(default_factory=dict)
+    runtime_s: dict[str, float] = field(default_factory=dict)
+    peak_memory_mb: float | None = None
+    peak_memory_kind: str = ""
+    final_similarity: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict (for JSON, the panel and logs)."""
+        return asdict(self)
+
+
+def jacobian_determinant(displacement_ras: np.ndarray, ijk_to_ras: np.ndarray) -> np.ndarray:
+    """Jacobian determinant of ``p -> p + d(p)`` on the displacement's grid.
+
+    The determinant is invariant to the change of basis between RAS and voxel coordinates, so it
+    is computed from voxel-unit derivatives (central differences, one-sided at the edges), which
+    handles oblique and anisotropic grids exactly.
+
+    Args:
+        displacement_ras: ``(k, j, i, 3)`` displacement, RAS mm components.
+        ijk_to_ras: 4x4 matrix of the grid.
+
+    Returns:
+        ``(k, j, i)`` float32 determinants.
+
+    Raises:
+        ValueError: Wrong shape.
+    """
+    field_ras = np.asarray(displacement_ras, dtype=np.float32)
+    if field_ras.ndim != 4 or field_ras.shape[-1] != 3:
+        raise ValueError(f"displacement_ras must have shape (k, j, i, 3), got {field_ras.shape}")
+    ras_to_ijk_linear = np.linalg.inv(np.asarray(ijk_to_ras, dtype=np.float64)[:3, :3]).astype(np.float32)
+    field_ijk = field_ras @ ras_to_ijk_linear.T  # components (di, dj, dk) in voxels
+    # Array axes are (k, j, i); voxel coordinate x_b for b = i, j, k lives on array axis 2 - b.
+    gradients = [
+        [
+            np.gradient(field_ijk[..., a], axis=2 - b)
+            if field_ijk.shape[2 - b] > 1
+            else np.zeros_like(field_ijk[..., a])
+            for b in range(3)
+        ]
+        for a in range(3)
+    ]
+    j = [[gradients[a][b] + (1.0 if a == b else 0.0) for b in range(3)] for a in range(3)]
+    det = (
+        j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+        - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+        + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0])
+    )
+    return det.astype(np.float32)
+
+
+def deformation_quality(
+    displacement_ras: np.ndarray, ijk_to_ras: np.ndarray, mask: np.ndarray | None = None
+) -> dict[str, float]:
+    """Folding statistics of a displacement field.
+
+    Args:
+        displacement_ras: ``(k, j, i, 3)`` RAS mm displacement.
+        ijk_to_ras: 4x4 matrix of the grid.
+        mask: Optional ``(k, j, i)`` region to evaluate (the fixed mask or foreground).
+
+    Returns:
+        ``folding_percent``, ``log_jacobian_std``, ``jacobian_min``, ``jacobian_max``.
+    """
+    det = jacobian_determinant(displacement_ras, ijk_to_ras)
+    values = det[np.asarray(mask, dtype=bool)] if mask is not None else det.reshape(-1)
+    if values.size == 0:
+        values = det.reshape(-1)
+    log_det = np.log(np.clip(values.astype(np.float64), 1e-9, None))
+    return {
+        "folding_percent": float(100.0 * np.count_nonzero(values <= 0) / values.size),
+        "log_jacobian_std": float(log_det.std()),
+        "jacobian_min": float(values.min()),
+        "jacobian_max": float(values.max()),
+    }
+
+
+def dice_per_label(reference: np.ndarray, propagated: np.ndarray) -> dict[int, float]:
+    """Dice of every non-zero label present in either map.
+
+    Args:
+        reference: Fixed label map.
+        propagated: Moving label map warped onto the fixed grid, same shape.
+
+    Returns:
+        ``{label: dice}``; a label missing from both maps is not listed.
+    """
+    reference = np.asarray(reference)
+    propagated = np.asarray(propagated)
+    if reference.shape != propagated.shape:
+        raise ValueError(f"label maps differ in shape: {reference.shape} vs {propagated.shape}")
+    labels = np.union1d(np.unique(reference), np.unique(propagated))
+    scores: dict[int, float] = {}
+    for label in labels[labels != 0]:
+        in_reference = reference == label
+        in_propagated = propagated == label
+        denominator = np.count_nonzero(in_reference) + np.count_nonzero(in_propagated)
+        scores[int(label)] = float(2.0 * np.count_nonzero(in_reference & in_propagated) / denominator)
+    return scores
+
+
+def landmark_errors(
+    fixed_points_ras: np.ndarray, moving_points_ras: np.ndarray, mapped_fixed_points_ras: np.ndarray
+) -> dict[str, float]:
+    """Target registration error of corresponding landmarks, before and after.
+
+    Args:
+        fixed_points_ras: ``(n, 3)`` fiducials in the fixed image (RAS mm).
+        moving_points_ras: ``(n, 3)`` corresponding fiducials in the moving image.
+        mapped_fixed_points_ras: the fixed fiducials mapped by the registration into moving space.
+
+    Returns:
+        ``mean``, ``median``, ``max`` after, and ``mean_before``, ``median_before``, ``max_before``
+        (identity mapping), all in mm, plus ``count``.
+    """
+    fixed_points = np.asarray(fixed_points_ras, dtype=np.float64).reshape(-1, 3)
+    moving_points = np.asarray(moving_points_ras, dtype=np.float64).reshape(-1, 3)
+    if fixed_points.shape != moving_points.shape or len(fixed_points) == 0:
+        raise ValueError(
+            f"fixed and moving landmarks must be equally many (n, 3) RAS points, got {fixed_points.shape} "
+            f"and {moving_points.shape}"
+        )
+    before = np.linalg.norm(fixed_points - moving_points, axis=1)
+    after = np.linalg.norm(np.asarray(mapped_fixed_points_ras, dtype=np.float64) - moving_points, axis=1)
+    return {
+        "mean": float(after.mean()),
+        "median": float(np.median(after)),
+        "max": float(after.max()),
+        "mean_before": float(before.mean()),
+        "median_before": float(np.median(before)),
+        "max_before": float(before.max()),
+        "count": float(len(after)),
+    }
+
+
+def peak_memory(device: torch.device) -> tuple[float | None, str]:
+    """Peak memory of this run's device in MiB, and what was measured."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
+    try:
+        import resource  # POSIX only; Slicer also runs on Windows
+    except ImportError:
+        return None, "unavailable"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return (peak / 2**20 if sys.platform == "darwin" else peak / 2**10), "process_peak_rss"

@@ -1,0 +1,94 @@
+"""The headless logic end to end: volume nodes in, engine in the worker, segment / transform nodes out."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from DeepSegModuleLib import nodes
+from DeepSegModuleLib.jobs import InProcessWorker, JobFailed, ProcessWorker
+from DeepSegModuleLib.logic import DeepSegLogic
+from segmentation_helpers import Thresholder, dice, grid_center, oblique_grid, sphere_volume, write_torchscript_model
+
+
+@pytest.fixture(scope="module")
+def sphere_model(tmp_path_factory):
+    return write_torchscript_model(tmp_path_factory.mktemp("model"), Thresholder())
+
+
+@pytest.fixture(scope="module")
+def process_worker():
+    worker = ProcessWorker()
+    yield worker
+    worker.shutdown()
+
+
+def sphere_case(context):
+    grid = oblique_grid()
+    volume, truth = sphere_volume(grid_center(grid) + [3.0, -2.0, 1.0], 9.0, grid)
+    node = nodes.array_to_volume(context, volume.array, volume.ijk_to_ras, name="CT")
+    return node, truth
+
+
+def test_segment_in_the_persistent_worker_puts_the_segment_on_the_sphere(context, sphere_model, process_worker):
+    volume, truth = sphere_case(context)
+    logic = DeepSegLogic(context, process_worker)
+    events = []
+    run = logic.start_segment(volume, str(sphere_model), device="cpu", probabilities=True, on_event=events.append)
+    while not run.poll():
+        pass
+    outcome = run.outcome
+    segmentation = outcome.nodes["segmentation"]
+    labels, _, table = nodes.segmentation_to_labels(context, segmentation, volume)
+    assert [info.name for info in table] == ["Sphere"]
+    assert dice(labels == 1, truth) > 0.9
+    assert segmentation.GetSegmentation().GetNthSegment(0).GetColor() == pytest.approx((0.9, 0.2, 0.1))
+    probability, _ = nodes.volume_to_array(outcome.nodes["probability Sphere"])
+    assert probability[truth].mean() > 0.9 and probability[~truth].mean() < 0.1
+    assert {event.stage for event in events if event.kind == "progress"} >= {"inference"}
+    assert outcome.report["timings_s"]["total"] > 0
+
+    again = logic.segment(volume, str(sphere_model), device="cpu", output_segmentation=segmentation)
+    assert again.nodes["segmentation"] is segmentation
+    assert again.report["model_from_cache"] is True  # the worker kept the model loaded
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
+
+
+def test_failed_run_leaves_the_scene_as_it_was(context, tmp_path):
+    volume, _ = sphere_case(context)
+    before = context.node_ids()
+    logic = DeepSegLogic(context, InProcessWorker())
+    with pytest.raises(JobFailed):
+        logic.segment(volume, str(tmp_path / "no-such-model.ts"), device="cpu")
+    assert context.node_ids() == before
+
+
+def test_register_writes_a_transform_that_moves_points_like_the_engine(context, process_worker):
+    """A rigid registration of a shifted sphere: the node maps fixed points onto the moving sphere."""
+    spacing = np.diag([2.0, 2.0, 2.0, 1.0])
+    shape = (32, 32, 32)
+    grid = (shape, spacing)
+    fixed_volume, _ = sphere_volume(np.array([31.0, 31.0, 31.0]), 10.0, grid)
+    shift = np.array([4.0, -3.0, 2.0])
+    moving_volume, _ = sphere_volume(np.array([31.0, 31.0, 31.0]) + shift, 10.0, grid)
+    # Smooth the spheres a little so the similarity has a gradient to follow.
+    from scipy.ndimage import gaussian_filter
+
+    fixed_array = gaussian_filter(fixed_volume.array, 1.5)
+    fixed = nodes.array_to_volume(context, fixed_array, spacing, name="fixed")
+    moving = nodes.array_to_volume(context, gaussian_filter(moving_volume.array, 1.5), spacing, name="moving")
+
+    outcome = DeepSegLogic(context, process_worker).register(fixed, moving, preset="rigid", device="cpu", inverse=True)
+    transform = outcome.nodes["transform"]
+    assert transform.IsA("vtkMRMLLinearTransformNode")
+    centre = np.array([31.0, 31.0, 31.0])
+    np.testing.assert_allclose(nodes.transform_points(transform, centre)[0], centre + shift, atol=0.6)
+    np.testing.assert_allclose(
+        nodes.transform_points(outcome.nodes["inverse transform"], centre + shift)[0], centre, atol=0.6
+    )
+    registered, registered_grid = nodes.volume_to_array(outcome.nodes["volume"])
+    np.testing.assert_allclose(registered_grid, spacing)
+    moving_array, _ = nodes.volume_to_array(moving)
+    assert dice(moving_array > 150, fixed_array > 150) < 0.75  # before: clearly misaligned
+    assert dice(registered > 150, fixed_array > 150) > 0.9  # after: on top of the fixed sphere
+    assert "quality" in outcome.report

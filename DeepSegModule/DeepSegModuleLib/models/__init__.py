@@ -18,6 +18,7 @@ from DeepSegModuleLib.models.description import (
     NormalizationMode,
     NormalizationSpec,
     OutputActivation,
+    Tiling,
 )
 from DeepSegModuleLib.models.errors import (
     ChecksumError,
@@ -33,6 +34,6 @@ from DeepSegModuleLib.models.store import ModelStore, StoredModel
 __all__ = [
     "ChecksumError", "InputSpec", "LoadedModel", "ModelCache", "ModelDescription", "ModelError", "ModelFileError",
     "ModelFormat", "ModelFormatError", "ModelMismatchError", "ModelStore", "NormalizationMode", "NormalizationSpec",
-    "OutputActivation", "StoredModel", "UnsafeArchiveError", "default_cache", "detect_format", "load_model",
+    "OutputActivation", "StoredModel", "Tiling", "UnsafeArchiveError", "default_cache", "detect_format", "load_model",
     "resolve_device", "safe_extract_zip", "sha256_of_file", "verify_sha256",
 ]  # fmt: skip

@@ -31,6 +31,18 @@ class ModelFormat(str, enum.Enum):
     NNUNET_V2 = "nnunet_v2"
 
 
+class Tiling(str, enum.Enum):
+    """Where sliding windows are placed.
+
+    ``monai``: MONAI's grid (step = int(patch * (1 - overlap)), last window flush with the end).
+    ``nnunet``: nnU-Net's grid (as few steps of at most patch * (1 - overlap) as cover the image,
+    spread evenly), with nnU-Net's gaussian; used for nnU-Net models so results match its predictor.
+    """
+
+    MONAI = "monai"
+    NNUNET = "nnunet"
+
+
 class NormalizationMode(str, enum.Enum):
     """Intensity normalisation applied to one input channel before the network.
 
@@ -115,6 +127,7 @@ class ModelDescription:
         activation: how output channels become probabilities.
         mirror_axes: model-grid spatial axes (0, 1, 2 = i, j, k) the model was trained to be mirror
             invariant along; used for mirroring test-time augmentation.
+        tiling: how windows are placed (see :class:`Tiling`).
         axis_order: ``"ijk"`` (MONAI convention) or ``"kji"`` (SimpleITK/nnU-Net array order) for the
             network input's spatial axes.
         source: the file or folder the model was read from.
@@ -135,6 +148,7 @@ class ModelDescription:
     activation: OutputActivation = OutputActivation.SOFTMAX
     mirror_axes: tuple[int, ...] = ()
     axis_order: str = "ijk"
+    tiling: Tiling = Tiling.MONAI
     source: str = ""
     sha256: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -142,6 +156,7 @@ class ModelDescription:
     def __post_init__(self) -> None:
         self.format = ModelFormat(self.format)
         self.activation = OutputActivation(self.activation)
+        self.tiling = Tiling(self.tiling)
         if not self.inputs:
             raise ValueError(f"model '{self.name}' declares no inputs")
         if len(self.patch_size) != 3 or any(int(s) < 1 for s in self.patch_size):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -9,10 +10,12 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.nn.functional as F  # noqa: N812
 from monai.inferers import SlidingWindowInferer
 
-from DeepSegModuleLib.models.description import LoadedModel
+from DeepSegModuleLib.models.description import LoadedModel, Tiling
 from DeepSegModuleLib.models.errors import ModelMismatchError
 
 logger = logging.getLogger(__name__)
@@ -30,8 +33,73 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
-def count_windows(image_shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
-    """How many windows MONAI's sliding window visits (image padded up to the roi first)."""
+def nnunet_steps(image_shape: Sequence[int], patch: Sequence[int], step_fraction: float) -> list[list[int]]:
+    """Window start positions per axis on nnU-Net's grid: the fewest steps of at most patch * step_fraction
+    that cover the (padded) image, spread evenly."""
+    steps = []
+    for size, window in zip(image_shape, patch):
+        count = int(np.ceil((size - window) / (window * step_fraction))) + 1
+        stride = (size - window) / (count - 1) if count > 1 else 0.0
+        steps.append([int(np.round(stride * i)) for i in range(count)])
+    return steps
+
+
+@functools.lru_cache(maxsize=4)
+def nnunet_gaussian(patch: tuple[int, ...], sigma_scale: float = 1.0 / 8) -> torch.Tensor:
+    """nnU-Net's importance map: a blurred delta at the patch centre, max-normalised, zeros lifted to the minimum."""
+    from scipy.ndimage import gaussian_filter
+
+    delta = np.zeros(patch)
+    delta[tuple(n // 2 for n in patch)] = 1.0
+    weights = gaussian_filter(delta, [n * sigma_scale for n in patch], 0, mode="constant", cval=0)
+    weights = torch.from_numpy(weights / weights.max()).float()
+    weights[weights == 0] = weights[weights > 0].min()
+    return weights
+
+
+def nnunet_tiled_inference(
+    image: torch.Tensor,
+    predictor: Callable[[torch.Tensor], torch.Tensor],
+    patch: Sequence[int],
+    step_fraction: float,
+    sw_batch_size: int,
+    window_device: torch.device,
+    stitch_device: torch.device,
+) -> torch.Tensor:
+    """Gaussian-blended sliding window on nnU-Net's grid; ``image`` is (1, C, X, Y, Z)."""
+    spatial = list(image.shape[2:])
+    padded_shape = [max(s, p) for s, p in zip(spatial, patch)]
+    below = [(p - s) // 2 for s, p in zip(spatial, padded_shape)]
+    if padded_shape != spatial:
+        pads = []
+        for s, p, b in reversed(list(zip(spatial, padded_shape, below))):
+            pads += [b, p - s - b]
+        image = F.pad(image, pads, mode="constant", value=0.0)
+    image = image.to(stitch_device)
+    weights = nnunet_gaussian(tuple(int(p) for p in patch)).to(stitch_device)
+    starts = list(itertools.product(*nnunet_steps(padded_shape, patch, step_fraction)))
+    logits = None
+    weight_sum = torch.zeros(padded_shape, dtype=torch.float32, device=stitch_device)
+    for first in range(0, len(starts), sw_batch_size):
+        batch_starts = starts[first : first + sw_batch_size]
+        regions = [tuple(slice(o, o + p) for o, p in zip(origin, patch)) for origin in batch_starts]
+        windows = torch.cat([image[(slice(None), slice(None), *region)] for region in regions]).to(window_device)
+        outputs = predictor(windows).to(stitch_device)
+        if logits is None:
+            logits = torch.zeros((outputs.shape[1], *padded_shape), dtype=torch.float32, device=stitch_device)
+        for output, region in zip(outputs, regions):
+            logits[(slice(None), *region)] += output * weights
+            weight_sum[region] += weights
+    logits /= weight_sum
+    crop = tuple(slice(b, b + s) for b, s in zip(below, spatial))
+    return logits[(slice(None), *crop)][None]
+
+
+def count_windows(image_shape: Sequence[int], roi: Sequence[int], overlap: float, tiling: str = "monai") -> int:
+    """How many windows the sliding window visits (image padded up to the roi first)."""
+    if Tiling(tiling) == Tiling.NNUNET:
+        padded = [max(s, r) for s, r in zip(image_shape, roi)]
+        return math.prod(len(axis) for axis in nnunet_steps(padded, roi, 1.0 - overlap))
     total = 1
     for size, window in zip(image_shape, roi):
         size = max(size, window)
@@ -187,7 +255,8 @@ def sliding_window_predict(
     """
     description = model.description
     roi = description.patch_size
-    total = count_windows(image.shape[2:], roi, overlap)
+    tiling = Tiling(description.tiling)
+    total = count_windows(image.shape[2:], roi, overlap, tiling)
     calls = math.ceil(total / max(sw_batch_size, 1))
     last_error: BaseException | None = None
     for attempt in fallback_attempts(sw_batch_size, model.device):
@@ -199,6 +268,20 @@ def sliding_window_predict(
             model.move_to(attempt.window_device)
         calls = math.ceil(total / attempt.sw_batch_size)
         predictor = WindowPredictor(model, mirror_axes, calls, progress, cancel, mixed_precision)
+        if tiling == Tiling.NNUNET:
+            try:
+                with torch.inference_mode():
+                    return nnunet_tiled_inference(
+                        image, predictor, roi, 1.0 - overlap, attempt.sw_batch_size,
+                        attempt.window_device, attempt.stitch_device,
+                    )  # fmt: skip
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+                last_error = error
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
         inferer = SlidingWindowInferer(
             roi_size=roi,
             sw_batch_size=attempt.sw_batch_size,

@@ -1,0 +1,283 @@
+"""nnU-Net v2 trained-model folders (``dataset.json``, ``plans.json``, ``fold_*/checkpoint_final.pth``).
+
+The network is built from the plans with ``dynamic_network_architectures`` as nnU-Net builds it;
+checkpoints load with ``torch.load(weights_only=True)`` and a small allow-list of the numpy types
+nnU-Net's training logs put in them. Several folds make an ensemble whose outputs are averaged
+window by window (equal to nnU-Net's average of whole-image logits, since blending is linear).
+The preprocessing nnU-Net applies (transpose, crop to non-zero, per-channel normalisation,
+resampling with its anisotropic rule) lives in
+:mod:`DeepSegModuleLib.segmentation.nnunet_preprocessing`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from DeepSegModuleLib.labels import LabelInfo, default_color
+from DeepSegModuleLib.models.description import (
+    InputSpec,
+    LoadedModel,
+    ModelDescription,
+    ModelFormat,
+    NormalizationMode,
+    Tiling,
+    NormalizationSpec,
+)
+from DeepSegModuleLib.models.errors import ModelFileError, ModelFormatError
+
+_NETWORK_MODULE_PREFIX = "dynamic_network_architectures."
+_IMPORT_KWARG_PREFIXES = ("torch.nn.",)
+
+
+def _checkpoint_safe_globals() -> list:
+    """numpy types nnU-Net checkpoints contain (training-log floats), safe to restore."""
+    allowed: list = [np.dtype]
+    for module_name in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            allowed.append(importlib.import_module(module_name).scalar)
+            break
+        except (ImportError, AttributeError):
+            continue
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        for name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "BoolDType"):
+            if hasattr(dtypes, name):
+                allowed.append(getattr(dtypes, name))
+    return allowed
+
+
+def load_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
+    """Reads an nnU-Net checkpoint without running pickled code.
+
+    Raises:
+        ModelFileError: truncated or damaged file, or objects outside the allow-list.
+    """
+    try:
+        with torch.serialization.safe_globals(_checkpoint_safe_globals()):
+            checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ModelFileError(
+            f"{path} ({os.path.getsize(path)} bytes) could not be read as a weights-only nnU-Net checkpoint: it is "
+            "truncated, damaged, or contains Python objects other than tensors and training logs. Copy the model "
+            f"folder again. Details: {str(error).splitlines()[0]}"
+        ) from error
+    if not isinstance(checkpoint, Mapping) or "network_weights" not in checkpoint:
+        raise ModelFileError(f"{path} is not an nnU-Net v2 checkpoint (no 'network_weights'); use checkpoint_final.pth")
+    return checkpoint
+
+
+def resolve_configuration(plans: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """A plans configuration with its ``inherits_from`` chain merged in."""
+    configurations = plans.get("configurations", {})
+    if name not in configurations:
+        raise ModelFormatError(f"plans.json has no configuration {name!r}; it has {sorted(configurations)}")
+    config = dict(configurations[name])
+    parent = config.pop("inherits_from", None)
+    if parent:
+        merged = resolve_configuration(plans, parent)
+        merged.update(config)
+        return merged
+    return config
+
+
+def _import_dotted(path: str, allowed_prefixes: Sequence[str], what: str) -> Any:
+    if not path.startswith(tuple(allowed_prefixes)):
+        raise ModelFormatError(f"plans.json {what} {path!r} is outside {list(allowed_prefixes)}; refusing to import it")
+    module_name, _, attribute = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        hint = " (pip install dynamic-network-architectures)" if path.startswith(_NETWORK_MODULE_PREFIX) else ""
+        raise ModelFormatError(f"plans.json {what} {path!r} cannot be imported{hint}: {error}") from error
+
+
+def build_network(configuration: Mapping[str, Any], input_channels: int, output_channels: int) -> torch.nn.Module:
+    """Builds the network a plans configuration describes (deep supervision off, as for inference)."""
+    architecture = configuration.get("architecture")
+    if not architecture:
+        raise ModelFormatError("plans.json configuration has no 'architecture'; it was written by nnU-Net < 2.4")
+    network_class = _import_dotted(architecture["network_class_name"], (_NETWORK_MODULE_PREFIX,), "network class")
+    kwargs = dict(architecture.get("arch_kwargs", {}))
+    for key in architecture.get("_kw_requires_import", []):
+        if kwargs.get(key) is not None:
+            kwargs[key] = _import_dotted(kwargs[key], _IMPORT_KWARG_PREFIXES, f"argument {key}")
+    return network_class(input_channels=input_channels, num_classes=output_channels, deep_supervision=False, **kwargs)
+
+
+def _normalization(
+    scheme: str, use_mask: bool, properties: Mapping[str, Any] | None, channel: int
+) -> NormalizationSpec:
+    if scheme == "CTNormalization":
+        if not properties:
+            raise ModelFormatError(f"plans.json: channel {channel} uses CTNormalization but has no intensity statistics")
+        return NormalizationSpec(
+            mode=NormalizationMode.CT,
+            lower=float(properties["percentile_00_5"]),
+            upper=float(properties["percentile_99_5"]),
+            mean=float(properties["mean"]),
+            std=float(properties["std"]),
+        )
+    if scheme == "ZScoreNormalization":
+        return NormalizationSpec(mode=NormalizationMode.ZSCORE, nonzero=bool(use_mask))
+    if scheme == "NoNormalization":
+        return NormalizationSpec(mode=NormalizationMode.NONE)
+    if scheme == "RescaleTo01Normalization":
+        return NormalizationSpec(mode=NormalizationMode.UNIT)
+    if scheme == "RGBTo0_1Normalization":
+        return NormalizationSpec(mode=NormalizationMode.RANGE, lower=0.0, upper=255.0)
+    raise ModelFormatError(f"plans.json: normalisation scheme {scheme!r} of channel {channel} is not supported")
+
+
+def _labels(dataset: Mapping[str, Any], folder: Path) -> tuple[list[LabelInfo], list[int]]:
+    raw = dataset.get("labels")
+    if not isinstance(raw, Mapping) or not raw:
+        raise ModelFormatError(f"{folder}/dataset.json has no 'labels'; it is not an nnU-Net v2 dataset.json")
+    labels, values = [], []
+    for name, value in raw.items():
+        if isinstance(value, (list, tuple)):
+            raise ModelFormatError(
+                f"{folder}: label {name!r} is a region ({value}); region-based nnU-Net models are not supported yet"
+            )
+        if name == "ignore":
+            continue
+        values.append(int(value))
+        if int(value) != 0:
+            labels.append(LabelInfo(value=int(value), name=str(name), color=default_color(int(value))))
+    if sorted(values) != list(range(len(values))):
+        raise ModelFormatError(f"{folder}/dataset.json label values must be 0..N without gaps, got {sorted(values)}")
+    return sorted(labels, key=lambda info: info.value), list(range(len(values)))
+
+
+def available_folds(folder: Path, checkpoint_name: str = "checkpoint_final.pth") -> list[str]:
+    """The fold names (``"0"``, ``"all"``...) that have the checkpoint, sorted."""
+    folds = [p.name[len("fold_"):] for p in folder.glob("fold_*") if (p / checkpoint_name).is_file()]
+    return sorted(folds, key=lambda f: (not f.isdigit(), int(f) if f.isdigit() else 0, f))
+
+
+def load_nnunet_model(
+    folder: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    folds: Sequence[int | str] | None = None,
+    checkpoint_name: str = "checkpoint_final.pth",
+) -> LoadedModel:
+    """Reads an nnU-Net v2 trained-model folder.
+
+    Args:
+        folder: the ``<Trainer>__<Plans>__<configuration>`` folder with dataset.json and plans.json.
+        device: where the network runs.
+        folds: which folds to ensemble (default: every fold with the checkpoint).
+        checkpoint_name: ``checkpoint_final.pth`` (default) or ``checkpoint_best.pth``.
+
+    Raises:
+        ModelFormatError: inconsistent plans/dataset.json, unsupported features.
+        ModelFileError: missing or damaged checkpoints.
+    """
+    started = time.perf_counter()
+    folder = Path(folder)
+    device = torch.device(device)
+    try:
+        dataset = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
+        plans = json.loads((folder / "plans.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ModelFormatError(f"{folder}: dataset.json or plans.json is not valid JSON ({error})") from error
+    fold_names = [str(f) for f in folds] if folds is not None else available_folds(folder, checkpoint_name)
+    if not fold_names:
+        raise ModelFileError(f"{folder} has no fold_*/{checkpoint_name}; copy the trained folds into the model folder")
+    checkpoints = []
+    for fold in fold_names:
+        path = folder / f"fold_{fold}" / checkpoint_name
+        if not path.is_file():
+            raise ModelFileError(f"{path} does not exist; available folds: {available_folds(folder, checkpoint_name)}")
+        checkpoints.append(load_checkpoint(path))
+    first = checkpoints[0]
+    configuration_name = (first.get("init_args") or {}).get("configuration")
+    if not configuration_name:
+        match = re.search(r"__([^_].*)$", folder.name)
+        configuration_name = match.group(1) if match else "3d_fullres"
+    configuration = resolve_configuration(plans, configuration_name)
+    if len(configuration["patch_size"]) != 3:
+        raise ModelFormatError(f"{folder}: configuration {configuration_name!r} is 2D; only 3D configurations run")
+    labels, channels = _labels(dataset, folder)
+    channel_names = dataset.get("channel_names") or dataset.get("modality") or {"0": "image"}
+    properties = plans.get("foreground_intensity_properties_per_channel", {})
+    schemes = configuration.get("normalization_schemes", [])
+    use_mask = configuration.get("use_mask_for_norm", [False] * len(schemes))
+    inputs = [
+        InputSpec(
+            name=str(name),
+            modality=str(name),
+            normalization=_normalization(schemes[c], use_mask[c], properties.get(str(c)), c),
+        )
+        for c, name in enumerate(channel_names.values())
+    ]
+    try:
+        networks = []
+        for fold, checkpoint in zip(fold_names, checkpoints):
+            network = build_network(configuration, len(inputs), len(channels))
+            network.load_state_dict(checkpoint["network_weights"])
+            networks.append(network.to(device).eval())
+    except RuntimeError as error:
+        raise ModelFileError(
+            f"{folder}/fold_{fold}/{checkpoint_name} does not fit the network in plans.json "
+            f"({str(error).splitlines()[0]}); the checkpoint and plans belong to different trainings"
+        ) from error
+    mirror_axes = first.get("inference_allowed_mirroring_axes")
+    description = ModelDescription(
+        name=str(dataset.get("name") or plans.get("dataset_name") or folder.name),
+        format=ModelFormat.NNUNET_V2,
+        inputs=inputs,
+        labels=labels,
+        channel_to_label=channels,
+        patch_size=tuple(int(s) for s in configuration["patch_size"]),
+        spacing=tuple(float(s) for s in configuration["spacing"]),
+        overlap=0.5,
+        sw_batch_size=1,
+        tiling=Tiling.NNUNET,
+        mirror_axes=tuple(int(a) for a in mirror_axes) if mirror_axes is not None else (0, 1, 2),
+        source=str(folder),
+        extra={
+            "plans": plans,
+            "configuration_name": configuration_name,
+            "configuration": configuration,
+            "folds": fold_names,
+            "transpose_forward": list(plans.get("transpose_forward", [0, 1, 2])),
+            "transpose_backward": list(plans.get("transpose_backward", [0, 1, 2])),
+            "use_mask_for_norm": list(use_mask),
+        },
+    )
+
+    def make_predictor(modules: list[torch.nn.Module]) -> Any:
+        if len(modules) == 1:
+            return modules[0]
+
+        def ensemble(windows: torch.Tensor) -> torch.Tensor:
+            total = modules[0](windows).float()
+            for module in modules[1:]:
+                total += module(windows).float()
+            return total / len(modules)
+
+        return ensemble
+
+    def to_device(target: torch.device) -> Any:
+        for module in networks:
+            module.to(target)
+        return make_predictor(networks)
+
+    return LoadedModel(
+        description=description,
+        predictor=make_predictor(networks),
+        device=device,
+        networks=networks,
+        to_device=to_device,
+        load_seconds=time.perf_counter() - started,
+    )

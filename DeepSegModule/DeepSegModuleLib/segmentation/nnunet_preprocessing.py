@@ -1,0 +1,151 @@
+"""nnU-Net v2's preprocessing and its inverse, reproduced for in-memory volumes.
+
+nnU-Net works in the input's own voxel space, in SimpleITK array order (k, j, i) with spacing
+(sk, sj, si), which is exactly Slicer's array order. In order, as ``DefaultPreprocessor`` does it:
+transpose by ``transpose_forward``; crop to the bounding box of the non-zero region (holes
+filled); normalise each channel with its scheme (before resampling, as nnU-Net insists); resample
+to the target spacing with a third-order spline, or, when the spacing is anisotropic (max/min > 3),
+slice by slice in-plane and nearest-neighbour along the low-resolution axis. The network's logits
+come back through the same rule with first order, are placed into the uncropped grid (background
+outside the crop) and transposed back. The spline and linear resizes follow
+``skimage.transform.resize(mode="edge", anti_aliasing=False)`` (``scipy.ndimage.zoom`` in grid mode,
+clipped to the input range), so results match nnU-Net's own predictor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from scipy import ndimage
+
+from DeepSegModuleLib.models.description import ModelDescription, NormalizationMode
+from DeepSegModuleLib.segmentation.normalization import normalize
+from DeepSegModuleLib.segmentation.volume import VolumeArray
+
+ANISOTROPY_THRESHOLD = 3.0
+
+
+def separate_axis(current_spacing: Sequence[float], new_spacing: Sequence[float]) -> int | None:
+    """The low-resolution axis to resample separately, or None (nnU-Net's rule)."""
+    for spacing in (current_spacing, new_spacing):
+        spacing = np.asarray(spacing, dtype=float)
+        if spacing.max() / spacing.min() > ANISOTROPY_THRESHOLD:
+            axes = np.where(spacing.max() / spacing == 1)[0]
+            return int(axes[0]) if len(axes) == 1 else None
+    return None
+
+
+def _resize(image: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
+    """``skimage.transform.resize(image, shape, order, mode="edge", anti_aliasing=False)``."""
+    if tuple(image.shape) == tuple(shape):
+        return image
+    factors = [n / o for n, o in zip(shape, image.shape)]
+    out = ndimage.zoom(image, factors, order=order, mode="nearest", grid_mode=True)
+    if order > 0:
+        np.clip(out, image.min(), image.max(), out=out)
+    return out
+
+
+def _nearest_along(data: np.ndarray, axis: int, size: int) -> np.ndarray:
+    """Nearest-neighbour resize along one axis with nnU-Net's (align_corners=False) coordinates."""
+    old = data.shape[axis]
+    if old == size:
+        return data
+    coords = (np.arange(size) + 0.5) * (old / size) - 0.5
+    index = np.clip(np.floor(coords + 0.5), 0, old - 1).astype(np.int64)
+    return np.take(data, index, axis=axis)
+
+
+def resample_like_nnunet(
+    data: np.ndarray, new_shape: Sequence[int], current_spacing: Sequence[float], new_spacing: Sequence[float], order: int
+) -> np.ndarray:
+    """Resamples (C, X, Y, Z) as nnU-Net's ``resample_data_or_seg_to_shape`` (order_z = 0)."""
+    new_shape = [int(s) for s in new_shape]
+    if tuple(data.shape[1:]) == tuple(new_shape):
+        return data
+    axis = separate_axis(current_spacing, new_spacing)
+    source = data.astype(np.float64, copy=False)
+    result = np.empty((data.shape[0], *new_shape), dtype=data.dtype)
+    for channel in range(data.shape[0]):
+        if axis is None:
+            result[channel] = _resize(source[channel], new_shape, order)
+            continue
+        in_plane = [s for a, s in enumerate(new_shape) if a != axis]
+        slices = [
+            _resize(np.take(source[channel], index, axis=axis), in_plane, order) for index in range(data.shape[1 + axis])
+        ]
+        stacked = np.stack(slices, axis=axis)
+        result[channel] = _nearest_along(stacked, axis, new_shape[axis])
+    return result
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    if not mask.any():
+        return tuple(slice(0, n) for n in mask.shape)
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.nonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))[0]
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
+
+
+class NnunetPreprocessor:
+    """nnU-Net's preprocessing for one run (see the module docstring)."""
+
+    def __init__(self, description: ModelDescription) -> None:
+        self.description = description
+        extra = description.extra
+        self.transpose_forward = list(extra.get("transpose_forward", [0, 1, 2]))
+        self.transpose_backward = list(extra.get("transpose_backward", [0, 1, 2]))
+        self.use_mask = list(extra.get("use_mask_for_norm", [False] * len(description.inputs)))
+        self.shape_before_crop: tuple[int, ...] = ()
+        self.crop: tuple[slice, ...] = ()
+        self.spacing: list[float] = []
+
+    def prepare(self, volumes: list[VolumeArray], device: torch.device) -> torch.Tensor:
+        spacing_kji = volumes[0].spacing[::-1]
+        data = np.stack([np.asarray(v.array, dtype=np.float32) for v in volumes])
+        data = data.transpose([0, *[t + 1 for t in self.transpose_forward]])
+        self.spacing = [float(spacing_kji[t]) for t in self.transpose_forward]
+        self.shape_before_crop = tuple(data.shape[1:])
+        nonzero = ndimage.binary_fill_holes((data != 0).any(axis=0))
+        self.crop = _bounding_box(nonzero)
+        data = np.ascontiguousarray(data[(slice(None), *self.crop)])
+        mask = torch.from_numpy(np.ascontiguousarray(nonzero[self.crop]))
+        for channel, spec in enumerate(spec.normalization for spec in self.description.inputs):
+            values = torch.from_numpy(data[channel])
+            if spec.mode == NormalizationMode.ZSCORE and self.use_mask[channel]:
+                normalized = normalize(values, spec, mask=mask)
+                values = torch.where(mask, normalized, values)
+            else:
+                values = normalize(values, spec.__class__(**{**spec.__dict__, "nonzero": False}))
+            data[channel] = values.numpy()
+        target = self.description.spacing or tuple(self.spacing)
+        new_shape = [int(round(s / t * n)) for s, t, n in zip(self.spacing, target, data.shape[1:])]
+        self.shape_after_crop = tuple(data.shape[1:])
+        data = resample_like_nnunet(data, new_shape, self.spacing, target, order=3)
+        return torch.from_numpy(np.ascontiguousarray(data))[None].to(device)
+
+    def to_input_grid(self, channels: torch.Tensor, fill: Sequence[float]) -> torch.Tensor:
+        target = self.description.spacing or tuple(self.spacing)
+        axis = separate_axis(target, self.spacing)
+        size = self.shape_after_crop
+        if tuple(channels.shape[1:]) != tuple(size):
+            if axis is None:
+                channels = F.interpolate(channels[None].float(), size=size, mode="trilinear", align_corners=False)[0]
+            else:
+                in_plane = [size[a] if a != axis else channels.shape[1 + a] for a in range(3)]
+                channels = F.interpolate(channels[None].float(), size=in_plane, mode="trilinear", align_corners=False)[0]
+                old = channels.shape[1 + axis]
+                coords = (torch.arange(size[axis], dtype=torch.float64) + 0.5) * (old / size[axis]) - 0.5
+                index = torch.clamp(torch.floor(coords + 0.5), 0, old - 1).to(torch.int64).to(channels.device)
+                channels = torch.index_select(channels, 1 + axis, index)
+        full = torch.empty((channels.shape[0], *self.shape_before_crop), dtype=channels.dtype, device=channels.device)
+        for g in range(channels.shape[0]):
+            full[g] = float(fill[g]) if g < len(fill) else 0.0
+        full[(slice(None), *self.crop)] = channels
+        full = full.permute(0, *[t + 1 for t in self.transpose_backward])  # (G, k, j, i)
+        return full.permute(0, 3, 2, 1)

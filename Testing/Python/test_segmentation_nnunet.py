@@ -1,0 +1,146 @@
+"""nnU-Net v2 folders: same labels as nnU-Net's own nnUNetPredictor, and bad folders refused clearly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from nnunet_helpers import phantom_patch, train_tiny_network, write_nnunet_folder
+from segmentation_helpers import dice, oblique_grid
+
+from DeepSegModuleLib.models import ModelCache, ModelFileError, ModelFormat, ModelFormatError, load_model
+from DeepSegModuleLib.segmentation import SegmentationOptions, VolumeArray, segment
+
+pytest.importorskip("dynamic_network_architectures")
+
+
+@pytest.fixture(scope="module")
+def network() -> torch.nn.Module:
+    return train_tiny_network()
+
+
+@pytest.fixture(scope="module")
+def model_folder(network, tmp_path_factory) -> Path:
+    return write_nnunet_folder(tmp_path_factory.mktemp("nnunet"), network, folds=("0", "1"))
+
+
+def _case(shape_kji, seed: int) -> tuple[VolumeArray, np.ndarray]:
+    # An oblique grid whose spacing (0.9, 0.8, 2.5 mm along i, j, k) differs from the plans' (1, 1, 3).
+    image, truth = phantom_patch(np.random.default_rng(seed), shape=shape_kji)
+    _, ijk_to_ras = oblique_grid(shape_kji=shape_kji, spacing_ijk=(0.9, 0.8, 2.5))
+    return VolumeArray(image, ijk_to_ras), truth
+
+
+def _reference(folder: Path, volume: VolumeArray, folds, mirroring: bool) -> np.ndarray:
+    predictor_module = pytest.importorskip("nnunetv2.inference.predict_from_raw_data")
+    predictor = predictor_module.nnUNetPredictor(
+        tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring, perform_everything_on_device=False,
+        device=torch.device("cpu"), verbose=False, allow_tqdm=False,
+    )  # fmt: skip
+    predictor.initialize_from_trained_model_folder(str(folder), use_folds=folds)
+    # nnU-Net reads images with SimpleITK: array (k, j, i) and spacing (sk, sj, si), direction ignored.
+    return predictor.predict_single_npy_array(volume.array[None], {"spacing": list(volume.spacing[::-1])})
+
+
+def test_two_fold_ensemble_agrees_with_nnunet_predictor(model_folder):
+    volume, truth = _case((20, 70, 60), seed=5)
+    result = segment(volume, model_folder, SegmentationOptions(device="cpu"), cache=ModelCache())
+    reference = _reference(model_folder, volume, ("0", "1"), mirroring=False)
+    assert result.labels.shape == reference.shape == volume.array.shape
+    assert [(i.value, i.name) for i in result.label_table] == [(1, "bright"), (2, "dim")]
+    for value in (1, 2):
+        assert (reference == value).any()
+        agreement = dice(result.labels == value, reference == value)
+        print(f"nnU-Net label {value} Dice vs nnUNetPredictor (2 folds, no mirroring): {agreement:.4f}")
+        assert agreement >= 0.99
+    # Not noise: the bright blob is found.
+    assert dice(result.labels == 1, truth == 1) > 0.5
+
+
+def test_mirroring_agrees_with_nnunet_predictor(model_folder):
+    volume, _ = _case((10, 40, 36), seed=7)
+    options = SegmentationOptions(device="cpu", mirroring=True)
+    result = segment(volume, model_folder, options, cache=ModelCache())
+    model = load_model(model_folder, folds=["0"])
+    single = segment(volume, model, options)
+    reference = _reference(model_folder, volume, ("0",), mirroring=True)
+    assert model.description.mirror_axes == (0, 1, 2)
+    for value in (1, 2):
+        if (reference == value).sum() >= 20:
+            assert dice(single.labels == value, reference == value) >= 0.99
+    assert result.labels.shape == volume.array.shape
+
+
+def test_truncated_checkpoint_is_a_clear_error(model_folder, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(model_folder, copy)
+    checkpoint = copy / "fold_0" / "checkpoint_final.pth"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:5000])
+    with pytest.raises(ModelFileError, match="truncated"):
+        load_model(copy, folds=["0"])
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("a checkpoint ran code",))
+
+
+def test_checkpoint_with_pickled_code_is_refused(model_folder, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(model_folder, copy)
+    checkpoint = copy / "fold_0" / "checkpoint_final.pth"
+    content = torch.load(checkpoint, weights_only=False)
+    content["payload"] = _Payload()
+    torch.save(content, checkpoint)
+    with pytest.raises(ModelFileError, match="weights-only"):
+        load_model(copy, folds=["0"])
+
+
+def _edit_json(folder: Path, name: str, edit) -> None:
+    path = folder / name
+    content = json.loads(path.read_text())
+    edit(content)
+    path.write_text(json.dumps(content))
+
+
+def test_plans_naming_code_outside_the_network_library_is_refused(model_folder, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(model_folder, copy)
+
+    def edit(plans):
+        plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"] = "os.system"
+
+    _edit_json(copy, "plans.json", edit)
+    with pytest.raises(ModelFormatError, match="refusing"):
+        load_model(copy)
+
+
+def test_model_wanting_two_inputs_given_one_names_the_fix(model_folder, tmp_path, network):
+    copy = tmp_path / "model"
+    shutil.copytree(model_folder, copy)
+    _edit_json(copy, "dataset.json", lambda d: d["channel_names"].update({"1": "T2"}))
+    _edit_json(
+        copy, "plans.json",
+        lambda p: p["configurations"]["3d_fullres"].update(
+            normalization_schemes=["CTNormalization", "ZScoreNormalization"], use_mask_for_norm=[False, False]
+        ),
+    )  # fmt: skip
+    with pytest.raises(ModelFileError, match="does not fit"):
+        load_model(copy)  # the 1-channel checkpoint cannot serve a 2-channel plan
+    description_only = load_model(model_folder).description
+    assert description_only.format == ModelFormat.NNUNET_V2
+    volume, _ = _case((10, 40, 36), seed=1)
+    with pytest.raises(ValueError, match="takes 1 input"):
+        segment([volume, volume], model_folder, SegmentationOptions(device="cpu"), cache=ModelCache())
+
+
+def test_region_based_models_are_reported_as_unsupported(model_folder, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(model_folder, copy)
+    _edit_json(copy, "dataset.json", lambda d: d["labels"].update({"whole": [1, 2]}))
+    with pytest.raises(ModelFormatError, match="region"):
+        load_model(copy)

@@ -569,11 +569,21 @@ class _Run:
             )
 
     def foreground_correlation(self, matrix_u: np.ndarray, translation_u: np.ndarray) -> float:
-        """Pearson correlation inside both foregrounds after the initial alignment."""
-        level = self._coarsest_level()
+        """Pearson correlation inside both foregrounds, away from their edges, after initial alignment.
+
+        The foreground edge is left out (eroded) because every modality drops to background
+        there, which correlates even when the contrasts inside are opposite.
+        """
+        spacings = [self.config.linear_spacings_mm[-1]] if {"rigid", "affine"} & set(self.config.stages) else []
+        if "deformable" in self.config.stages:
+            spacings.append(self.config.deformable_spacings_mm[0])
+        level = self.level(min(spacings))
         moving_values, inside = self._linear_samples(level, matrix_u, translation_u)
-        weight = inside * level.fixed_weight * (level.fixed > 0.05) * (moving_values > 0.05)
-        return weighted_pearson(level.fixed, moving_values, weight.to(level.fixed.dtype))
+        foreground = inside * level.fixed_weight * (level.fixed > 0.05) * (moving_values > 0.05)
+        interior = -F.max_pool3d(-foreground.to(level.fixed.dtype), kernel_size=5, stride=1, padding=2)
+        if float(interior.sum()) < 64:
+            interior = foreground.to(level.fixed.dtype)
+        return weighted_pearson(level.fixed, moving_values, interior)
 
     # -- linear stages
 

@@ -65,8 +65,8 @@ class RegistrationConfig:
     stages: tuple[str, ...] = ("rigid", "affine", "deformable")
     initial_alignment: str = "center_of_mass"
     linear_similarity: str = "ncc"
-    linear_spacings_mm: tuple[float, ...] = (8.0, 4.0)
-    linear_iterations: tuple[int, ...] = (150, 100)
+    linear_spacings_mm: tuple[float, ...] = (8.0, 4.0, 2.0)
+    linear_iterations: tuple[int, ...] = (150, 100, 50)
     linear_learning_rate: float = 0.01
     linear_max_points: int = 60000
     deformable_similarity: str = "lncc"
@@ -136,8 +136,8 @@ PRESETS: dict[str, RegistrationConfig] = {
     ),
     "deformable accurate": RegistrationConfig(
         stages=("rigid", "affine", "deformable"),
-        linear_spacings_mm=(8.0, 4.0, 2.0),
-        linear_iterations=(150, 100, 50),
+        linear_spacings_mm=(8.0, 4.0, 2.0, 1.0),
+        linear_iterations=(150, 100, 50, 30),
         deformable_spacings_mm=(6.0, 3.0, 1.5),
         deformable_iterations=(150, 100, 60),
         deformable_learning_rate_mm=0.4,
@@ -147,6 +147,8 @@ PRESETS: dict[str, RegistrationConfig] = {
     "multimodal": RegistrationConfig(
         stages=("rigid", "affine", "deformable"),
         linear_similarity="mi",
+        # the Parzen histogram costs samples x bins; 20k samples fill 32 x 32 bins well
+        linear_max_points=20000,
         deformable_similarity="mi",
         deformable_spacings_mm=(8.0, 4.0),
         deformable_iterations=(100, 60),

@@ -1,0 +1,456 @@
+"""The registration engine against known answers, on a real MRI and on oblique anisotropic grids.
+
+The MNI152 T1 template (shipped inside nilearn, no download) is the moving image; the fixed image is
+that template sampled through a known mapping ``psi`` (fixed RAS point -> moving RAS point). The
+engine's ``phi`` must then reproduce ``psi``: that is the error a user would measure. Everything is
+checked with scipy's interpolation, independently of the engine's own warping code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from DeepSegModuleLib.registration import (
+    RegistrationCancelled,
+    deformation_quality,
+    get_preset,
+    jacobian_determinant,
+    register,
+)
+from scipy import ndimage
+
+# One thread: the CI machine's two cores are shared, and OpenMP threads that spin-wait on a busy
+# machine made these tests ten times slower with two threads than with one.
+torch.set_num_threads(1)
+
+FIXED_SPACING_MM = 3.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers (independent of the engine)
+
+
+def rotation_xyz(degrees: tuple[float, float, float]) -> np.ndarray:
+    ax, ay, az = np.deg2rad(degrees)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def voxel_centres_ras(shape_kji: tuple[int, int, int], ijk_to_ras: np.ndarray) -> np.ndarray:
+    """``(k, j, i, 3)`` RAS positions of a grid's voxel centres."""
+    k, j, i = np.meshgrid(*[np.arange(n) for n in shape_kji], indexing="ij")
+    ijk1 = np.stack([i, j, k, np.ones_like(i)], axis=-1).astype(np.float64)
+    return (ijk1 @ ijk_to_ras.T)[..., :3]
+
+
+def sample_at_ras(volume_kji: np.ndarray, ijk_to_ras: np.ndarray, points_ras: np.ndarray, order: int = 1) -> np.ndarray:
+    """scipy interpolation of a (k, j, i) volume at RAS points (zero outside, like grid_sample's zeros)."""
+    ijk = (points_ras - ijk_to_ras[:3, 3]) @ np.linalg.inv(ijk_to_ras[:3, :3]).T
+    coordinates = np.stack([ijk[..., 2], ijk[..., 1], ijk[..., 0]])
+    return ndimage.map_coordinates(volume_kji, coordinates, order=order, mode="grid-constant", cval=0.0)
+
+
+def apply_4x4(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    return points @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def rotation_angle_degrees(rotation: np.ndarray) -> float:
+    return float(np.degrees(np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1.0, 1.0))))
+
+
+@pytest.fixture(scope="module")
+def mni() -> dict[str, np.ndarray]:
+    """The MNI152 T1 at 2 mm with its brain mask, in Slicer's (k, j, i) order."""
+    from nilearn import datasets
+
+    template = datasets.load_mni152_template(resolution=2)
+    brain = datasets.load_mni152_brain_mask(resolution=2)
+    return {
+        "image": np.asarray(template.get_fdata(), dtype=np.float32).transpose(2, 1, 0).copy(),
+        "brain": (np.asarray(brain.get_fdata()) > 0.5).transpose(2, 1, 0).copy(),
+        "ijk_to_ras": np.asarray(template.affine, dtype=np.float64),
+    }
+
+
+def fixed_grid_over(mni: dict[str, np.ndarray], spacing: float) -> tuple[tuple[int, int, int], np.ndarray]:
+    """An axis-aligned grid of ``spacing`` mm over the template's field of view."""
+    extent = (np.array(mni["image"].shape[::-1]) - 1) * np.linalg.norm(mni["ijk_to_ras"][:3, :3], axis=0)
+    sizes = (np.floor(extent / spacing) + 1).astype(int)
+    ijk_to_ras = np.eye(4)
+    ijk_to_ras[:3, :3] = np.diag([spacing] * 3)
+    ijk_to_ras[:3, 3] = mni["ijk_to_ras"][:3, 3]
+    return tuple(int(n) for n in sizes[::-1]), ijk_to_ras  # type: ignore[return-value]
+
+
+def make_known_case(mni: dict[str, np.ndarray], linear: np.ndarray, displacement_mm: float, seed: int) -> dict:
+    """Fixed image = template sampled at ``psi(p) = linear @ (p + d_true(p))`` on a 3 mm grid."""
+    shape, fixed_ijk_to_ras = fixed_grid_over(mni, FIXED_SPACING_MM)
+    points = voxel_centres_ras(shape, fixed_ijk_to_ras)
+    displacement = np.zeros(shape + (3,))
+    if displacement_mm > 0:
+        rng = np.random.default_rng(seed)
+        coarse = rng.normal(size=(5, 5, 5, 3))
+        zoom = np.array(shape) / 5.0
+        displacement = np.stack(
+            [ndimage.zoom(coarse[..., c], zoom, order=3)[: shape[0], : shape[1], : shape[2]] for c in range(3)],
+            axis=-1,
+        )
+        displacement *= displacement_mm / np.linalg.norm(displacement, axis=-1).max()
+    truth = apply_4x4(linear, points + displacement)
+    fixed = sample_at_ras(mni["image"], mni["ijk_to_ras"], truth, order=3).astype(np.float32)
+    fixed_brain = sample_at_ras(mni["brain"].astype(np.float32), mni["ijk_to_ras"], truth, order=0) > 0.5
+    return {
+        "fixed": fixed,
+        "fixed_ijk_to_ras": fixed_ijk_to_ras,
+        "points": points,
+        "truth": truth,
+        "brain": fixed_brain,
+        "true_displacement": displacement,
+    }
+
+
+def brain_centre(mni: dict[str, np.ndarray]) -> np.ndarray:
+    points = voxel_centres_ras(mni["brain"].shape, mni["ijk_to_ras"])
+    return points[mni["brain"]].mean(axis=0)
+
+
+def linear_about(centre: np.ndarray, matrix: np.ndarray, translation: np.ndarray) -> np.ndarray:
+    transform = np.eye(4)
+    transform[:3, :3] = matrix
+    transform[:3, 3] = centre - matrix @ centre + translation
+    return transform
+
+
+# ----------------------------------------------------------------------------------------------
+# Known answer on a real MRI: affine + smooth deformation
+
+
+@pytest.fixture(scope="module")
+def deformable_case(mni):
+    centre = brain_centre(mni)
+    linear = linear_about(
+        centre, rotation_xyz((5.0, -4.0, 6.0)) @ np.diag([1.04, 0.97, 1.02]), np.array([4.0, -3.0, 5.0])
+    )
+    case = make_known_case(mni, linear, displacement_mm=8.0, seed=0)
+    # Fiducials: 20 brain voxels of the fixed image and where they truly are in the moving image.
+    rng = np.random.default_rng(1)
+    chosen = rng.choice(np.count_nonzero(case["brain"]), size=20, replace=False)
+    case["fixed_landmarks"] = case["points"][case["brain"]][chosen]
+    case["moving_landmarks"] = case["truth"][case["brain"]][chosen]
+    case["fixed_labels"] = case["brain"].astype(np.uint8)
+    stages: list[str] = []
+    case["result"] = register(
+        case["fixed"],
+        case["fixed_ijk_to_ras"],
+        mni["image"],
+        mni["ijk_to_ras"],
+        "deformable fast",
+        device="cpu",
+        moving_labels=mni["brain"].astype(np.uint8),
+        fixed_labels=case["fixed_labels"],
+        fixed_landmarks_ras=case["fixed_landmarks"],
+        moving_landmarks_ras=case["moving_landmarks"],
+        progress=lambda stage, fraction: stages.append((stage, fraction)),
+    )
+    case["progress"] = stages
+    return case
+
+
+def test_affine_plus_smooth_deformation_of_a_real_mri_is_recovered_below_1mm(deformable_case):
+    case, result = deformable_case, deformable_case["result"]
+    brain = case["brain"]
+    mapped = case["points"] + result.total_displacement_ras()
+    error = np.linalg.norm(mapped - case["truth"], axis=-1)[brain]
+    error_before = np.linalg.norm(case["points"] - case["truth"], axis=-1)[brain]
+    linear_only = np.linalg.norm(apply_4x4(result.fixed_to_moving_ras, case["points"]) - case["truth"], axis=-1)[brain]
+    assert np.median(error_before) > 5.0  # the task is not trivial
+    assert np.median(linear_only) > 1.0  # the deformable stage has something to do
+    assert np.median(error) < 1.0, f"median error {np.median(error):.2f} mm inside the brain"
+    assert np.percentile(error, 95) < 2.0 * FIXED_SPACING_MM
+    assert result.quality.folding_percent is not None and result.quality.folding_percent < 0.5
+    assert result.quality.warnings == []
+
+
+def test_documented_mapping_reproduces_the_resampled_image(deformable_case, mni):
+    """phi(p) = A @ (p + d(p)); scipy sampling of the moving image there gives the engine's output."""
+    case, result = deformable_case, deformable_case["result"]
+    assert result.displacement_ras is not None
+    assert result.displacement_ras.shape == case["fixed"].shape + (3,)
+    assert result.displacement_ras.dtype == np.float32
+    mapped = apply_4x4(result.fixed_to_moving_ras, case["points"] + result.displacement_ras)
+    expected = sample_at_ras(mni["image"], mni["ijk_to_ras"], mapped, order=1)
+    tolerance = 1e-3 * float(mni["image"].max())
+    assert np.abs(expected - result.resampled_moving).max() < tolerance
+    # The single-field form is the same mapping.
+    np.testing.assert_allclose(case["points"] + result.total_displacement_ras(), mapped, atol=1e-3)
+    # Point mapping (trilinear in the field) agrees at voxel centres and between them.
+    some = case["points"][case["brain"]][::97]
+    np.testing.assert_allclose(result.transform_points_ras(some), mapped[case["brain"]][::97], atol=1e-3)
+    # Propagated labels are nearest-neighbour samples at the same points.
+    expected_labels = sample_at_ras(mni["brain"].astype(np.float32), mni["ijk_to_ras"], mapped, order=0)
+    assert np.mean(expected_labels.astype(np.uint8) != result.propagated_labels) < 1e-3
+
+
+def test_inverse_from_negated_velocity_undoes_the_mapping(deformable_case):
+    case, result = deformable_case, deformable_case["result"]
+    brain = case["brain"]
+    inverse_field = result.inverse_total_displacement_ras()
+    assert inverse_field.shape == result.moving_shape + (3,)
+    moving_points = apply_4x4(result.fixed_to_moving_ras, case["points"] + result.displacement_ras)[brain]
+    back = moving_points + np.stack(
+        [sample_at_ras(inverse_field[..., c], result.moving_ijk_to_ras, moving_points) for c in range(3)], axis=-1
+    )
+    round_trip = np.linalg.norm(back - case["points"][brain], axis=-1)
+    assert np.median(round_trip) < 0.2 * FIXED_SPACING_MM
+    assert np.percentile(round_trip, 99) < FIXED_SPACING_MM
+    # The inverse of the deformable part alone composes to the identity as well.
+    inverse_deformable = result.inverse_displacement_ras()
+    assert inverse_deformable is not None and inverse_deformable.shape == result.displacement_ras.shape
+
+
+def test_quality_report_has_dice_landmarks_runtime_and_memory(deformable_case, mni):
+    case, result = deformable_case, deformable_case["result"]
+    quality = result.quality
+    # Dice of the brain propagated without registration (moving mask sampled at p itself) as the baseline.
+    unregistered = sample_at_ras(mni["brain"].astype(np.float32), mni["ijk_to_ras"], case["points"], order=0) > 0.5
+    baseline = 2 * np.sum(unregistered & case["brain"]) / (unregistered.sum() + case["brain"].sum())
+    assert set(quality.dice) == {1}
+    assert quality.dice[1] > 0.95 > baseline
+    assert quality.landmark_error_mm["count"] == 20
+    assert quality.landmark_error_mm["median"] < 1.5 < quality.landmark_error_mm["median_before"]
+    assert quality.log_jacobian_std is not None and 0 < quality.log_jacobian_std < 0.5
+    assert quality.quality_mask == "fixed foreground"
+    for stage in ("initial alignment", "rigid", "affine", "deformable", "resampling", "total"):
+        assert quality.runtime_s[stage] >= 0
+    assert quality.peak_memory_mb is not None and quality.peak_memory_mb > 0
+    stages = [stage for stage, _ in case["progress"]]
+    assert stages.index("rigid") < stages.index("affine") < stages.index("deformable")
+    assert ("deformable", 1.0) in case["progress"]
+    assert all(0.0 <= fraction <= 1.0 for _, fraction in case["progress"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Rigid
+
+
+@pytest.fixture(scope="module")
+def rigid_case(mni):
+    linear = linear_about(brain_centre(mni), rotation_xyz((6.0, -4.0, 5.0)), np.array([7.0, -5.0, 4.0]))
+    case = make_known_case(mni, linear, displacement_mm=0.0, seed=0)
+    case["linear"] = linear
+    return case
+
+
+def test_rigid_only_recovers_a_rigid_motion_within_half_a_mm_and_degree(rigid_case, mni):
+    case = rigid_case
+    result = register(case["fixed"], case["fixed_ijk_to_ras"], mni["image"], mni["ijk_to_ras"], "rigid", device="cpu")
+    estimated = result.fixed_to_moving_ras
+    assert result.displacement_ras is None
+    error = np.linalg.norm(apply_4x4(estimated, case["points"]) - case["truth"], axis=-1)[case["brain"]]
+    assert error.max() < 0.5, f"max error {error.max():.2f} mm in the brain"
+    assert rotation_angle_degrees(estimated[:3, :3] @ case["linear"][:3, :3].T) < 0.5
+    # A rigid result is a rotation: orthonormal, determinant +1.
+    np.testing.assert_allclose(estimated[:3, :3] @ estimated[:3, :3].T, np.eye(3), atol=1e-5)
+
+
+def test_multimodal_preset_registers_inverted_contrast_that_ncc_warns_about(rigid_case, mni):
+    case = rigid_case
+    # A "T2-like" moving image: contrast inverted inside the head, background kept dark.
+    head = mni["image"] > 0.1 * mni["image"].max()
+    inverted = np.where(head, mni["image"].max() - mni["image"], 0.0).astype(np.float32)
+    calls = []
+
+    def cancel_after_alignment() -> bool:
+        calls.append(1)
+        return len(calls) > 1
+
+    with pytest.warns(UserWarning, match="multimodal"), pytest.raises(RegistrationCancelled):
+        register(
+            case["fixed"],
+            case["fixed_ijk_to_ras"],
+            inverted,
+            mni["ijk_to_ras"],
+            "rigid",
+            device="cpu",
+            cancel=cancel_after_alignment,
+        )
+    result = register(
+        case["fixed"],
+        case["fixed_ijk_to_ras"],
+        inverted,
+        mni["ijk_to_ras"],
+        "multimodal",
+        stages=("rigid",),
+        device="cpu",
+    )
+    assert not any("modalit" in message for message in result.quality.warnings)
+    error = np.linalg.norm(apply_4x4(result.fixed_to_moving_ras, case["points"]) - case["truth"], axis=-1)[
+        case["brain"]
+    ]
+    assert np.median(error) < 1.0, f"median error {np.median(error):.2f} mm with mutual information"
+
+
+# ----------------------------------------------------------------------------------------------
+# Oblique, anisotropic grids: the RAS conventions
+
+
+def phantom(points_ras: np.ndarray) -> np.ndarray:
+    """A smooth, asymmetric object defined in RAS mm (so any grid can sample it exactly)."""
+    blobs = [
+        ((0.0, 0.0, 0.0), (14.0, 10.0, 8.0), 1.0),
+        ((9.0, 6.0, -4.0), (4.0, 5.0, 3.0), 0.8),
+        ((-8.0, 4.0, 6.0), (3.0, 3.0, 6.0), -0.6),
+        ((2.0, -9.0, 3.0), (5.0, 2.5, 3.0), 0.7),
+    ]
+    value = np.zeros(points_ras.shape[:-1])
+    for centre, widths, weight in blobs:
+        offsets = (points_ras - np.array(centre)) / np.array(widths)
+        value += weight * np.exp(-0.5 * np.sum(offsets**2, axis=-1))
+    return value.astype(np.float32)
+
+
+def oblique_grid(spacing, degrees, shape_kji, centre_ras) -> np.ndarray:
+    ijk_to_ras = np.eye(4)
+    ijk_to_ras[:3, :3] = rotation_xyz(degrees) @ np.diag(spacing)
+    middle = (np.array(shape_kji[::-1]) - 1) / 2
+    ijk_to_ras[:3, 3] = np.array(centre_ras) - ijk_to_ras[:3, :3] @ middle
+    return ijk_to_ras
+
+
+def test_translation_in_ras_mm_is_recovered_on_oblique_anisotropic_grids():
+    translation = np.array([3.0, -2.0, 4.5])
+    fixed_shape = (26, 52, 44)
+    fixed_ijk_to_ras = oblique_grid((1.2, 1.0, 2.0), (20.0, -15.0, 30.0), fixed_shape, (30.0, -20.0, 10.0))
+    moving_shape = (36, 40, 34)
+    moving_ijk_to_ras = oblique_grid((1.5, 1.4, 1.6), (-10.0, 25.0, 5.0), moving_shape, (34.0, -22.0, 14.0))
+    # The object sits at (30, -20, 10) in the fixed image and ``translation`` further in the moving one.
+    fixed = phantom(voxel_centres_ras(fixed_shape, fixed_ijk_to_ras) - np.array([30.0, -20.0, 10.0]))
+    moving = phantom(voxel_centres_ras(moving_shape, moving_ijk_to_ras) - np.array([30.0, -20.0, 10.0]) - translation)
+    progress: list[tuple[str, float]] = []
+    result = register(
+        fixed,
+        fixed_ijk_to_ras,
+        moving,
+        moving_ijk_to_ras,
+        "rigid",
+        device="cpu",
+        initial_alignment="none",
+        linear_spacings_mm=(4.0, 2.0, 1.0),
+        progress=lambda s, f: progress.append((s, f)),
+    )
+    estimated = result.fixed_to_moving_ras
+    np.testing.assert_allclose(estimated[:3, 3], translation, atol=0.1)
+    assert rotation_angle_degrees(estimated[:3, :3]) < 0.2
+    assert ("rigid", 1.0) in progress
+    # The resampled moving image lies on the fixed grid and matches the fixed image.
+    assert result.resampled_moving.shape == fixed_shape
+    inside = fixed > 0.2
+    difference = np.abs(result.resampled_moving - fixed)[inside]
+    assert difference.mean() < 0.01 and difference.max() < 0.1
+
+
+# ----------------------------------------------------------------------------------------------
+# Folding is reported, not hidden; the TorchScript initialiser is used
+
+
+class _FoldingInitializer(torch.nn.Module):
+    """Returns a displacement that swings back and forth faster than the grid allows: it folds."""
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        depth = fixed.shape[2]
+        k = torch.arange(depth, dtype=fixed.dtype).reshape(1, 1, depth, 1, 1)
+        along_k = torch.zeros_like(fixed) + 4.0 * torch.sin(k * 3.14159265 / 4.0)
+        return torch.cat([along_k, torch.zeros_like(along_k), torch.zeros_like(along_k)], dim=1)
+
+
+def test_heavy_folding_is_reported_with_a_warning(rigid_case, mni):
+    """A large velocity integrated in one step folds; the report says so. With scaling and squaring it does not."""
+    case = rigid_case
+    initializer = torch.jit.script(_FoldingInitializer())
+    settings = {
+        "initial_fixed_to_moving_ras": case["linear"],
+        "stages": ("deformable",),
+        "deformable_spacings_mm": (6.0,),
+        "deformable_iterations": (0,),
+        "velocity_grid_factor": 1.0,
+        "velocity_smoothing_vox": 0.0,
+        "initializer": initializer,
+    }
+    fixed, fixed_ijk_to_ras = case["fixed"], case["fixed_ijk_to_ras"]
+    with pytest.warns(UserWarning, match="folds"):
+        folded = register(
+            fixed,
+            fixed_ijk_to_ras,
+            mni["image"],
+            mni["ijk_to_ras"],
+            "deformable fast",
+            device="cpu",
+            integration_steps=1,
+            **settings,
+        )
+    assert folded.quality.folding_percent > 5.0
+    assert folded.quality.jacobian_min < 0
+    assert any("folds" in message for message in folded.quality.warnings)
+    # Same number from the public function, on the returned field.
+    direct = deformation_quality(folded.displacement_ras, folded.fixed_ijk_to_ras, fixed > 0.1 * fixed.max())
+    assert direct["folding_percent"] > 5.0
+    # The same velocity, integrated by scaling and squaring, stays invertible.
+    diffeomorphic = register(
+        fixed, fixed_ijk_to_ras, mni["image"], mni["ijk_to_ras"], "deformable fast", device="cpu", **settings
+    )
+    assert diffeomorphic.quality.folding_percent < 0.5
+
+
+def test_jacobian_of_a_known_field_on_an_oblique_grid():
+    ijk_to_ras = oblique_grid((1.2, 1.0, 2.0), (20.0, -15.0, 30.0), (10, 12, 14), (0.0, 0.0, 0.0))
+    points = voxel_centres_ras((10, 12, 14), ijk_to_ras)
+    # d(p) = (G - I) p has the constant Jacobian G whatever the grid's orientation.
+    stretch = np.array([[1.2, 0.1, 0.0], [0.0, 0.9, 0.05], [0.0, 0.0, 1.1]])
+    determinant = jacobian_determinant((points @ (stretch - np.eye(3)).T).astype(np.float32), ijk_to_ras)
+    np.testing.assert_allclose(determinant, np.linalg.det(stretch), rtol=1e-4)
+    mirrored = np.diag([-1.0, 1.0, 1.0])
+    assert deformation_quality(points @ (mirrored - np.eye(3)).T, ijk_to_ras)["folding_percent"] == 100.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+
+
+def small_volume(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((16, 16, 16)).astype(np.float32)
+
+
+def test_2d_input_is_refused_with_advice():
+    with pytest.raises(ValueError, match="3D volume"):
+        register(np.ones((64, 64), np.float32), np.eye(4), small_volume(), np.eye(4), "rigid")
+    with pytest.raises(ValueError, match="3D volume"):
+        register(np.ones((1, 64, 64), np.float32), np.eye(4), small_volume(), np.eye(4), "rigid")
+
+
+def test_empty_mask_is_refused():
+    with pytest.raises(ValueError, match="fixed_mask is empty"):
+        register(small_volume(), np.eye(4), small_volume(1), np.eye(4), "rigid", fixed_mask=np.zeros((16, 16, 16)))
+    with pytest.raises(ValueError, match="moving_mask is empty"):
+        register(
+            small_volume(), np.eye(4), small_volume(1), np.eye(4), "rigid", moving_mask=np.zeros((16, 16, 16), bool)
+        )
+
+
+def test_images_that_do_not_overlap_are_refused_unless_aligned_first():
+    far_away = np.eye(4)
+    far_away[:3, 3] = (500.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="do not overlap"):
+        register(small_volume(), np.eye(4), small_volume(1), far_away, "rigid", initial_alignment="none")
+
+
+def test_unknown_preset_and_parameter_are_refused():
+    with pytest.raises(ValueError, match="unknown registration preset"):
+        get_preset("syn")
+    with pytest.raises(ValueError, match="unknown registration parameter"):
+        get_preset("rigid", learning_rate=1.0)
+    with pytest.raises(ValueError, match="stages"):
+        get_preset("rigid", stages=("deformable", "rigid"))
+    assert get_preset("Deformable_Fast", regularization_weight=3.0).regularization_weight == 3.0

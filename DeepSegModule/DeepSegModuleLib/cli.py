@@ -1,14 +1,20 @@
 """The ``deepseg`` command: DeepSeg's engine without Slicer's GUI, writing Slicer's own files.
 
-Every output opens in 3D Slicer as it would have looked in the panel.
+Every output opens in 3D Slicer as it would have looked in the panel. Every command exits 0 on success and
+non-zero with a one-line reason on failure, leaves no partial output behind, and prints JSON with ``--json``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import typer
 
 app = typer.Typer(
@@ -18,14 +24,438 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+models_app = typer.Typer(help="Manage the local model store (~/.deepseg/models, or $DEEPSEG_MODEL_DIR).", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+LABEL_MAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+SEGMENTATION_SUFFIX = ".seg.nrrd"
+TRANSFORM_SUFFIXES = (".h5", ".tfm")
+
+
+class CommandError(Exception):
+    """A failure to report in one line (exit code 1)."""
+
+
+def _emit(summary: dict[str, Any], as_json: bool, lines: list[str]) -> None:
+    if as_json:
+        typer.echo(json.dumps({"ok": True, **summary}, indent=2, default=_json_default))
+    else:
+        for line in lines:
+            typer.echo(line)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
 
 
 def _fail(message: str, as_json: bool) -> None:
+    message = " ".join(str(message).split())  # one line, whatever the exception held
     if as_json:
         typer.echo(json.dumps({"ok": False, "error": message}))
     else:
         typer.echo(f"deepseg: error: {message}", err=True)
     raise typer.Exit(code=1)
+
+
+@contextmanager
+def _reported(as_json: bool):
+    """Turns the errors a user can fix into one line and exit code 1."""
+    from .jobs import JobCancelled, JobFailed
+    from .storage import StorageError
+
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except (CommandError, StorageError, JobFailed, JobCancelled, OSError, ValueError, KeyError) as error:
+        text = error.args[0] if isinstance(error, KeyError) and error.args else error
+        _fail(str(text), as_json)
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in (SEGMENTATION_SUFFIX, ".nii.gz", ".nii", ".nrrd", ".mha", ".h5", ".tfm", ".json", ".png"):
+        if name.endswith(suffix):
+            return suffix
+    return path.suffix.lower()
+
+
+def _check_output(path: Path | None, allowed: tuple[str, ...], what: str) -> None:
+    """Fails before any work when an output cannot be written where the user asked."""
+    if path is None:
+        return
+    if _suffix(path) not in allowed:
+        raise CommandError(f"{what} {path} must end in one of {', '.join(allowed)}")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise CommandError(f"output folder {folder} does not exist: create it or choose another {what}")
+    if not os.access(folder, os.W_OK):
+        raise CommandError(f"output folder {folder} is not writable: choose another {what}")
+
+
+def _check_input(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise CommandError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise CommandError(f"{what} {path} is a folder: pass an image file (.nii.gz, .nrrd, .mha)")
+    return path
+
+
+class _Outputs:
+    """Files a command writes; on failure every one already written is removed again."""
+
+    def __init__(self) -> None:
+        self.written: list[Path] = []
+
+    def add(self, path: Path) -> Path:
+        self.written.append(Path(path))
+        return Path(path)
+
+    def discard(self) -> None:
+        for path in self.written:
+            if path.is_file():
+                path.unlink()
+            elif path.is_dir():
+                import shutil
+
+                shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def _all_or_nothing():
+    outputs = _Outputs()
+    try:
+        yield outputs
+    except BaseException:
+        outputs.discard()
+        raise
+
+
+def resolve_model(model: str | None) -> Path:
+    """A model argument as a path: an existing file/folder, or a name in the model store (checksums verified)."""
+    from .models.store import ModelStore
+
+    if model is None:
+        raise CommandError("no default model is bundled yet: pass --model (a model folder, file, or a store name)")
+    candidate = Path(model).expanduser()
+    if candidate.exists():
+        return candidate
+    store = ModelStore()
+    if model in store.list_ids():
+        return store.verify(model).model_path
+    known = ", ".join(store.list_ids()) or "none"
+    raise CommandError(
+        f"model '{model}' is neither a file or folder nor in the model store (stored: {known}); "
+        "import it with: deepseg models import PATH_OR_URL"
+    )
+
+
+def _logic(context):
+    from .jobs import InProcessWorker
+    from .logic import DeepSegLogic
+
+    # One run per command: the engine runs in this process (a persistent worker pays off in the panel and batch).
+    return DeepSegLogic(context, InProcessWorker())
+
+
+def _progress_printer(quiet: bool):
+    last_stage: list[str] = [""]
+
+    def show(event) -> None:
+        if quiet or event.kind != "progress" or event.stage == last_stage[0]:
+            return
+        last_stage[0] = event.stage
+        typer.echo(f"  {event.stage} ...", err=True)
+
+    return show
+
+
+# ------------------------------------------------------------------------------------------------ segment
+
+
+@app.command()
+def segment(
+    inputs: list[Path] = typer.Option(..., "--input", "-i", help="Input image(s), in the model's input order."),
+    output: Path = typer.Option(..., "--output", "-o", help="OUT.seg.nrrd (segments) or OUT.nii.gz/.nrrd (label map)."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Model folder/file, or a name in the model store."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    labels: str | None = typer.Option(None, help="Comma-separated label names to keep (default: all)."),
+    probabilities: Path | None = typer.Option(None, help="Folder for one probability map (.nii.gz) per label."),
+    tta: bool = typer.Option(False, "--tta", help="Mirroring test-time augmentation (slower, a little better)."),
+    overlap: float | None = typer.Option(None, help="Sliding-window overlap, 0..1 (default: the model's)."),
+    preview: Path | None = typer.Option(None, help="Also write a PNG with three slices and the segments."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
+) -> None:
+    """Segment an image with a model; write a Slicer segmentation or a label map.
+
+    Example: deepseg segment --model brain --input T1.nii.gz --output brain.seg.nrrd
+    """
+    from . import nodes, storage
+    from .context import SceneContext
+
+    with _reported(as_json):
+        if device not in ("auto", "cpu", "cuda"):
+            raise CommandError(f"--device must be auto, cpu or cuda, not {device!r}")
+        if overlap is not None and not 0.0 <= overlap < 1.0:
+            raise CommandError("--overlap must be in 0..1 (e.g. 0.5)")
+        _check_output(output, (SEGMENTATION_SUFFIX, *LABEL_MAP_SUFFIXES), "--output")
+        _check_output(preview, (".png",), "--preview")
+        for path in inputs:
+            _check_input(path, "input")
+        model_path = resolve_model(model)
+
+        context = SceneContext.headless()
+        volumes = [storage.load_volume(context, path) for path in inputs]
+        keep = [name.strip() for name in labels.split(",") if name.strip()] if labels else None
+        run = _logic(context).start_segment(
+            volumes, str(model_path), labels=keep, probabilities=probabilities is not None, device=device,
+            overlap=overlap, mirroring=tta, on_event=_progress_printer(as_json),
+        )
+        outcome = run.wait()
+        data = outcome.data
+        with _all_or_nothing() as written:
+            if _suffix(output) == SEGMENTATION_SUFFIX:
+                storage.save_node(context, outcome.nodes["segmentation"], written.add(output))
+            else:
+                storage.save_array_like_file(written.add(output), data["labels"], data["ijk_to_ras"], like=inputs[0])
+            probability_files = {}
+            if probabilities is not None:
+                probabilities.mkdir(parents=True, exist_ok=True)
+                for key, node in outcome.nodes.items():
+                    if key.startswith("probability "):
+                        name = key.removeprefix("probability ")
+                        path = written.add(probabilities / f"{_file_safe(name)}.nii.gz")
+                        probability_files[name] = str(storage.save_node(context, node, path))
+            if preview is not None:
+                from .preview import write_preview
+
+                image, grid = nodes.volume_to_array(volumes[0])
+                write_preview(written.add(preview), image, grid, data["labels"], data["label_table"],
+                              title=f"{inputs[0].name}: {model_path.name}")
+
+        voxel_ml = abs(np.linalg.det(data["ijk_to_ras"][:3, :3])) / 1000.0
+        segments = {info.name: round(float((data["labels"] == info.value).sum()) * voxel_ml, 2) for info in data["label_table"]}
+        summary = {
+            "output": str(output),
+            "model": str(model_path),
+            "segments_ml": segments,
+            "probabilities": probability_files,
+            **outcome.report,
+        }
+        lines = [f"  {name:<30s} {volume:10.2f} ml" for name, volume in segments.items()]
+        lines += [f"  {stage:<30s} {seconds:8.2f} s" for stage, seconds in outcome.report.get("timings_s", {}).items()]
+        lines += [f"  note: {message}" for message in outcome.report.get("messages", [])]
+        lines.append(f"wrote {output}")
+        _emit(summary, as_json, lines)
+
+
+def _file_safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "label"
+
+
+# ------------------------------------------------------------------------------------------------ register
+
+
+@app.command()
+def register(
+    fixed: Path = typer.Option(..., help="Fixed (reference) image."),
+    moving: Path = typer.Option(..., help="Moving image, to be aligned with the fixed one."),
+    output_transform: Path = typer.Option(..., help="OUT.h5 / OUT.tfm: the transform Slicer, ITK and ANTs read."),
+    output_volume: Path | None = typer.Option(None, help="The moving image resampled onto the fixed grid."),
+    moving_segmentation: Path | None = typer.Option(None, help="Segmentation (.seg.nrrd) or label map on the moving image."),
+    output_segmentation: Path | None = typer.Option(None, help="Where the moving segmentation lands on the fixed image."),
+    preset: str = typer.Option("deformable fast", help="rigid, affine, deformable fast, deformable accurate, multimodal."),
+    fixed_mask: Path | None = typer.Option(None, help="Mask (label map or .seg.nrrd) on the fixed image."),
+    moving_mask: Path | None = typer.Option(None, help="Mask (label map or .seg.nrrd) on the moving image."),
+    inverse_transform: Path | None = typer.Option(None, help="Also write the inverse transform (moving to fixed)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    report: Path | None = typer.Option(None, help="Write the quality report (folding, Dice, runtime) as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
+) -> None:
+    """Register two images; write the transform (and optionally the resampled image and propagated labels).
+
+    Example: deepseg register --fixed T1.nii.gz --moving FLAIR.nii.gz --preset multimodal --output-transform flair_to_t1.h5
+    """
+    from . import nodes, storage
+    from .context import SceneContext
+    from .registration import preset_names
+
+    with _reported(as_json):
+        if preset not in preset_names():
+            raise CommandError(f"unknown preset {preset!r}: choose one of {', '.join(preset_names())}")
+        if (moving_segmentation is None) != (output_segmentation is None):
+            raise CommandError("--moving-segmentation and --output-segmentation go together")
+        _check_output(output_transform, TRANSFORM_SUFFIXES, "--output-transform")
+        _check_output(inverse_transform, TRANSFORM_SUFFIXES, "--inverse-transform")
+        _check_output(output_volume, LABEL_MAP_SUFFIXES, "--output-volume")
+        _check_output(output_segmentation, (SEGMENTATION_SUFFIX, *LABEL_MAP_SUFFIXES), "--output-segmentation")
+        _check_output(report, (".json",), "--report")
+        for path, what in ((fixed, "--fixed"), (moving, "--moving"), (moving_segmentation, "--moving-segmentation"),
+                           (fixed_mask, "--fixed-mask"), (moving_mask, "--moving-mask")):
+            if path is not None:
+                _check_input(path, what)
+
+        context = SceneContext.headless()
+        fixed_node = storage.load_volume(context, fixed)
+        moving_node = storage.load_volume(context, moving)
+
+        def load_labels(path: Path | None):
+            if path is None:
+                return None
+            if _suffix(path) == SEGMENTATION_SUFFIX:
+                return storage.load_segmentation(context, path)
+            return storage.load_volume(context, path, labelmap=True)
+
+        run = _logic(context).start_register(
+            fixed_node, moving_node, preset=preset, fixed_mask=load_labels(fixed_mask),
+            moving_mask=load_labels(moving_mask), moving_segmentation=load_labels(moving_segmentation),
+            inverse=inverse_transform is not None, device=device, on_event=_progress_printer(as_json),
+        )
+        outcome = run.wait()
+        transform = outcome.nodes["transform"]
+        check_points = _check_points(fixed_node)
+        mapped = nodes.transform_points(transform, check_points)
+        with _all_or_nothing() as written:
+            storage.save_node(context, transform, written.add(output_transform))
+            if inverse_transform is not None:
+                storage.save_node(context, outcome.nodes["inverse transform"], written.add(inverse_transform))
+            if output_volume is not None:
+                storage.save_node(context, outcome.nodes["volume"], written.add(output_volume))
+            if output_segmentation is not None:
+                if _suffix(output_segmentation) == SEGMENTATION_SUFFIX:
+                    storage.save_node(context, outcome.nodes["segmentation"], written.add(output_segmentation))
+                else:
+                    storage.save_array_like_file(
+                        written.add(output_segmentation), outcome.data["propagated_labels"],
+                        outcome.data["fixed_ijk_to_ras"], like=fixed,
+                    )
+            summary = {
+                "output_transform": str(output_transform),
+                "transform_kind": "linear" if transform.IsA("vtkMRMLLinearTransformNode") else "grid",
+                "preset": preset,
+                "check_points": {"fixed_ras": check_points.tolist(), "moving_ras": mapped.tolist()},
+                **outcome.report,
+            }
+            if report is not None:
+                written.add(report).write_text(json.dumps(summary, indent=2, default=_json_default), encoding="utf-8")
+
+        quality = outcome.report.get("quality", {})
+        lines = [f"  {key:<34s} {value}" for key, value in _flat(quality).items()]
+        lines.append(f"wrote {output_transform}")
+        _emit(summary, as_json, lines)
+
+
+def _check_points(volume_node) -> np.ndarray:
+    """The fixed image's centre and points a quarter of the way in along each axis (RAS), for the report."""
+    from . import nodes
+
+    array, grid = nodes.volume_to_array(volume_node, world=True)
+    size = np.array(array.shape[::-1], dtype=float) - 1
+    fractions = np.array([[0.5, 0.5, 0.5], [0.25, 0.5, 0.5], [0.5, 0.25, 0.5], [0.5, 0.5, 0.25], [0.75, 0.75, 0.75]])
+    ijk = fractions * size
+    return (grid @ np.c_[ijk, np.ones(len(ijk))].T).T[:, :3]
+
+
+def _flat(values: Any, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    if isinstance(values, dict):
+        for key, value in values.items():
+            flat.update(_flat(value, f"{prefix}{key} " if not isinstance(value, dict) else f"{prefix}{key}."))
+    else:
+        flat[prefix.strip()] = round(values, 4) if isinstance(values, float) else values
+    return flat
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+@models_app.command("list")
+def models_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List the models in the store.
+
+    Example: deepseg models list
+    """
+    from .models.store import ModelStore
+
+    with _reported(as_json):
+        store = ModelStore()
+        entries = [{"id": model_id, "path": str(store.get(model_id).path)} for model_id in store.list_ids()]
+        _emit({"store": str(store.root), "models": entries}, as_json,
+              [f"  {entry['id']:<30s} {entry['path']}" for entry in entries] or [f"  (no models in {store.root})"])
+
+
+@models_app.command("import")
+def models_import(
+    source: str = typer.Argument(..., help="A model folder, .zip, TorchScript file, or an http(s)/file URL."),
+    sha256: str | None = typer.Option(None, help="Expected sha256 of the file or archive (refused otherwise)."),
+    name: str | None = typer.Option(None, "--name", help="Store the model under this name."),
+    replace: bool = typer.Option(False, help="Replace a stored model of the same name."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Copy a model into the store (checksums recorded, archives extracted safely).
+
+    Example: deepseg models import ./Task001_Brain.zip --sha256 3f2a...  --name brain
+    """
+    from .download import download, is_url
+    from .models.store import ModelStore
+
+    with _reported(as_json):
+        store = ModelStore()
+        if is_url(source):
+            with tempfile.TemporaryDirectory(prefix="deepseg-download-") as folder:
+                path = download(source, folder, expected_sha256=sha256)
+                # A URL should name one file holding the whole model: a .zip of a bundle, nnU-Net folder or
+                # TorchScript file with its card.
+                stored = store.import_model(path, model_id=name, replace=replace)
+        else:
+            stored = store.import_model(Path(source).expanduser(), model_id=name, expected_sha256=sha256, replace=replace)
+        _emit({"id": stored.model_id, "path": str(stored.path), "files": stored.files}, as_json,
+              [f"imported {stored.model_id} into {stored.path} ({len(stored.files)} files, sha256 recorded)"])
+
+
+@models_app.command("info")
+def models_info(name: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show a stored model's files, checksums status and, where readable, its labels.
+
+    Example: deepseg models info brain
+    """
+    from .models.store import ModelStore
+
+    with _reported(as_json):
+        stored = ModelStore().verify(name)
+        info: dict[str, Any] = {"id": stored.model_id, "path": str(stored.model_path), "source": stored.source,
+                                "files": stored.files, "checksums": "ok"}
+        try:
+            from .models.loader import detect_format
+
+            info["format"] = str(detect_format(stored.model_path).value)
+        except Exception as error:  # noqa: BLE001 - an unreadable model is still listed
+            info["format"] = f"unknown ({error})"
+        lines = [f"  {key:<10s} {value}" for key, value in info.items() if key != "files"]
+        lines += [f"  file       {path}" for path in stored.files]
+        _emit(info, as_json, lines)
+
+
+@models_app.command("remove")
+def models_remove(name: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Delete a model from the store.
+
+    Example: deepseg models remove brain
+    """
+    from .models.store import ModelStore
+
+    with _reported(as_json):
+        ModelStore().remove(name)
+        _emit({"removed": name}, as_json, [f"removed {name}"])
+
+
+# ------------------------------------------------------------------------------------------------ demo, version
 
 
 @app.command()
@@ -39,32 +469,27 @@ def demo(
     """
     from .demo import run_demo
 
-    try:
+    with _reported(as_json):
         summary = run_demo(output)
-    except (OSError, ValueError, RuntimeError) as error:
-        _fail(str(error), as_json)
-    if as_json:
-        typer.echo(json.dumps({"ok": True, **summary}, indent=2))
-        return
-    for step, seconds in summary["timings_s"].items():
-        typer.echo(f"  {step:<28s} {seconds:6.2f} s")
-    for kind, path in summary["files"].items():
-        typer.echo(f"  wrote {kind:<14s} {path}")
-    typer.echo(f"Open {summary['files']['scene']} in 3D Slicer (File > Open Data).")
+        lines = [f"  {step:<28s} {seconds:6.2f} s" for step, seconds in summary["timings_s"].items()]
+        lines += [f"  wrote {kind:<14s} {path}" for kind, path in summary["files"].items()]
+        lines.append(f"Open {summary['files']['scene']} in 3D Slicer (File > Open Data).")
+        _emit(summary, as_json, lines)
 
 
 @app.command()
 def version() -> None:
     """Print DeepSeg's version and the versions of the libraries it runs on."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
     from . import __version__
 
     typer.echo(f"deepseg {__version__}")
     for package in ("slicer-core", "vtk", "torch", "monai", "SimpleITK"):
         try:
-            from importlib.metadata import version as package_version
-
             typer.echo(f"  {package} {package_version(package)}")
-        except Exception:  # noqa: BLE001 - an optional package that is not installed
+        except PackageNotFoundError:
             typer.echo(f"  {package} (not installed)")
 
 
@@ -77,9 +502,9 @@ def main(argv: list[str] | None = None) -> int:
             return result
     except typer.Exit as stop:
         return stop.exit_code
-    except SystemExit as stop:  # click's own usage errors
+    except SystemExit as stop:
         return int(stop.code or 0)
-    except Exception as error:  # click.UsageError and friends: one line, non-zero
+    except Exception as error:  # click's usage errors: one line, exit code 2
         message = getattr(error, "format_message", lambda: str(error))()
         typer.echo(f"deepseg: error: {message}", err=True)
         return 2

@@ -9,8 +9,10 @@ that sees the job finish, as one change. A failed or cancelled run leaves the sc
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,16 +20,19 @@ import numpy as np
 from . import nodes, tasks
 from .context import SceneContext
 from .jobs import InProcessWorker, Job, JobEvent, ProcessWorker
+from .labels import LabelInfo
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class Outcome:
-    """What a finished run put into the scene, and its report (timings, memory, quality, messages)."""
+    """What a finished run put into the scene, its report (timings, memory, quality, messages), and the engine's
+    raw arrays (``data``: label maps with the model's own label values, grids, label tables) for file writers."""
 
     nodes: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 class Run:
@@ -105,9 +110,17 @@ class DeepSegLogic:
         worker: where engines run; a persistent :class:`ProcessWorker` by default (started on first use).
     """
 
-    def __init__(self, context: SceneContext, worker: ProcessWorker | InProcessWorker | None = None):
+    def __init__(
+        self,
+        context: SceneContext,
+        worker: ProcessWorker | InProcessWorker | None = None,
+        model_store_root: str | os.PathLike | None = None,
+    ):
         self.context = context
         self._worker = worker
+        #: Where :meth:`resolve_model` looks up model names; the store's default folder when None.
+        self.model_store_root = model_store_root
+        self._verified_models: dict[str, tuple] = {}
 
     @property
     def worker(self) -> ProcessWorker | InProcessWorker:
@@ -118,6 +131,41 @@ class DeepSegLogic:
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+
+    # ------------------------------------------------------------------------------------ models
+
+    def stored_model_ids(self) -> list[str]:
+        """Names of the models in the local model store (see :func:`stored_model_ids`)."""
+        return stored_model_ids(self.model_store_root)
+
+    def resolve_model(self, model: str | os.PathLike) -> str:
+        """A model argument as a path for the worker: an existing file or folder as it is, a model store name as
+        its folder once its checksums are verified; anything else unchanged (the worker reports it missing).
+
+        A stored model is re-hashed only when one of its files changed size or time since its last check, so a
+        large model (an nnU-Net folder of several folds) does not stall every run.
+
+        Raises:
+            ChecksumError: a stored model's file was damaged or changed since it was imported.
+        """
+        text = str(model)
+        if not text or Path(text).expanduser().exists() or text not in self.stored_model_ids():
+            return str(Path(text).expanduser()) if text else text
+        from .models.store import ModelStore  # the models package imports torch: only once a run needs it
+
+        store = ModelStore(self.model_store_root)
+        stored = store.get(text)
+        signature = _file_signature(stored.path)
+        if self._verified_models.get(text) != signature:
+            stored = store.verify(text)
+            self._verified_models[text] = signature
+        return str(stored.model_path)
+
+    def import_model(self, source: str | os.PathLike, model_id: str | None = None, replace: bool = False) -> str:
+        """Copies a model folder, ``.zip`` or TorchScript file (with its card) into the store; returns its name."""
+        from .models.store import ModelStore
+
+        return ModelStore(self.model_store_root).import_model(source, model_id=model_id, replace=replace).model_id
 
     # ------------------------------------------------------------------------------------ segmentation
 
@@ -134,10 +182,12 @@ class DeepSegLogic:
         mirroring: bool = False,
         on_event: Callable[[JobEvent], None] | None = None,
     ) -> Run:
-        """Starts segmenting ``input_volumes`` (one volume node per model input) with ``model`` (a path)."""
+        """Starts segmenting ``input_volumes`` (one volume node per model input) with ``model`` (a path, or the name
+        of a model in the local model store)."""
         volumes = list(input_volumes) if isinstance(input_volumes, (list, tuple)) else [input_volumes]
-        if not volumes:
+        if not volumes or any(volume is None for volume in volumes):
             raise ValueError("choose an input volume")
+        model = self.resolve_model(model)
         arrays, grids = [], []
         for volume in volumes:
             array, grid = nodes.volume_to_array(volume)
@@ -173,7 +223,8 @@ class DeepSegLogic:
                 created[f"probability {name}"] = nodes.probability_to_volume(
                     self.context, probability, outputs["ijk_to_ras"], name=f"{reference.GetName()} p({name})"
                 )
-            return Outcome(created, outputs["report"])
+            data = {key: outputs[key] for key in ("labels", "ijk_to_ras", "label_table")}
+            return Outcome(created, outputs["report"], data)
 
         return Run(job, apply, self.context, on_event)
 
@@ -216,9 +267,7 @@ class DeepSegLogic:
             inputs["moving_mask"] = _mask_on(self.context, moving_mask, moving_volume)
         label_table = None
         if moving_segmentation is not None:
-            inputs["moving_labels"], _, label_table = nodes.segmentation_to_labels(
-                self.context, moving_segmentation, moving_volume
-            )
+            inputs["moving_labels"], label_table = _labels_on(self.context, moving_segmentation, moving_volume)
         params = {
             "fixed_ijk_to_ras": fixed_grid,
             "moving_ijk_to_ras": moving_grid,
@@ -262,13 +311,58 @@ class DeepSegLogic:
                     segmentation_node=output_segmentation, name=f"{moving_name} segmentation registered",
                     include_empty=True,
                 )
-            return Outcome(created, {"quality": outputs["quality"], "device": outputs["device"]})
+            data = {"fixed_to_moving_ras": outputs["fixed_to_moving_ras"], "fixed_ijk_to_ras": fixed_grid}
+            if "propagated_labels" in outputs:
+                data.update(propagated_labels=outputs["propagated_labels"], label_table=label_table)
+            return Outcome(created, {"quality": outputs["quality"], "device": outputs["device"]}, data)
 
         return Run(job, apply, self.context, on_event)
 
     def register(self, fixed_volume: Any, moving_volume: Any, timeout: float | None = None, **options: Any) -> Outcome:
         """Registers and returns when the transform (and optional outputs) are in the scene."""
         return self.start_register(fixed_volume, moving_volume, **options).wait(timeout)
+
+
+def stored_model_ids(root: str | os.PathLike | None = None) -> list[str]:
+    """Names of the models in the local model store at ``root`` (its default folder when None).
+
+    The same answer as ``ModelStore(root).list_ids()``, read from the store's folder layout (one folder with a
+    manifest per model) without importing the models package, which imports torch: Slicer's panel lists the
+    models when it opens, before PyTorch may even be installed. A test keeps the two in agreement.
+    """
+    if root is None:
+        root = os.environ.get("DEEPSEG_MODEL_DIR") or Path.home() / ".deepseg" / "models"
+    folder = Path(root)
+    if not folder.is_dir():
+        return []
+    return sorted(entry.name for entry in folder.iterdir() if (entry / "manifest.json").is_file())
+
+
+def _file_signature(folder: Path) -> tuple:
+    """Relative path, size and modification time of every file under ``folder``: cheap to take, changes when a
+    file is replaced or edited."""
+    signature = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            status = path.stat()
+            signature.append((path.relative_to(folder).as_posix(), status.st_size, status.st_mtime_ns))
+    return tuple(signature)
+
+
+def _labels_on(context: SceneContext, segmentation: Any, volume: Any) -> tuple[np.ndarray, list[LabelInfo]]:
+    """Labels of a segmentation node (values 1..N) or a label map volume (its own values) on ``volume``'s grid."""
+    if segmentation.IsA("vtkMRMLSegmentationNode"):
+        labels, _, table = nodes.segmentation_to_labels(context, segmentation, volume)
+        return labels, table
+    labels, grid = nodes.volume_to_array(segmentation)
+    volume_array, volume_grid = nodes.volume_to_array(volume)
+    if labels.shape != volume_array.shape or not np.allclose(grid, volume_grid, atol=1e-4):
+        raise ValueError(
+            f"label map '{segmentation.GetName()}' is not on the grid of '{volume.GetName()}': "
+            "resample it onto the moving volume first, or pass a segmentation"
+        )
+    values = [int(value) for value in np.unique(labels) if value != 0]
+    return labels, [LabelInfo(value, f"Label {value}") for value in values]
 
 
 def _mask_on(context: SceneContext, mask: Any, volume: Any) -> np.ndarray:

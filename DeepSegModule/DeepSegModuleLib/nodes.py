@@ -718,3 +718,54 @@ def transform_points(node: Any, points_ras: Any) -> np.ndarray:
     transform = node.GetTransformFromParent()
     points = np.atleast_2d(np.asarray(points_ras, dtype=np.float64))
     return np.array([transform.TransformPoint(*p) for p in points])
+
+
+# ----------------------------------------------------------------------------------------------- file layouts
+
+
+def file_grid(path: str) -> tuple[tuple[int, int, int], np.ndarray]:
+    """``(shape (k, j, i), ijk_to_ras)`` of an image file as stored (SimpleITK's reading, header only).
+
+    Slicer's reader flips the slice axis of left-handed images, so a volume node can hold the same voxels in
+    a different order than its file; this gives the file's own layout.
+    """
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    if reader.GetDimension() != 3:
+        raise ValueError(f"{path} is a {reader.GetDimension()}D image; a 3D image is required")
+    header = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+    header.SetOrigin(reader.GetOrigin())
+    header.SetSpacing(reader.GetSpacing())
+    header.SetDirection(reader.GetDirection())
+    return tuple(int(n) for n in reversed(reader.GetSize())), sitk_geometry_to_ijk_to_ras(header)
+
+
+def reorder_to_grid(
+    array: np.ndarray, ijk_to_ras: np.ndarray, target_shape: Sequence[int], target_ijk_to_ras: np.ndarray, atol: float = 1e-3
+) -> np.ndarray:
+    """The same voxels laid out on ``target`` grid, when the two grids differ only by axis flips and permutations.
+
+    Raises:
+        ValueError: when the grids are not the same set of voxel centres.
+    """
+    index_map = np.linalg.inv(check_affine(ijk_to_ras)) @ check_affine(target_ijk_to_ras)
+    linear, offset = index_map[:3, :3], index_map[:3, 3]
+    rounded = np.rint(linear)
+    if not np.allclose(linear, rounded, atol=atol) or sorted(np.abs(rounded).sum(axis=0)) != [1, 1, 1] or \
+            sorted(np.abs(rounded).sum(axis=1)) != [1, 1, 1]:
+        raise ValueError("the grids differ by more than axis flips and permutations: resample instead")
+    source_axis = [int(np.argmax(np.abs(rounded[:, axis]))) for axis in range(3)]  # per target i, j, k
+    volume_ijk = np.transpose(np.asarray(array), (2, 1, 0))
+    reordered = np.transpose(volume_ijk, source_axis)
+    target_size = list(reversed(list(target_shape)))
+    for axis in range(3):
+        sign = rounded[source_axis[axis], axis]
+        expected_offset = 0 if sign > 0 else reordered.shape[axis] - 1
+        if abs(offset[source_axis[axis]] - expected_offset) > atol or reordered.shape[axis] != target_size[axis]:
+            raise ValueError("the grids do not cover the same voxels: resample instead")
+        if sign < 0:
+            reordered = np.flip(reordered, axis)
+    return np.ascontiguousarray(np.transpose(reordered, (2, 1, 0)))

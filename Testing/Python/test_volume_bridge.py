@@ -165,3 +165,34 @@ def test_probability_map_becomes_float_volume_with_unit_window(context, oblique_
     assert display.GetLevel() == pytest.approx(0.5)
     with pytest.raises(ValueError, match="softmax"):
         nodes.probability_to_volume(context, probability * 5.0, oblique_grid)
+
+
+def test_left_handed_file_lands_at_the_same_physical_place_and_writes_back_in_its_own_layout(context, tmp_path):
+    """Slicer's reader flips the slice axis of left-handed images; every voxel keeps its RAS position, and
+    reorder_to_grid / save_array_like_file give the file's own voxel layout back."""
+    from conftest import oblique_ijk_to_ras
+
+    grid = oblique_ijk_to_ras() @ np.diag([1.0, 1.0, -1.0, 1.0])  # k runs inferior: a left-handed grid
+    array = sample_array()
+    path = tmp_path / "left-handed.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(array.transpose(2, 1, 0), grid), str(path))
+
+    node = storage.load_volume(context, path)
+    loaded, loaded_grid = nodes.volume_to_array(node)
+    for k, j, i in [(0, 0, 0), (6, 10, 12), (3, 4, 5)]:
+        ras = (grid @ [i, j, k, 1.0])[:3]
+        i2, j2, k2 = np.rint(np.linalg.inv(loaded_grid) @ np.r_[ras, 1.0])[:3].astype(int)
+        assert loaded[k2, j2, i2] == array[k, j, i]
+
+    shape, file_grid = nodes.file_grid(str(path))
+    assert shape == array.shape and np.abs(file_grid - grid).max() < 1e-5
+    np.testing.assert_array_equal(nodes.reorder_to_grid(loaded, loaded_grid, shape, file_grid), array)
+    written = storage.save_array_like_file(tmp_path / "copy.nii.gz", loaded, loaded_grid, like=path)
+    again = nibabel.load(str(written))
+    np.testing.assert_array_equal(np.asarray(again.dataobj).transpose(2, 1, 0), array)
+    assert np.abs(again.affine - grid).max() < 1e-5
+
+    rotated = grid.copy()
+    rotated[:3, :3] = rotated[:3, :3] @ np.array([[np.cos(0.3), -np.sin(0.3), 0], [np.sin(0.3), np.cos(0.3), 0], [0, 0, 1]])
+    with pytest.raises(ValueError, match="resample"):
+        nodes.reorder_to_grid(loaded, loaded_grid, shape, rotated)

@@ -1,0 +1,205 @@
+"""The `deepseg` command as a user runs it: files in, Slicer files out, one-line errors, nothing half-written."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import json
+import shutil
+import threading
+import zipfile
+
+import nibabel
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy.ndimage import gaussian_filter
+
+from DeepSegModuleLib import cli, nodes, storage
+from DeepSegModuleLib.context import SceneContext
+from segmentation_helpers import Thresholder, dice, grid_center, oblique_grid, sphere_volume, write_torchscript_model
+
+LPS = np.array([-1.0, -1.0, 1.0])
+
+
+@pytest.fixture
+def model_store(tmp_path, monkeypatch):
+    root = tmp_path / "store"
+    monkeypatch.setenv("DEEPSEG_MODEL_DIR", str(root))
+    return root
+
+
+@pytest.fixture(scope="module")
+def sphere_model(tmp_path_factory):
+    return write_torchscript_model(tmp_path_factory.mktemp("model") / "sphere", Thresholder())
+
+
+@pytest.fixture(scope="module")
+def sphere_image(tmp_path_factory):
+    """An oblique NIfTI (written by nibabel) with a bright sphere, and the true mask."""
+    grid = oblique_grid()
+    volume, truth = sphere_volume(grid_center(grid) + [2.0, 1.0, -3.0], 9.0, grid)
+    path = tmp_path_factory.mktemp("images") / "ct.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(volume.array.transpose(2, 1, 0), volume.ijk_to_ras), str(path))
+    return path, truth, volume.ijk_to_ras
+
+
+def run(capsys, *argv):
+    code = cli.main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_segment_writes_a_seg_nrrd_and_a_label_map_on_the_input_grid(tmp_path, capsys, sphere_model, sphere_image):
+    image, truth, grid = sphere_image
+    code, out, err = run(capsys, "segment", "--model", sphere_model.parent, "--input", image,
+                         "--output", tmp_path / "sphere.seg.nrrd", "--device", "cpu", "--json",
+                         "--probabilities", tmp_path / "p", "--preview", tmp_path / "sphere.png")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["ok"] and set(summary["segments_ml"]) == {"Sphere"}
+    assert summary["segments_ml"]["Sphere"] == pytest.approx(4 / 3 * np.pi * 9.0**3 / 1000, rel=0.15)
+
+    # The grid is left-handed, so Slicer's reader flips its slice axis: compare in physical space.
+    context = SceneContext.headless()
+    segmentation = storage.load_segmentation(context, tmp_path / "sphere.seg.nrrd")
+    reference = storage.load_volume(context, image)
+    labels, reference_grid, table = nodes.segmentation_to_labels(context, segmentation, reference)
+    assert [info.name for info in table] == ["Sphere"]
+    assert dice(nodes.reorder_to_grid(labels, reference_grid, truth.shape, grid) == 1, truth) > 0.9
+    assert (tmp_path / "p" / "Sphere.nii.gz").exists() and (tmp_path / "sphere.png").stat().st_size > 1000
+
+    code, _, err = run(capsys, "segment", "-m", sphere_model.parent, "-i", image, "-o", tmp_path / "sphere.nii.gz")
+    assert code == 0, err
+    written = nibabel.load(str(tmp_path / "sphere.nii.gz"))
+    assert np.abs(written.affine - grid).max() < 1e-4  # the input's grid, as nibabel reads it
+    label_map = np.asarray(written.dataobj).transpose(2, 1, 0)
+    assert set(np.unique(label_map)) == {0, 1}  # the model's own label values
+    assert dice(label_map == 1, truth) > 0.9
+
+
+def test_models_import_list_info_remove_and_segment_by_name(tmp_path, capsys, model_store, sphere_model, sphere_image):
+    image, truth, _ = sphere_image
+    code, out, err = run(capsys, "models", "import", sphere_model.parent, "--name", "sphere")
+    assert code == 0, err and "imported sphere" in out
+    code, out, _ = run(capsys, "models", "list", "--json")
+    assert [entry["id"] for entry in json.loads(out)["models"]] == ["sphere"]
+    code, out, _ = run(capsys, "models", "info", "sphere", "--json")
+    info = json.loads(out)
+    assert info["checksums"] == "ok" and info["format"] == "torchscript"
+
+    code, _, err = run(capsys, "segment", "-m", "sphere", "-i", image, "-o", tmp_path / "by-name.seg.nrrd")
+    assert code == 0, err
+
+    # A stored file that changed is found before the model is used.
+    stored_weights = next(model_store.rglob("model.ts"))
+    stored_weights.write_bytes(stored_weights.read_bytes() + b"tampered")
+    code, _, err = run(capsys, "segment", "-m", "sphere", "-i", image, "-o", tmp_path / "tampered.seg.nrrd")
+    assert code == 1 and "sha256" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "tampered.seg.nrrd").exists()
+
+    code, out, _ = run(capsys, "models", "remove", "sphere")
+    assert code == 0 and not (model_store / "sphere").exists()
+
+
+@pytest.fixture
+def file_server(tmp_path):
+    """A file server on 127.0.0.1 for the download path (no network beyond this machine)."""
+    served = tmp_path / "served"
+    served.mkdir()
+
+    class QuietHandler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # keep the server's request log out of the command's stderr
+            pass
+
+    handler = functools.partial(QuietHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_models_import_from_a_url_checks_the_sha256(tmp_path, capsys, model_store, sphere_model, file_server):
+    served, base = file_server
+    archive = served / "sphere.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for path in sphere_model.parent.iterdir():
+            bundle.write(path, f"sphere/{path.name}")
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+
+    code, _, err = run(capsys, "models", "import", f"{base}/sphere.zip", "--sha256", "0" * 64, "--name", "bad")
+    assert code == 1 and "sha256" in err
+    assert not (model_store / "bad").exists()
+
+    code, _, err = run(capsys, "models", "import", f"{base}/missing.zip")
+    assert code == 1 and "404" in err and len(err.strip().splitlines()) == 1
+
+    code, out, err = run(capsys, "models", "import", f"{base}/sphere.zip", "--sha256", digest, "--name", "web", "--json")
+    assert code == 0, err
+    assert json.loads(out)["id"] == "web"
+    code, out, _ = run(capsys, "models", "info", "web", "--json")
+    assert json.loads(out)["format"] == "torchscript"
+
+    file_url = (tmp_path / "copy.zip").as_uri()
+    shutil.copy(archive, tmp_path / "copy.zip")
+    code, _, err = run(capsys, "models", "import", file_url, "--name", "from-file")
+    assert code == 0, err
+
+
+def test_register_writes_transform_volume_and_label_map_that_keeps_its_values(tmp_path, capsys):
+    spacing = np.diag([2.0, 2.0, 2.0, 1.0])
+    grid = ((32, 32, 32), spacing)
+    centre = np.array([31.0, 31.0, 31.0])
+    shift = np.array([4.0, -3.0, 2.0])
+    fixed, _ = sphere_volume(centre, 10.0, grid)
+    moving, moving_truth = sphere_volume(centre + shift, 10.0, grid)
+    for name, volume in (("fixed", fixed), ("moving", moving)):
+        sitk.WriteImage(nodes.array_to_sitk(gaussian_filter(volume.array, 1.5), spacing), str(tmp_path / f"{name}.nrrd"))
+    sitk.WriteImage(nodes.array_to_sitk(moving_truth.astype(np.uint8) * 7, spacing), str(tmp_path / "moving-labels.nii.gz"))
+
+    code, out, err = run(
+        capsys, "register", "--fixed", tmp_path / "fixed.nrrd", "--moving", tmp_path / "moving.nrrd",
+        "--preset", "rigid", "--device", "cpu", "--output-transform", tmp_path / "t.h5",
+        "--output-volume", tmp_path / "registered.nrrd", "--moving-segmentation", tmp_path / "moving-labels.nii.gz",
+        "--output-segmentation", tmp_path / "labels-on-fixed.nii.gz", "--report", tmp_path / "report.json", "--json",
+    )
+    assert code == 0, err
+    summary = json.loads(out)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["check_points"] == summary["check_points"]
+
+    # SimpleITK's reading of the .h5 moves the points as the report says (RAS in the report, LPS in ITK).
+    transform = sitk.ReadTransform(str(tmp_path / "t.h5"))
+    for fixed_point, moving_point in zip(report["check_points"]["fixed_ras"], report["check_points"]["moving_ras"]):
+        moved = np.array(transform.TransformPoint((np.array(fixed_point) * LPS).tolist())) * LPS
+        np.testing.assert_allclose(moved, moving_point, atol=1e-4)
+    np.testing.assert_allclose(np.array(report["check_points"]["moving_ras"][0]) - report["check_points"]["fixed_ras"][0], shift, atol=0.6)
+
+    labels_on_fixed = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "labels-on-fixed.nii.gz")))
+    assert set(np.unique(labels_on_fixed)) == {0, 7}
+    assert dice(labels_on_fixed == 7, fixed.array > 150) > 0.85
+    assert (tmp_path / "registered.nrrd").exists()
+
+
+def test_bad_input_is_one_line_non_zero_and_leaves_no_output(tmp_path, capsys, sphere_model, sphere_image, model_store):
+    image, _, _ = sphere_image
+    not_an_image = tmp_path / "notes.nii.gz"
+    not_an_image.write_text("not an image")
+    cases = [
+        (["segment", "-m", sphere_model.parent, "-i", tmp_path / "missing.nii.gz", "-o", tmp_path / "a.seg.nrrd"], "does not exist"),
+        (["segment", "-m", sphere_model.parent, "-i", not_an_image, "-o", tmp_path / "b.seg.nrrd"], "could not read"),
+        (["segment", "-m", "no-such-model", "-i", image, "-o", tmp_path / "c.seg.nrrd"], "deepseg models import"),
+        (["segment", "-m", sphere_model.parent, "-i", image, "-o", tmp_path / "no-folder" / "d.seg.nrrd"], "does not exist"),
+        (["segment", "-m", sphere_model.parent, "-i", image, "-o", tmp_path / "e.vtk"], "must end in"),
+        (["register", "--fixed", image, "--moving", image, "--output-transform", tmp_path / "t.h5", "--preset", "magic"], "unknown preset"),
+        (["models", "info", "nothing-here"], "no model"),
+    ]
+    before = sorted(path.name for path in tmp_path.iterdir())
+    for argv, message in cases:
+        code, out, err = run(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert code == 1, (argv, out, err)
+        assert len(lines) == 1 and message in lines[0], (argv, err)
+    assert sorted(path.name for path in tmp_path.iterdir()) == before

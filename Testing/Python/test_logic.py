@@ -92,3 +92,44 @@ def test_register_writes_a_transform_that_moves_points_like_the_engine(context, 
     assert dice(moving_array > 150, fixed_array > 150) < 0.75  # before: clearly misaligned
     assert dice(registered > 150, fixed_array > 150) > 0.9  # after: on top of the fixed sphere
     assert "quality" in outcome.report
+
+
+def test_stored_model_ids_agree_with_the_model_store_without_importing_it(tmp_path, monkeypatch, sphere_model):
+    """The panel lists stored models before torch may be installed; its listing must match the store's."""
+    from DeepSegModuleLib.logic import stored_model_ids
+    from DeepSegModuleLib.models.store import ModelStore
+
+    store = ModelStore(tmp_path / "store")
+    assert stored_model_ids(store.root) == store.list_ids() == []
+    store.import_model(sphere_model.parent / "model.ts", model_id="sphere")
+    store.import_model(sphere_model.parent, model_id="sphere-folder")
+    (store.root / "not-a-model").mkdir()
+    assert stored_model_ids(store.root) == store.list_ids() == ["sphere", "sphere-folder"]
+
+    monkeypatch.setenv("DEEPSEG_MODEL_DIR", str(store.root))
+    assert stored_model_ids() == ModelStore().list_ids() == ["sphere", "sphere-folder"]
+
+
+def test_segment_by_model_store_name_and_refuse_a_tampered_model(context, tmp_path, sphere_model):
+    volume, truth = sphere_case(context)
+    logic = DeepSegLogic(context, InProcessWorker(), model_store_root=tmp_path / "store")
+    assert logic.stored_model_ids() == []
+    name = logic.import_model(sphere_model.parent / "model.ts", model_id="bright-sphere")
+    assert name == "bright-sphere" and logic.stored_model_ids() == ["bright-sphere"]
+
+    outcome = logic.segment(volume, "bright-sphere", device="cpu")
+    labels, _, table = nodes.segmentation_to_labels(context, outcome.nodes["segmentation"], volume)
+    assert [info.name for info in table] == ["Sphere"]
+    assert dice(labels == 1, truth) > 0.9
+    # A path is used as it is, and a name that is neither is left for the worker to report.
+    assert logic.resolve_model(str(sphere_model)) == str(sphere_model)
+    assert logic.resolve_model("no-such-model") == "no-such-model"
+
+    weights = tmp_path / "store" / "bright-sphere" / "model.ts"
+    weights.write_bytes(weights.read_bytes() + b"tampered")
+    before = context.node_ids()
+    from DeepSegModuleLib.models.errors import ChecksumError
+
+    with pytest.raises(ChecksumError, match="model.ts"):
+        logic.start_segment(volume, "bright-sphere", device="cpu")
+    assert context.node_ids() == before

@@ -340,7 +340,7 @@ def register(
         )
         # u-space components to RAS mm: the frame only scales.
         velocity_ras_tensor = velocity_u * run.frame.scale
-        field_ras = _integrate_velocity_ras(velocity_ras_tensor.cpu(), velocity_grid, config.integration_steps)
+        field_ras = _integrate_velocity_ras(velocity_ras_tensor, velocity_grid, config.integration_steps)
         displacement_ras = _field_to_grid(field_ras, velocity_grid, fixed_grid)
         velocity_ras = velocity_ras_tensor[0].permute(1, 2, 3, 0).cpu().numpy().astype(np.float32)
         report.runtime_s["deformable"] = time.perf_counter() - stage_start
@@ -501,9 +501,11 @@ class _Run:
         values = F.grid_sample(level.moving, normalized, mode="bilinear", padding_mode="zeros", align_corners=True)
         inside = (normalized.abs() <= 1.0).all(dim=-1)[:, None].to(values.dtype)
         if level.moving_mask is not None:
-            inside = inside * F.grid_sample(
-                level.moving_mask, normalized, mode="bilinear", padding_mode="zeros", align_corners=True
-            )
+            # A selection of samples, not something to optimise: no gradient pulls points into the mask.
+            with torch.no_grad():
+                inside = inside * F.grid_sample(
+                    level.moving_mask, normalized, mode="bilinear", padding_mode="zeros", align_corners=True
+                )
         return values, inside
 
     def _coarsest_level(self) -> _Level:
@@ -629,7 +631,9 @@ class _Run:
                 for group in optimizer.param_groups:
                     group["lr"] = base_rate * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * iteration / iterations)))
                 if len(points) > config.linear_max_points:
-                    chosen = torch.randperm(len(points), generator=self.generator)[: config.linear_max_points]
+                    # Sampling with replacement: randperm of millions of points every iteration costs more
+                    # than the similarity itself.
+                    chosen = torch.randint(len(points), (config.linear_max_points,), generator=self.generator)
                     chosen = chosen.to(self.device)
                     batch_points, batch_fixed, batch_weight = points[chosen], fixed_values[chosen], fixed_weight[chosen]
                 else:

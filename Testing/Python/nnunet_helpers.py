@@ -63,8 +63,15 @@ def plans(spacing_zyx=(3.0, 1.0, 1.0), patch_size=(16, 32, 32), normalization="C
         "experiment_planner_used": "ExperimentPlanner",
         "label_manager": "LabelManager",
         "foreground_intensity_properties_per_channel": {
-            "0": {"max": 400.0, "mean": 180.0, "median": 180.0, "min": -50.0,
-                  "percentile_00_5": -40.0, "percentile_99_5": 360.0, "std": 110.0}  # fmt: skip
+            "0": {
+                "max": 400.0,
+                "mean": 180.0,
+                "median": 180.0,
+                "min": -50.0,
+                "percentile_00_5": -40.0,
+                "percentile_99_5": 360.0,
+                "std": 110.0,
+            }
         },
     }
 
@@ -113,7 +120,9 @@ def train_tiny_network(steps: int = 50) -> torch.nn.Module:
     return network.eval()
 
 
-def write_nnunet_folder(root: Path, network: torch.nn.Module, folds=("0",), plans_overrides: dict | None = None) -> Path:
+def write_nnunet_folder(
+    root: Path, network: torch.nn.Module, folds=("0",), plans_overrides: dict | None = None
+) -> Path:
     """Writes <root>/Dataset999_Spheres/nnUNetTrainer__nnUNetPlans__3d_fullres as nnU-Net would."""
     folder = root / "Dataset999_Spheres" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
     folder.mkdir(parents=True, exist_ok=True)
@@ -125,7 +134,7 @@ def write_nnunet_folder(root: Path, network: torch.nn.Module, folds=("0",), plan
         state = {k: v.clone() for k, v in network.state_dict().items()}
         if index:  # a second fold: slightly different weights, as another training would give
             with torch.no_grad():
-                for key, value in state.items():
+                for value in state.values():
                     if value.is_floating_point():
                         value.mul_(1.0 + 0.05 * index)
         checkpoint = {
@@ -135,8 +144,13 @@ def write_nnunet_folder(root: Path, network: torch.nn.Module, folds=("0",), plan
             "logging": {"ema_fg_dice": [np.float64(0.5), np.float64(0.7)], "epoch_end_timestamps": [1.0, 2.0]},
             "_best_ema": np.float64(0.7),
             "current_epoch": 2,
-            "init_args": {"plans": plan, "configuration": "3d_fullres", "fold": int(fold) if fold.isdigit() else fold,
-                          "dataset_json": DATASET, "device": "cpu"},  # fmt: skip
+            "init_args": {
+                "plans": plan,
+                "configuration": "3d_fullres",
+                "fold": int(fold) if fold.isdigit() else fold,
+                "dataset_json": DATASET,
+                "device": "cpu",
+            },
             "trainer_name": "nnUNetTrainer",
             "inference_allowed_mirroring_axes": (0, 1, 2),
         }

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from DeepSegModuleLib.segmentation.volume import VolumeArray
 
 torch.set_num_threads(2)
@@ -109,7 +108,10 @@ def write_torchscript_model(
                 "value": 1,
                 "name": "Sphere",
                 "color": [0.9, 0.2, 0.1],
-                "terminology": {"category": "SCT^49755003^Morphologically Altered Structure", "type": "SCT^4147007^Mass"},
+                "terminology": {
+                    "category": "SCT^49755003^Morphologically Altered Structure",
+                    "type": "SCT^4147007^Mass",
+                },
             }
         ],
     }

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from segmentation_helpers import Thresholder, grid_center, oblique_grid, sphere_volume, write_torchscript_model
-
 from DeepSegModuleLib.models import (
     ChecksumError,
     ModelCache,
@@ -23,6 +21,7 @@ from DeepSegModuleLib.models import (
     sha256_of_file,
 )
 from DeepSegModuleLib.segmentation import SegmentationOptions, segment
+from segmentation_helpers import Thresholder, grid_center, oblique_grid, sphere_volume, write_torchscript_model
 
 
 @pytest.mark.parametrize("entry", ["../evil.txt", "models/../../evil.txt", "/tmp/evil.txt", "C:/evil.txt"])

@@ -11,14 +11,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from segmentation_helpers import dice, grid_center, oblique_grid, ras_of_voxels, sphere_volume
-
 from DeepSegModuleLib.models import ModelCache, ModelFileError, ModelFormatError, UnsafeArchiveError, load_model
 from DeepSegModuleLib.segmentation import SegmentationOptions, VolumeArray, segment
+from segmentation_helpers import dice, grid_center, oblique_grid, ras_of_voxels, sphere_volume
 
 monai = pytest.importorskip("monai")
-from monai.bundle import ConfigParser  # noqa: E402
-from monai.networks.nets import UNet  # noqa: E402
+from monai.bundle import ConfigParser
+from monai.networks.nets import UNet
 
 NETWORK_DEF = {
     "_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2,

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from nnunet_helpers import phantom_patch, train_tiny_network, write_nnunet_folder
-from segmentation_helpers import dice, oblique_grid
-
 from DeepSegModuleLib.models import ModelCache, ModelFileError, ModelFormat, ModelFormatError, load_model
 from DeepSegModuleLib.segmentation import SegmentationOptions, VolumeArray, segment
+from nnunet_helpers import phantom_patch, train_tiny_network, write_nnunet_folder
+from segmentation_helpers import dice, oblique_grid
 
 pytest.importorskip("dynamic_network_architectures")
 

@@ -9,6 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from DeepSegModuleLib.models import (
+    LoadedModel,
+    ModelCache,
+    ModelFileError,
+    ModelFormatError,
+    ModelMismatchError,
+    load_model,
+)
+from DeepSegModuleLib.segmentation import SegmentationCancelled, SegmentationOptions, VolumeArray, segment
 from segmentation_helpers import (
     EdgeAlongFirstAxis,
     Thresholder,
@@ -19,16 +28,6 @@ from segmentation_helpers import (
     sphere_volume,
     write_torchscript_model,
 )
-
-from DeepSegModuleLib.models import (
-    LoadedModel,
-    ModelCache,
-    ModelFileError,
-    ModelFormatError,
-    ModelMismatchError,
-    load_model,
-)
-from DeepSegModuleLib.segmentation import SegmentationCancelled, SegmentationOptions, VolumeArray, segment
 
 CPU = SegmentationOptions(device="cpu")
 
@@ -142,7 +141,7 @@ def test_bad_cards_are_reported(tmp_path, change, message):
 
 
 def test_bad_inputs_name_the_fix(sphere_case, thresholder_card):
-    grid, _, volume, _ = sphere_case
+    _, _, volume, _ = sphere_case
     with pytest.raises(ValueError, match="takes 1 input"):
         segment([volume, volume], thresholder_card, CPU)
     nan_volume = VolumeArray(np.where(volume.array > 0, np.nan, 0).astype(np.float32), volume.ijk_to_ras)
@@ -157,15 +156,16 @@ def test_bad_inputs_name_the_fix(sphere_case, thresholder_card):
 
 def test_multi_input_model_uses_every_input_resampled_onto_the_first(tmp_path, sphere_case):
     # Channel 2 (on a different, axis-aligned grid) carries the sphere; channel 1 is blank.
-    grid, center, volume, truth = sphere_case
+    _, center, volume, truth = sphere_case
 
     class SecondChannel(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             score = (x[:, 1:2] - 150.0) / 50.0
             return torch.cat([-score, score], dim=1)
 
-    second_grid = ((30, 30, 30), np.diag([1.3, 1.3, 1.3, 1.0]) + np.array([[0, 0, 0, center[0] - 19.5]] * 3 + [[0] * 4]))
-    second_grid[1][:3, 3] = center - 19.5
+    second_ijk_to_ras = np.diag([1.3, 1.3, 1.3, 1.0])
+    second_ijk_to_ras[:3, 3] = center - 19.5  # a 39 mm cube around the sphere
+    second_grid = ((30, 30, 30), second_ijk_to_ras)
     second, _ = sphere_volume(center, 9.0, second_grid)
     blank = VolumeArray(np.zeros_like(volume.array), volume.ijk_to_ras)
     inputs = [{"name": "T1", "modality": "MR"}, {"name": "T2", "modality": "MR"}]
@@ -176,7 +176,7 @@ def test_multi_input_model_uses_every_input_resampled_onto_the_first(tmp_path, s
 
 
 def test_keep_only_requested_labels_and_probabilities(tmp_path, sphere_case):
-    grid, _, volume, truth = sphere_case
+    _, _, volume, truth = sphere_case
     labels = [{"value": 1, "name": "Sphere"}, {"value": 2, "name": "Never"}]
     card = write_torchscript_model(tmp_path, Thresholder(classes=3), {"labels": labels})
     options = SegmentationOptions(device="cpu", labels=["Never"], return_probabilities=True)

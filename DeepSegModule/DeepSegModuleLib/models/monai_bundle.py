@@ -44,7 +44,9 @@ def _config_file(bundle: Path) -> Path:
     for name in ("inference.json", "inference.yaml", "inference.yml"):
         if (bundle / "configs" / name).is_file():
             return bundle / "configs" / name
-    raise ModelFormatError(f"{bundle} has no configs/inference.json or .yaml; it is not an inference-ready MONAI bundle")
+    raise ModelFormatError(
+        f"{bundle} has no configs/inference.json or .yaml; it is not an inference-ready MONAI bundle"
+    )
 
 
 def _target_name(target: Any) -> str:
@@ -55,7 +57,7 @@ def _check_untrusted(node: Any, where: str, locator: Any) -> None:
     if isinstance(node, Mapping):
         target = node.get("_target_")
         if isinstance(target, str):
-            if target.startswith("$") or target.startswith("@"):
+            if target.startswith(("$", "@")):
                 raise ModelFormatError(
                     f"bundle config {where}: '_target_' {target!r} is computed; load with trust_code=True if you "
                     "trust this bundle's author"
@@ -258,7 +260,9 @@ class BundleWorkflow:
         return torch.from_numpy(sitk.GetArrayFromImage(out).transpose(2, 1, 0).astype(np.int64))
 
 
-def load_monai_bundle(bundle: str | os.PathLike, device: torch.device | str = "cpu", trust_code: bool = False) -> LoadedModel:
+def load_monai_bundle(
+    bundle: str | os.PathLike, device: torch.device | str = "cpu", trust_code: bool = False
+) -> LoadedModel:
     """Reads a MONAI bundle folder into a :class:`LoadedModel` whose ``bundle_workflow`` runs it.
 
     Args:
@@ -300,7 +304,9 @@ def load_monai_bundle(bundle: str | os.PathLike, device: torch.device | str = "c
             try:
                 network = torch.jit.load(str(weights), map_location=device)
             except (RuntimeError, ValueError) as error:
-                raise ModelFileError(f"{weights} is truncated or not TorchScript ({str(error).splitlines()[0]})") from error
+                raise ModelFileError(
+                    f"{weights} is truncated or not TorchScript ({str(error).splitlines()[0]})"
+                ) from error
         else:
             network = parser.get_parsed_content("network_def", instantiate=True)
             state = _load_state_dict(weights)
@@ -325,7 +331,10 @@ def load_monai_bundle(bundle: str | os.PathLike, device: torch.device | str = "c
         description = ModelDescription(
             name=str(metadata.get("name") or bundle.name),
             format=ModelFormat.MONAI_BUNDLE,
-            inputs=[InputSpec(name=str(name), modality=str(image_meta.get("modality", ""))) for name in channel_names.values()],
+            inputs=[
+                InputSpec(name=str(name), modality=str(image_meta.get("modality", "")))
+                for name in channel_names.values()
+            ],
             labels=labels,
             channel_to_label=channels,
             patch_size=tuple(roi),

@@ -30,8 +30,8 @@ from DeepSegModuleLib.models.description import (
     ModelDescription,
     ModelFormat,
     NormalizationMode,
-    Tiling,
     NormalizationSpec,
+    Tiling,
 )
 from DeepSegModuleLib.models.errors import ModelFileError, ModelFormatError
 
@@ -119,7 +119,9 @@ def _normalization(
 ) -> NormalizationSpec:
     if scheme == "CTNormalization":
         if not properties:
-            raise ModelFormatError(f"plans.json: channel {channel} uses CTNormalization but has no intensity statistics")
+            raise ModelFormatError(
+                f"plans.json: channel {channel} uses CTNormalization but has no intensity statistics"
+            )
         return NormalizationSpec(
             mode=NormalizationMode.CT,
             lower=float(properties["percentile_00_5"]),
@@ -160,7 +162,7 @@ def _labels(dataset: Mapping[str, Any], folder: Path) -> tuple[list[LabelInfo], 
 
 def available_folds(folder: Path, checkpoint_name: str = "checkpoint_final.pth") -> list[str]:
     """The fold names (``"0"``, ``"all"``...) that have the checkpoint, sorted."""
-    folds = [p.name[len("fold_"):] for p in folder.glob("fold_*") if (p / checkpoint_name).is_file()]
+    folds = [p.name[len("fold_") :] for p in folder.glob("fold_*") if (p / checkpoint_name).is_file()]
     return sorted(folds, key=lambda f: (not f.isdigit(), int(f) if f.isdigit() else 0, f))
 
 

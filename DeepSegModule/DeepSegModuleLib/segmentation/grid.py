@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 
 _AXIS_OF_LETTER = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
 
@@ -100,9 +100,7 @@ class ModelGrid:
         if spacing is None:
             shape = oriented_shape
         else:
-            shape = tuple(
-                max(1, int(round(n * s / t))) for n, s, t in zip(oriented_shape, current_spacing, spacing)
-            )
+            shape = tuple(max(1, round(n * s / t)) for n, s, t in zip(oriented_shape, current_spacing, spacing))
         scale = np.array(oriented_shape, dtype=np.float64) / np.array(shape, dtype=np.float64)
         rescale = np.eye(4)
         rescale[:3, :3] = np.diag(scale)

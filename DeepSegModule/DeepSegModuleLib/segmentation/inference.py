@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from monai.inferers import SlidingWindowInferer
 
 from DeepSegModuleLib.models.description import LoadedModel, Tiling

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from scipy import ndimage
 
 from DeepSegModuleLib.models.description import ModelDescription, NormalizationMode
@@ -60,7 +60,11 @@ def _nearest_along(data: np.ndarray, axis: int, size: int) -> np.ndarray:
 
 
 def resample_like_nnunet(
-    data: np.ndarray, new_shape: Sequence[int], current_spacing: Sequence[float], new_spacing: Sequence[float], order: int
+    data: np.ndarray,
+    new_shape: Sequence[int],
+    current_spacing: Sequence[float],
+    new_spacing: Sequence[float],
+    order: int,
 ) -> np.ndarray:
     """Resamples (C, X, Y, Z) as nnU-Net's ``resample_data_or_seg_to_shape`` (order_z = 0)."""
     new_shape = [int(s) for s in new_shape]
@@ -75,7 +79,8 @@ def resample_like_nnunet(
             continue
         in_plane = [s for a, s in enumerate(new_shape) if a != axis]
         slices = [
-            _resize(np.take(source[channel], index, axis=axis), in_plane, order) for index in range(data.shape[1 + axis])
+            _resize(np.take(source[channel], index, axis=axis), in_plane, order)
+            for index in range(data.shape[1 + axis])
         ]
         stacked = np.stack(slices, axis=axis)
         result[channel] = _nearest_along(stacked, axis, new_shape[axis])
@@ -124,7 +129,7 @@ class NnunetPreprocessor:
                 values = normalize(values, spec.__class__(**{**spec.__dict__, "nonzero": False}))
             data[channel] = values.numpy()
         target = self.description.spacing or tuple(self.spacing)
-        new_shape = [int(round(s / t * n)) for s, t, n in zip(self.spacing, target, data.shape[1:])]
+        new_shape = [round(s / t * n) for s, t, n in zip(self.spacing, target, data.shape[1:])]
         self.shape_after_crop = tuple(data.shape[1:])
         data = resample_like_nnunet(data, new_shape, self.spacing, target, order=3)
         return torch.from_numpy(np.ascontiguousarray(data))[None].to(device)
@@ -138,7 +143,9 @@ class NnunetPreprocessor:
                 channels = F.interpolate(channels[None].float(), size=size, mode="trilinear", align_corners=False)[0]
             else:
                 in_plane = [size[a] if a != axis else channels.shape[1 + a] for a in range(3)]
-                channels = F.interpolate(channels[None].float(), size=in_plane, mode="trilinear", align_corners=False)[0]
+                channels = F.interpolate(channels[None].float(), size=in_plane, mode="trilinear", align_corners=False)[
+                    0
+                ]
                 old = channels.shape[1 + axis]
                 coords = (torch.arange(size[axis], dtype=torch.float64) + 0.5) * (old / size[axis]) - 0.5
                 index = torch.clamp(torch.floor(coords + 0.5), 0, old - 1).to(torch.int64).to(channels.device)

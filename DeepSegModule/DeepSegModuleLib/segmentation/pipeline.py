@@ -159,7 +159,9 @@ def check_inputs(volumes: list[VolumeArray], description: ModelDescription) -> N
     """Raises ValueError naming the fix when the images cannot be fed to the model."""
     expected = len(description.inputs)
     if len(volumes) != expected:
-        names = ", ".join(f"{spec.name} ({spec.modality})" if spec.modality else spec.name for spec in description.inputs)
+        names = ", ".join(
+            f"{spec.name} ({spec.modality})" if spec.modality else spec.name for spec in description.inputs
+        )
         raise ValueError(
             f"model '{description.name}' takes {expected} input volume(s) ({names}) but {len(volumes)} were given; "
             "select one volume for each input"
@@ -301,7 +303,13 @@ def segment(
 
     if loaded.bundle_workflow is not None:
         labels_ijk, probabilities = loaded.bundle_workflow.run(
-            volumes, device=device, options=options, progress=report, cancel=cancel, timings=timings, log=messages.append
+            volumes,
+            device=device,
+            options=options,
+            progress=report,
+            cancel=cancel,
+            timings=timings,
+            log=messages.append,
         )
         labels_ijk = torch.as_tensor(labels_ijk)
     else:
@@ -342,7 +350,9 @@ def segment(
         group = max(int(options.channel_group_size), 1)
         try:
             labels_ijk = _labels_from_outputs(outputs, description, preprocessor, group)
-            probabilities = _probabilities(outputs, description, preprocessor, kept) if options.return_probabilities else {}
+            probabilities = (
+                _probabilities(outputs, description, preprocessor, kept) if options.return_probabilities else {}
+            )
         except Exception as error:
             if outputs.device.type != "cuda" or not is_out_of_memory(error):
                 raise
@@ -350,7 +360,9 @@ def segment(
             outputs = outputs.cpu()
             torch.cuda.empty_cache()
             labels_ijk = _labels_from_outputs(outputs, description, preprocessor, group)
-            probabilities = _probabilities(outputs, description, preprocessor, kept) if options.return_probabilities else {}
+            probabilities = (
+                _probabilities(outputs, description, preprocessor, kept) if options.return_probabilities else {}
+            )
         del outputs
         timings["resample"] = time.perf_counter() - step
 

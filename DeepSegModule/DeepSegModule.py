@@ -14,17 +14,23 @@ once a run starts, never when Slicer loads the module.
 import importlib.util
 import logging
 import math
+import os
 import re
+import shutil
+import sys
+import tempfile
+import time
+from types import SimpleNamespace
 from typing import Annotated
 
 import qt
 import slicer
 import vtk
 from DeepSegModuleLib.resources import resource_path
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTransformNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -37,6 +43,12 @@ logger = logging.getLogger(__name__)
 
 #: Devices the user can pick; "auto" means the GPU when PyTorch sees one, else the CPU.
 DEVICE_CHOICES = ["auto", "cpu", "cuda"]
+
+#: The registration engine's presets (DeepSegModuleLib.registration.presets.preset_names(), which cannot be
+#: imported here: the registration package imports torch). A test keeps the two lists equal.
+REGISTRATION_PRESETS = ["rigid", "affine", "deformable fast", "deformable accurate", "multimodal"]
+#: Presets whose result is a linear transform; the others write a grid transform.
+LINEAR_PRESETS = ("rigid", "affine")
 
 #: Packages that must never be pip-installed into Slicer: torch comes from the PyTorch extension (it picks the
 #: CUDA build that matches the driver) and Slicer bundles its own SimpleITK build with Slicer-specific IO.
@@ -87,16 +99,51 @@ by Jean-Christophe Fillion-Robin (Kitware), Andras Lasso (PerkLab) and Steve Pie
 
 @parameterNodeWrapper
 class DeepSegModuleParameterNode:
-    """What the user chose in the panel; saved with the scene.
+    """What the user chose in the panel; saved with the scene, so a reopened scene shows the panel as it was.
 
-    inputVolume - the volume to segment.
+    Segmentation:
+    inputVolume, inputVolume2..4 - the model's inputs in its order (most models take one image).
+    modelName - a model in the local model store, or the path of a model folder, .zip or TorchScript file.
+    labelsToKeep - label names to write, separated by commas; empty for all.
     outputSegmentation - where segments are written; a new segmentation is created when empty.
-    device - "auto", "cpu" or "cuda".
+    probabilityMaps - also write one probability volume per label.
+
+    Registration:
+    fixedVolume, movingVolume - the moving volume is aligned to the fixed one.
+    fixedMask, movingMask - optional segmentations limiting which voxels count.
+    movingSegmentation - optional segments on the moving volume to carry onto the fixed volume.
+    registrationPreset - one of the engine's presets.
+    outputTransform, outputVolume, registeredSegmentation - where results go; new nodes when empty.
+    inverseTransform - also write the fixed-to-moving transform.
+    showQualityReport - write the quality report into the log.
+
+    Both: device ("auto", "cpu" or "cuda"); overlap and mirroring trade speed for quality in segmentation.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
+    inputVolume2: vtkMRMLScalarVolumeNode
+    inputVolume3: vtkMRMLScalarVolumeNode
+    inputVolume4: vtkMRMLScalarVolumeNode
+    modelName: str = ""
+    labelsToKeep: str = ""
     outputSegmentation: vtkMRMLSegmentationNode
+    probabilityMaps: bool = False
+
+    fixedVolume: vtkMRMLScalarVolumeNode
+    movingVolume: vtkMRMLScalarVolumeNode
+    fixedMask: vtkMRMLSegmentationNode
+    movingMask: vtkMRMLSegmentationNode
+    movingSegmentation: vtkMRMLSegmentationNode
+    registrationPreset: Annotated[str, Choice(REGISTRATION_PRESETS)] = "deformable fast"
+    outputTransform: vtkMRMLTransformNode
+    outputVolume: vtkMRMLScalarVolumeNode
+    registeredSegmentation: vtkMRMLSegmentationNode
+    inverseTransform: bool = False
+    showQualityReport: bool = True
+
     device: Annotated[str, Choice(DEVICE_CHOICES)] = "auto"
+    overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.5
+    mirroring: bool = False
 
 
 #
@@ -105,7 +152,14 @@ class DeepSegModuleParameterNode:
 
 
 class DeepSegModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel: binds the .ui to the parameter node and hands work to the logic."""
+    """The panel: binds the .ui to the parameter node, starts runs in the logic and follows them from a timer.
+
+    One run at a time: while it runs, its button reads "Cancel" and the other section's button is disabled.
+    Progress is read from the run on the main thread every ``POLL_INTERVAL_MS``; the logic writes the result
+    into the scene in that same poll, as one change, so MRML is never touched from another thread.
+    """
+
+    POLL_INTERVAL_MS = 100
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -113,6 +167,10 @@ class DeepSegModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._run = None  # the run in progress (DeepSegModuleLib.logic.Run), if any
+        self._runKind = None  # "segment" or "register"
+        self._runStage = None
+        self._pollTimer = None
 
     def resourcePath(self, filename: str) -> str:
         """Absolute path of a resource; also used by the developer section's "Edit UI" button."""
@@ -129,38 +187,63 @@ class DeepSegModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # The .ui connects the root widget's mrmlSceneChanged signal to every node selector's setMRMLScene.
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
+        # One logic, hence one persistent worker, per panel: models stay loaded between runs.
         self.logic = DeepSegModuleLogic()
+
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(self.POLL_INTERVAL_MS)
+        self._pollTimer.connect("timeout()", self._onPollTimer)
 
         # The progress bar is for runs; it stays out of the way until one starts.
         self.ui.progressBar.visible = False
         self.ui.statusLabel.text = ""
 
+        importMenu = qt.QMenu(self.ui.importModelButton)
+        importMenu.addAction(_("From a file (.zip or TorchScript)…"), self.onImportModelFile)
+        importMenu.addAction(
+            _("From a folder (MONAI bundle, nnU-Net, TorchScript with card)…"), self.onImportModelFolder
+        )
+        self.ui.importModelButton.setMenu(importMenu)
+        self.ui.modelComboBox.connect("activated(int)", self.onStoredModelChosen)
+        self._refreshStoredModels()
+
         # A closed scene takes the parameter node with it: let go of it before, make a new one after.
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.registerButton.connect("clicked(bool)", self.onRegisterButton)
 
         # Also needed after "Reload" in developer mode.
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        """Called when the application closes and the module widget is destroyed."""
+        """Called when the application closes and the module widget is destroyed: stops the run and the worker."""
+        if self._pollTimer is not None:
+            self._pollTimer.stop()
+        if self._run is not None:
+            self._run.cancel()
+            self._run = None
+        if self.logic is not None:
+            self.logic.shutdown()
         self.removeObservers()
 
     def enter(self) -> None:
         """Called each time the user opens this module."""
         self.initializeParameterNode()
+        self._refreshStoredModels()
 
     def exit(self) -> None:
-        """Called each time the user opens another module: stop mirroring the parameter node."""
+        """Called each time the user opens another module: stop mirroring the parameter node (a run goes on)."""
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
-        """The parameter node is about to be deleted with the scene; stop using it."""
+        """The scene is about to be cleared: a run's result has nowhere to go, and the parameter node goes."""
+        if self._run is not None:
+            self._run.cancel()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -172,41 +255,237 @@ class DeepSegModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Makes sure a parameter node exists and is observed; preselects the first volume."""
         self.setParameterNode(self.logic.getParameterNode())
 
-        if not self._parameterNode.inputVolume:
-            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolumeNode:
+        firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        if firstVolumeNode:
+            if not self._parameterNode.inputVolume:
                 self._parameterNode.inputVolume = firstVolumeNode
+            if not self._parameterNode.fixedVolume:
+                self._parameterNode.fixedVolume = firstVolumeNode
 
     def setParameterNode(self, inputParameterNode: DeepSegModuleParameterNode | None) -> None:
         """Swaps the parameter node the panel mirrors (widgets carry a SlicerParameterName property)."""
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-            self._checkCanApply()
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        self._onParameterNodeModified()
 
-    def _checkCanApply(self, caller=None, event=None) -> None:
-        if self._parameterNode and self._parameterNode.inputVolume:
-            self.ui.applyButton.toolTip = _("Segment the input volume")
-            self.ui.applyButton.enabled = True
-        else:
-            self.ui.applyButton.toolTip = _("Select an input volume")
-            self.ui.applyButton.enabled = False
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        self._showModelInComboBox()
+        self._updateButtons()
 
-    def onApplyButton(self) -> None:
-        """Runs when the user presses Apply: ensures dependencies, then prepares the output."""
-        with slicer.util.tryWithErrorDisplay(_("DeepSeg could not run."), waitCursor=True):
+    # models
+
+    def _refreshStoredModels(self) -> None:
+        """Lists the local model store's models (read from its folder: no torch needed to open the panel)."""
+        wasBlocked = self.ui.modelComboBox.blockSignals(True)
+        self.ui.modelComboBox.clear()
+        for modelId in self.logic.storedModelIds():
+            self.ui.modelComboBox.addItem(modelId)
+        self.ui.modelComboBox.blockSignals(wasBlocked)
+        self._showModelInComboBox()
+
+    def _showModelInComboBox(self) -> None:
+        # The combo box only offers stored models; the parameter node's model name (bound to the line edit) is
+        # what runs. It shows the stored model of that name, or nothing when a path was typed.
+        modelName = self._parameterNode.modelName if self._parameterNode else ""
+        wasBlocked = self.ui.modelComboBox.blockSignals(True)
+        self.ui.modelComboBox.currentIndex = self.ui.modelComboBox.findText(modelName) if modelName else -1
+        self.ui.modelComboBox.blockSignals(wasBlocked)
+
+    def onStoredModelChosen(self, index: int) -> None:
+        if self._parameterNode and index >= 0:
+            self._parameterNode.modelName = self.ui.modelComboBox.itemText(index)
+
+    def onImportModelFile(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(
+            slicer.util.mainWindow(),
+            _("Import a model file"),
+            "",
+            _("Models (*.zip *.ts *.pt *.pth *.json);;All files (*)"),
+        )
+        if path:
+            self._importModel(path)
+
+    def onImportModelFolder(self) -> None:
+        path = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Import a model folder"))
+        if path:
+            self._importModel(path)
+
+    def _importModel(self, source: str) -> None:
+        """Copies the model into the store (checksums recorded) and selects it."""
+        with slicer.util.tryWithErrorDisplay(_("The model could not be imported."), waitCursor=True):
+            modelId = self.logic.suggestedModelId(source)
+            replace = False
+            if modelId in self.logic.storedModelIds():
+                replace = slicer.util.confirmYesNoDisplay(
+                    _("A model named '{name}' is already stored. Replace it?").format(name=modelId)
+                )
+                if not replace:
+                    return
+            # The model store reads cards with the model loaders, which need torch and MONAI.
             self._ensurePythonRequirements()
-            outputSegmentation = self.logic.prepareOutputSegmentation(
-                self._parameterNode.inputVolume, self._parameterNode.outputSegmentation
+            modelId = self.logic.importModel(source, modelId=modelId, replace=replace)
+            self._refreshStoredModels()
+            self._parameterNode.modelName = modelId
+            self._log(
+                _("Imported model '{name}' from {source}; checksums recorded.").format(name=modelId, source=source)
             )
-            self._parameterNode.outputSegmentation = outputSegmentation
-            self.ui.statusLabel.text = _("Output segmentation '{name}' is ready.").format(
-                name=outputSegmentation.GetName()
+
+    # runs
+
+    def _updateButtons(self) -> None:
+        parameters = self._parameterNode
+        running = self._run is not None
+        canSegment = bool(parameters and parameters.inputVolume and parameters.modelName.strip())
+        canRegister = bool(parameters and parameters.fixedVolume and parameters.movingVolume)
+        for button, kind, ready, idleText, readyTip, notReadyTip in (
+            (self.ui.segmentButton, "segment", canSegment, _("Segment"),
+             _("Segment the input volume with the chosen model"), _("Select an input volume and a model")),
+            (self.ui.registerButton, "register", canRegister, _("Register"),
+             _("Register the moving volume to the fixed volume"), _("Select a fixed and a moving volume")),
+        ):  # fmt: skip
+            if running and self._runKind == kind:
+                button.text = _("Cancel")
+                button.toolTip = _("Stop this run; the scene is left as it was")
+                button.enabled = True
+            else:
+                button.text = idleText
+                button.toolTip = readyTip if ready else notReadyTip
+                button.enabled = ready and not running
+
+    def onSegmentButton(self) -> None:
+        if self._run is not None:
+            self._cancelRun()
+            return
+        with slicer.util.tryWithErrorDisplay(_("DeepSeg could not start the segmentation."), waitCursor=True):
+            self._ensurePythonRequirements()
+            self._startRun("segment", self.logic.startSegmentFromParameters(self._parameterNode, self._onJobEvent))
+
+    def onRegisterButton(self) -> None:
+        if self._run is not None:
+            self._cancelRun()
+            return
+        with slicer.util.tryWithErrorDisplay(_("DeepSeg could not start the registration."), waitCursor=True):
+            self._ensurePythonRequirements()
+            self._startRun("register", self.logic.startRegisterFromParameters(self._parameterNode, self._onJobEvent))
+
+    def _startRun(self, kind: str, run) -> None:
+        self._run, self._runKind, self._runStage = run, kind, None
+        self.ui.progressBar.setRange(0, 100)
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.visible = True
+        self.ui.statusLabel.text = _("Starting…")
+        self._log(_("Segmentation started.") if kind == "segment" else _("Registration started."))
+        self._updateButtons()
+        self._pollTimer.start()
+
+    def _cancelRun(self) -> None:
+        self.ui.statusLabel.text = _("Cancelling…")
+        self.ui.segmentButton.enabled = self.ui.registerButton.enabled = False
+        self._run.cancel()
+
+    def _onJobEvent(self, event) -> None:
+        """Called from :meth:`_onPollTimer` (main thread) for each event the worker sent."""
+        if event.kind == "progress" and event.stage and event.stage != self._runStage:
+            self._runStage = event.stage
+            self._log(_("Stage: {stage}").format(stage=event.stage))
+        elif event.kind == "log" and event.message:
+            self._log(f"  {event.message}")
+
+    def _onPollTimer(self) -> None:
+        run = self._run
+        if run is None:
+            self._pollTimer.stop()
+            return
+        try:
+            finished = run.poll()
+        except Exception as error:  # writing the result into the scene failed; the logic undid it
+            logger.exception("DeepSeg: applying the result failed")
+            self._endRun()
+            slicer.util.errorDisplay(_("DeepSeg could not write the result: {error}").format(error=error))
+            return
+        if not finished:
+            self._showProgress(run.job)
+            return
+        kind = self._runKind
+        self._endRun()
+        if run.outcome is not None:
+            self._showResult(kind, run.outcome)
+        elif run.job.state.value == "cancelled":
+            self.ui.statusLabel.text = _("Cancelled; the scene is unchanged.")
+            self._log(self.ui.statusLabel.text)
+        else:
+            self.ui.statusLabel.text = _("Failed; the scene is unchanged.")
+            self._log(_("Failed: {error}").format(error=run.error))
+            slicer.util.errorDisplay(_("DeepSeg failed: {error}").format(error=run.error))
+
+    def _showProgress(self, job) -> None:
+        stage = job.stage or _("waiting for the worker")
+        self.ui.progressBar.value = round(100 * max(0.0, min(1.0, job.fraction)))
+        secondsLeft = job.seconds_left()
+        if secondsLeft is None:
+            self.ui.statusLabel.text = _("{stage}…").format(stage=stage)
+        else:
+            self.ui.statusLabel.text = _("{stage}: about {time} left").format(
+                stage=stage, time=_formatDuration(secondsLeft)
             )
+
+    def _endRun(self) -> None:
+        self._pollTimer.stop()
+        self._run = self._runKind = self._runStage = None
+        self.ui.progressBar.visible = False
+        self._updateButtons()
+
+    def _showResult(self, kind: str, outcome) -> None:
+        """Puts the new nodes into the views and the panel, and reports in the log."""
+        parameters = self._parameterNode
+        created = outcome.nodes
+        if kind == "segment":
+            segmentation = created["segmentation"]
+            if parameters:
+                parameters.outputSegmentation = segmentation  # the next run replaces these segments
+                slicer.util.setSliceViewerLayers(background=parameters.inputVolume)
+            self.logic.showSegmentation(segmentation)
+            names = self.logic.segmentNames(segmentation)
+            timings = outcome.report.get("timings_s", {})
+            self.ui.statusLabel.text = _("Done: {count} segments in '{name}' ({seconds:.1f} s on {device}).").format(
+                count=len(names),
+                name=segmentation.GetName(),
+                seconds=timings.get("total", 0.0),
+                device=outcome.report.get("device", "?"),
+            )
+            self._log(self.ui.statusLabel.text)
+            self._log(_("Segments: {names}").format(names=", ".join(names)))
+            for message in outcome.report.get("messages", []):
+                self._log(f"  {message}")
+            return
+        registered = created["volume"]
+        if parameters:
+            parameters.outputVolume = registered
+            if "segmentation" in created:
+                parameters.registeredSegmentation = created["segmentation"]
+            slicer.util.setSliceViewerLayers(
+                background=parameters.fixedVolume, foreground=registered, foregroundOpacity=0.5
+            )
+        if "segmentation" in created:
+            self.logic.showSegmentation(created["segmentation"])
+        transform = created["transform"]
+        self.ui.statusLabel.text = _("Done: transform '{transform}', registered volume '{volume}'.").format(
+            transform=transform.GetName(), volume=registered.GetName()
+        )
+        self._log(self.ui.statusLabel.text)
+        if parameters is None or parameters.showQualityReport:
+            for line in qualityReportLines(outcome.report.get("quality", {})):
+                self._log(f"  {line}")
+
+    def _log(self, line: str) -> None:
+        self.ui.logTextEdit.appendPlainText(line)
+
+    # dependencies
 
     def _ensurePythonRequirements(self) -> None:
         """Installs what DeepSeg needs on first use (never at import, as Slicer's packaging guide asks)."""
@@ -268,6 +547,82 @@ def _missingRequirements(requirementsFile: str) -> list[str]:
 
 
 #
+# Formatting for the panel
+#
+
+
+def _formatDuration(seconds: float) -> str:
+    """``"45 s"``, ``"3 min 20 s"``: what a progress line needs, no more precise than an estimate is."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def qualityReportLines(quality: dict) -> list[str]:
+    """The registration quality report (``QualityReport`` as a dict) as short lines for the panel's log."""
+
+    def number(value, digits=3):
+        return "n/a" if value is None else f"{value:.{digits}g}"
+
+    lines = [_("Quality report:")]
+    if quality.get("folding_percent") is not None:
+        lines.append(
+            _("folding {folding}% of voxels ({mask}); det J from {low} to {high}; SD log J {sd}").format(
+                folding=number(quality["folding_percent"]),
+                mask=quality.get("quality_mask") or "-",
+                low=number(quality.get("jacobian_min")),
+                high=number(quality.get("jacobian_max")),
+                sd=number(quality.get("log_jacobian_std")),
+            )
+        )
+    if quality.get("dice"):
+        perLabel = ", ".join(f"{label}: {number(value)}" for label, value in sorted(quality["dice"].items()))
+        lines.append(_("Dice {perLabel}; mean {mean}").format(perLabel=perLabel, mean=number(quality.get("mean_dice"))))
+    for when, statistics in sorted((quality.get("landmark_error_mm") or {}).items()):
+        if isinstance(statistics, dict):
+            values = ", ".join(f"{name} {number(value)}" for name, value in statistics.items())
+            lines.append(_("landmark error {when} (mm): {values}").format(when=when, values=values))
+        else:
+            lines.append(_("landmark error {when}: {value} mm").format(when=when, value=number(statistics)))
+    if quality.get("final_similarity"):
+        lines.append(
+            _("final similarity: {values}").format(
+                values=", ".join(f"{stage} {number(value)}" for stage, value in quality["final_similarity"].items())
+            )
+        )
+    runtime = quality.get("runtime_s") or {}
+    if runtime:
+        lines.append(
+            _("time: {values}").format(values=", ".join(f"{stage} {value:.1f} s" for stage, value in runtime.items()))
+        )
+    if quality.get("peak_memory_mb") is not None:
+        lines.append(_("peak memory: {megabytes:.0f} MB").format(megabytes=quality["peak_memory_mb"]))
+    for warning in quality.get("warnings") or []:
+        lines.append(_("WARNING: {warning}").format(warning=warning))
+    return lines
+
+
+def slicerPythonExecutable() -> str | None:
+    """Slicer's own Python launcher (PythonSlicer), which the worker process must run with; None outside Slicer.
+
+    Inside Slicer ``sys.executable`` is normally PythonSlicer already; otherwise it sits next to it.
+    """
+    if os.path.basename(sys.executable).lower().startswith("pythonslicer"):
+        return sys.executable
+    names = ("PythonSlicer.exe", "PythonSlicer") if os.name == "nt" else ("PythonSlicer",)
+    for name in names:
+        candidate = os.path.join(os.path.dirname(sys.executable), name)
+        if os.path.isfile(candidate):
+            return candidate
+    return shutil.which("PythonSlicer")
+
+
+#
 # DeepSegModuleLogic
 #
 
@@ -276,16 +631,51 @@ class DeepSegModuleLogic(ScriptedLoadableModuleLogic):
     """The module's GUI-free entry point: usable from scripts and the Python console without the panel.
 
     Works on a :class:`~DeepSegModuleLib.context.SceneContext`: the running application's by default, or a
-    headless one (``SceneContext.headless()``) for batch use.
+    headless one (``SceneContext.headless()``) for batch use. From Slicer's Python console::
+
+        logic = slicer.util.getModuleLogic("DeepSegModule")
+        outcome = logic.segment(volumeNode, "my-model")          # a model store name or a path
+        outcome.nodes["segmentation"]
+        outcome = logic.register(fixedNode, movingNode, preset="rigid")
+        outcome.nodes["transform"], outcome.nodes["volume"], outcome.report["quality"]
+
+    Args:
+        context: the scene and module logics; the running Slicer's when None.
+        worker: where engines run; a persistent worker process running Slicer's Python when None (started at
+            the first run, kept until :meth:`shutdown`, so models stay loaded between runs).
+        modelStoreRoot: the local model store's folder; its default (``~/.deepseg/models``) when None.
     """
 
-    def __init__(self, context=None) -> None:
+    def __init__(self, context=None, worker=None, modelStoreRoot=None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         if context is None:
             from DeepSegModuleLib.context import SceneContext
 
             context = SceneContext.from_application()
         self.context = context
+        self._worker = worker
+        self.modelStoreRoot = modelStoreRoot
+        self._engineLogic = None
+
+    @property
+    def engineLogic(self):
+        """The Lib's :class:`~DeepSegModuleLib.logic.DeepSegLogic`, made on first use (it holds the worker)."""
+        if self._engineLogic is None:
+            from DeepSegModuleLib.jobs import ProcessWorker
+            from DeepSegModuleLib.logic import DeepSegLogic
+
+            worker = self._worker
+            if worker is None:
+                # Inside Slicer the worker must run Slicer's Python (sys.executable may be the Slicer app itself).
+                worker = ProcessWorker(python=slicerPythonExecutable() if hasattr(slicer, "app") else None)
+            self._engineLogic = DeepSegLogic(self.context, worker, model_store_root=self.modelStoreRoot)
+        return self._engineLogic
+
+    def shutdown(self) -> None:
+        """Stops the worker process (a later run starts a new one)."""
+        if self._engineLogic is not None:
+            self._engineLogic.shutdown()
+            self._engineLogic = None
 
     def resourcePath(self, filename: str) -> str:
         """Absolute path of a resource, in a packaged extension or a source checkout alike."""
@@ -293,6 +683,31 @@ class DeepSegModuleLogic(ScriptedLoadableModuleLogic):
 
     def getParameterNode(self) -> DeepSegModuleParameterNode:
         return DeepSegModuleParameterNode(super().getParameterNode())
+
+    # models
+
+    def storedModelIds(self) -> list[str]:
+        """Names of the models in the local model store (no torch needed)."""
+        from DeepSegModuleLib.logic import stored_model_ids
+
+        return stored_model_ids(self.modelStoreRoot)
+
+    @staticmethod
+    def suggestedModelId(source: str) -> str:
+        """A store name for a model file or folder: its name without extensions, in the characters the store takes."""
+        stem = os.path.basename(os.path.normpath(str(source))).split(".")[0]
+        modelId = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-._")[:128]
+        return modelId or "model"
+
+    def importModel(self, source: str, modelId: str | None = None, replace: bool = False) -> str:
+        """Copies a model folder, ``.zip`` or TorchScript file (with its card) into the store; returns its name."""
+        from DeepSegModuleLib.logic import DeepSegLogic
+
+        # Importing needs no worker: a bare DeepSegLogic keeps a console import from starting one.
+        logic = self._engineLogic or DeepSegLogic(self.context, None, model_store_root=self.modelStoreRoot)
+        return logic.import_model(source, model_id=modelId or self.suggestedModelId(source), replace=replace)
+
+    # checks
 
     def checkInputVolume(self, inputVolume) -> None:
         """Raises ValueError saying what makes ``inputVolume`` unusable as a segmentation input."""
@@ -350,6 +765,151 @@ class DeepSegModuleLogic(ScriptedLoadableModuleLogic):
         )
         return outputSegmentation
 
+    @staticmethod
+    def labelNames(text: str) -> list[str]:
+        """The "labels to keep" field as names: comma-separated, blanks ignored; empty means all labels."""
+        return [name.strip() for name in (text or "").split(",") if name.strip()]
+
+    @staticmethod
+    def segmentationInputs(parameterNode) -> list:
+        """The input volumes in the model's input order; a gap (input 3 without input 2) is an error."""
+        volumes = [parameterNode.inputVolume, parameterNode.inputVolume2, parameterNode.inputVolume3,
+                   parameterNode.inputVolume4]  # fmt: skip
+        while volumes and volumes[-1] is None:
+            volumes.pop()
+        if not volumes:
+            raise ValueError(_("No input volume selected."))
+        if any(volume is None for volume in volumes):
+            missing = [str(index + 1) for index, volume in enumerate(volumes) if volume is None]
+            raise ValueError(
+                _("Input {inputs} is empty: the model's inputs are filled in order.").format(inputs=", ".join(missing))
+            )
+        return volumes
+
+    @staticmethod
+    def checkOutputTransform(preset: str, outputTransform) -> None:
+        """Raises ValueError, before any work, when ``outputTransform`` cannot hold what ``preset`` produces."""
+        if outputTransform is None:
+            return
+        linear = preset in LINEAR_PRESETS
+        kind = "vtkMRMLLinearTransformNode" if linear else "vtkMRMLGridTransformNode"
+        if not outputTransform.IsA(kind):
+            raise ValueError(
+                _(
+                    "The '{preset}' preset writes a {kind}; '{name}' is a {actual}. Choose 'Create new transform' "
+                    "or a transform of that kind."
+                ).format(
+                    preset=preset,
+                    kind=_("linear transform") if linear else _("grid transform"),
+                    name=outputTransform.GetName(),
+                    actual=outputTransform.GetClassName(),
+                )
+            )
+
+    # runs: start* return a Run to poll from the main thread; segment/register wait for it
+
+    def startSegment(self, inputVolumes, model: str, outputSegmentation=None, labels=None, probabilities=False,
+                     device="auto", overlap=None, mirroring=False, onEvent=None):  # fmt: skip
+        """Starts a segmentation; returns a :class:`~DeepSegModuleLib.logic.Run` (``poll()`` it, or ``wait()``).
+
+        Args:
+            inputVolumes: a scalar volume node, or a list of them in the model's input order.
+            model: a model store name, or the path of a model folder, ``.zip`` or TorchScript file.
+            outputSegmentation: a segmentation to write into (segments of the same name are replaced), or None.
+            labels: label names to keep (None: all).
+            probabilities: also write a probability volume per label.
+            device: "auto", "cpu" or "cuda".
+            overlap: sliding-window overlap (None: the model's own).
+            mirroring: mirrored test-time augmentation.
+            onEvent: called with each :class:`~DeepSegModuleLib.jobs.JobEvent` from ``poll()``.
+
+        Raises:
+            ValueError: an unusable input; ChecksumError: a stored model was changed. Nothing is started then.
+        """
+        volumes = list(inputVolumes) if isinstance(inputVolumes, (list, tuple)) else [inputVolumes]
+        for volume in volumes:
+            self.checkInputVolume(volume)
+        if not str(model or "").strip():
+            raise ValueError(_("No model selected: choose a stored model, import one, or enter a path."))
+        return self.engineLogic.start_segment(
+            volumes, str(model).strip(), output_segmentation=outputSegmentation, labels=labels or None,
+            probabilities=probabilities, device=device, overlap=overlap, mirroring=mirroring, on_event=onEvent,
+        )  # fmt: skip
+
+    def segment(self, inputVolumes, model: str, timeout: float | None = None, **options):
+        """Segments and returns the :class:`~DeepSegModuleLib.logic.Outcome` once the segments are in the scene.
+
+        ``outcome.nodes["segmentation"]`` is the segmentation node; options as in :meth:`startSegment`.
+        """
+        return self.startSegment(inputVolumes, model, **options).wait(timeout)
+
+    def startRegister(self, fixedVolume, movingVolume, preset="deformable fast", fixedMask=None, movingMask=None,
+                      movingSegmentation=None, outputTransform=None, outputVolume=None, outputSegmentation=None,
+                      inverse=False, device="auto", onEvent=None):  # fmt: skip
+        """Starts registering ``movingVolume`` to ``fixedVolume``; returns a Run (``poll()`` it, or ``wait()``).
+
+        The transform node holds the resampling transform (fixed point to moving point): put the moving volume
+        under it to see it aligned. Outputs are new nodes unless existing ones are given.
+
+        Raises:
+            ValueError: an unusable input or output; nothing is started then.
+        """
+        for volume in (fixedVolume, movingVolume):
+            self.checkInputVolume(volume)
+        if preset not in REGISTRATION_PRESETS:
+            raise ValueError(_("Unknown preset '{preset}'.").format(preset=preset))
+        self.checkOutputTransform(preset, outputTransform)
+        return self.engineLogic.start_register(
+            fixedVolume, movingVolume, preset=preset, fixed_mask=fixedMask, moving_mask=movingMask,
+            moving_segmentation=movingSegmentation, output_transform=outputTransform, output_volume=outputVolume,
+            output_segmentation=outputSegmentation, inverse=inverse, device=device, on_event=onEvent,
+        )  # fmt: skip
+
+    def register(self, fixedVolume, movingVolume, timeout: float | None = None, **options):
+        """Registers and returns the Outcome once the results are in the scene.
+
+        ``outcome.nodes``: "transform", "volume", and "inverse transform" / "segmentation" when asked for;
+        ``outcome.report["quality"]``: the quality report. Options as in :meth:`startRegister`.
+        """
+        return self.startRegister(fixedVolume, movingVolume, **options).wait(timeout)
+
+    def startSegmentFromParameters(self, parameterNode, onEvent=None):
+        """Starts the segmentation the panel describes."""
+        return self.startSegment(
+            self.segmentationInputs(parameterNode), parameterNode.modelName,
+            outputSegmentation=parameterNode.outputSegmentation, labels=self.labelNames(parameterNode.labelsToKeep),
+            probabilities=parameterNode.probabilityMaps, device=parameterNode.device, overlap=parameterNode.overlap,
+            mirroring=parameterNode.mirroring, onEvent=onEvent,
+        )  # fmt: skip
+
+    def startRegisterFromParameters(self, parameterNode, onEvent=None):
+        """Starts the registration the panel describes."""
+        return self.startRegister(
+            parameterNode.fixedVolume, parameterNode.movingVolume, preset=parameterNode.registrationPreset,
+            fixedMask=parameterNode.fixedMask, movingMask=parameterNode.movingMask,
+            movingSegmentation=parameterNode.movingSegmentation, outputTransform=parameterNode.outputTransform,
+            outputVolume=parameterNode.outputVolume, outputSegmentation=parameterNode.registeredSegmentation,
+            inverse=parameterNode.inverseTransform, device=parameterNode.device, onEvent=onEvent,
+        )  # fmt: skip
+
+    # results
+
+    @staticmethod
+    def showSegmentation(segmentation) -> None:
+        """Makes the segments visible in the slice views and, as surfaces, in the 3D view."""
+        if segmentation.GetDisplayNode() is None:
+            segmentation.CreateDefaultDisplayNodes()
+        display = segmentation.GetDisplayNode()
+        display.SetVisibility(True)
+        display.SetVisibility2D(True)
+        display.SetVisibility3D(True)
+        segmentation.CreateClosedSurfaceRepresentation()
+
+    @staticmethod
+    def segmentNames(segmentation) -> list[str]:
+        segments = segmentation.GetSegmentation()
+        return [segments.GetNthSegment(index).GetName() for index in range(segments.GetNumberOfSegments())]
+
 
 #
 # DeepSegModuleTest
@@ -357,17 +917,179 @@ class DeepSegModuleLogic(ScriptedLoadableModuleLogic):
 
 
 class DeepSegModuleTest(ScriptedLoadableModuleTest):
-    """Runs in real Slicer: the Reload-and-Test button, or ``Slicer --testing`` through CTest."""
+    """Runs in real Slicer (the Reload-and-Test button, or ``Slicer --testing`` through CTest) and, under test
+    stubs, in the pytest suite on slicer-core. Real work: a model is built, imported into a model store, and run;
+    a registration is computed. Nothing binary is committed: the model is written at test time.
+    """
 
     def setUp(self) -> None:
         """Every test starts from an empty scene."""
         slicer.mrmlScene.Clear()
 
     def runTest(self) -> None:
-        self.setUp()
-        self.test_OutputSegmentationTakesInputGeometry()
-        self.setUp()
-        self.test_UnusableInputLeavesSceneUnchanged()
+        for test in (
+            self.test_OutputSegmentationTakesInputGeometry,
+            self.test_UnusableInputLeavesSceneUnchanged,
+            self.test_SegmentBrightSphereWithImportedModel,
+            self.test_RigidRegistrationMovesCentreToShiftedCentre,
+        ):
+            self.setUp()
+            test()
+
+    # helpers
+
+    @staticmethod
+    def _worker():
+        """In-process worker in the test runner and headless (fast, no process start); in an interactive Slicer
+        (Reload and Test) None, which gives the panel's own worker process running PythonSlicer."""
+        from DeepSegModuleLib.jobs import InProcessWorker
+
+        app = getattr(slicer, "app", None)
+        testing = app is None or not hasattr(app, "testingEnabled") or app.testingEnabled()
+        return InProcessWorker() if testing else None
+
+    @staticmethod
+    def _writeThresholdModel(folder: str) -> str:
+        """Writes a TorchScript network calling voxels brighter than 150 "Sphere", and its DeepSeg model card."""
+        import json
+
+        import torch
+
+        class Threshold(torch.nn.Module):
+            def forward(self, image):
+                score = (image[:, :1] - 150.0) / 50.0
+                return torch.cat([-score, score], dim=1)
+
+        # Tracing needs no source code, so the network can be defined right here.
+        network = torch.jit.trace(Threshold().eval(), torch.zeros(1, 1, 16, 16, 16))
+        weights = os.path.join(folder, "threshold.ts")
+        torch.jit.save(network, weights)
+        card = {
+            "deepseg_model_card": 1,
+            "name": "Bright sphere",
+            "weights": "threshold.ts",
+            "inputs": [{"name": "CT", "modality": "CT", "normalization": {"mode": "none"}}],
+            "orientation": "RAS",
+            "spacing": [1.5, 1.5, 1.5],
+            "patch_size": [16, 16, 16],
+            "overlap": 0.25,
+            "activation": "softmax",
+            "labels": [{"value": 1, "name": "Sphere", "color": [0.9, 0.2, 0.1]}],
+        }
+        with open(os.path.join(folder, "deepseg.json"), "w", encoding="utf-8") as cardFile:
+            json.dump(card, cardFile)
+        return weights
+
+    @staticmethod
+    def _rasOfVoxels(shapeKji, ijkToRas):
+        import numpy as np
+
+        k, j, i = np.meshgrid(*(np.arange(size) for size in shapeKji), indexing="ij")
+        ijk = np.stack([i, j, k, np.ones_like(i)], axis=-1).astype(float)
+        return (ijk @ np.asarray(ijkToRas).T)[..., :3]
+
+    # tests
+
+    def test_SegmentBrightSphereWithImportedModel(self) -> None:
+        import numpy as np
+
+        self.delayDisplay("Segmenting a bright sphere with a model imported into a model store")
+        workFolder = tempfile.mkdtemp(prefix="DeepSegModuleTest-")
+        logic = DeepSegModuleLogic(worker=self._worker(), modelStoreRoot=os.path.join(workFolder, "store"))
+        try:
+            modelFolder = os.path.join(workFolder, "model")
+            os.makedirs(modelFolder)
+            modelId = logic.importModel(self._writeThresholdModel(modelFolder))
+            self.assertEqual(modelId, "threshold")
+            self.assertEqual(logic.storedModelIds(), ["threshold"])
+
+            # Anisotropic voxels and an offset origin: a segment put in the wrong place cannot pass.
+            ijkToRas = np.array([[1.2, 0, 0, -30.0], [0, 1.0, 0, -25.0], [0, 0, 2.0, -40.0], [0, 0, 0, 1]])
+            shape = (30, 50, 45)  # (k, j, i)
+            centre = np.array([-6.0, 3.0, -12.0])
+            sphere = np.linalg.norm(self._rasOfVoxels(shape, ijkToRas) - centre, axis=-1) <= 10.0
+            volume = slicer.util.addVolumeFromArray(
+                np.where(sphere, 300, 0).astype(np.int16), ijkToRAS=ijkToRas, name="Sphere CT"
+            )
+
+            # As the panel runs it: parameters in, a Run polled from this thread until the result is applied.
+            parameters = SimpleNamespace(
+                inputVolume=volume,
+                inputVolume2=None,
+                inputVolume3=None,
+                inputVolume4=None,
+                modelName=modelId,
+                labelsToKeep="",
+                outputSegmentation=None,
+                probabilityMaps=False,
+                device="cpu",
+                overlap=0.25,
+                mirroring=False,
+            )
+            stages = []
+            run = logic.startSegmentFromParameters(parameters, lambda event: stages.append(event.stage))
+            deadline = time.monotonic() + 300
+            while not run.poll():
+                self.assertLess(time.monotonic(), deadline, "the segmentation did not finish in 5 minutes")
+                time.sleep(0.05)
+            self.assertIsNone(run.error)
+            self.assertIn("inference", stages)
+            segmentation = run.outcome.nodes["segmentation"]
+            self.assertEqual(logic.segmentNames(segmentation), ["Sphere"])
+
+            segmentId = segmentation.GetSegmentation().GetSegmentIdBySegmentName("Sphere")
+            found = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume) > 0
+            dice = 2.0 * np.count_nonzero(found & sphere) / (np.count_nonzero(found) + np.count_nonzero(sphere))
+            self.assertGreater(dice, 0.85)
+            foundCentre = self._rasOfVoxels(shape, ijkToRas)[found].mean(axis=0)
+            self.assertLess(np.linalg.norm(foundCentre - centre), 1.5)
+
+            # Running again into the same segmentation replaces the segment instead of adding one.
+            again = logic.segment(volume, modelId, outputSegmentation=segmentation, device="cpu")
+            self.assertIs(again.nodes["segmentation"], segmentation)
+            self.assertEqual(logic.segmentNames(segmentation), ["Sphere"])
+            logic.showSegmentation(segmentation)
+            self.assertTrue(segmentation.GetDisplayNode().GetVisibility3D())
+        finally:
+            logic.shutdown()
+            shutil.rmtree(workFolder, ignore_errors=True)
+        self.delayDisplay("Test passed")
+
+    def test_RigidRegistrationMovesCentreToShiftedCentre(self) -> None:
+        import numpy as np
+
+        self.delayDisplay("Registering a shifted, blurred sphere with the rigid preset")
+        ijkToRas = np.array([[2.0, 0, 0, -31.0], [0, 2.0, 0, -31.0], [0, 0, 2.0, -31.0], [0, 0, 0, 1]])
+        shape = (32, 32, 32)
+        ras = self._rasOfVoxels(shape, ijkToRas)
+        centre = np.array([1.0, -2.0, 3.0])
+        shift = np.array([4.0, -3.0, 2.0])
+
+        def blurredSphere(sphereCentre):
+            # A soft edge (a few mm wide) gives the similarity measure a gradient to follow.
+            distance = np.linalg.norm(ras - sphereCentre, axis=-1)
+            return (300.0 / (1.0 + np.exp((distance - 10.0) / 2.0))).astype(np.float32)
+
+        fixed = slicer.util.addVolumeFromArray(blurredSphere(centre), ijkToRAS=ijkToRas, name="Fixed")
+        moving = slicer.util.addVolumeFromArray(blurredSphere(centre + shift), ijkToRAS=ijkToRas, name="Moving")
+        logic = DeepSegModuleLogic(worker=self._worker())
+        try:
+            outcome = logic.register(fixed, moving, preset="rigid", device="cpu")
+        finally:
+            logic.shutdown()
+
+        transform = outcome.nodes["transform"]
+        self.assertTrue(transform.IsA("vtkMRMLLinearTransformNode"))
+        # Slicer's own transform: its "from parent" direction maps a fixed point to the moving point sampled there.
+        movedCentre = np.array(transform.GetTransformFromParent().TransformPoint(centre.tolist()))
+        self.assertLess(np.linalg.norm(movedCentre - (centre + shift)), 1.0)
+
+        registered = slicer.util.arrayFromVolume(outcome.nodes["volume"])
+        self.assertEqual(registered.shape, shape)
+        fixedArray = slicer.util.arrayFromVolume(fixed)
+        self.assertGreater(np.corrcoef(registered.ravel(), fixedArray.ravel())[0, 1], 0.98)
+        self.assertGreater(len(qualityReportLines(outcome.report["quality"])), 1)
+        self.delayDisplay("Test passed")
 
     def test_OutputSegmentationTakesInputGeometry(self) -> None:
         import numpy as np

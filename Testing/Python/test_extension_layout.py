@@ -205,6 +205,49 @@ def parameter_binding_problems(source: str, ui_path: Path) -> list[str]:
         elif widget_class in ("QComboBox", "ctkComboBox") and "Choice(" not in annotation:
             # Slicer's combo-box connector raises at connectGui without a Choice annotation.
             problems.append(f"widget {name} is a combo box but {parameter} ({annotation}) has no Choice annotation")
+        elif widget_class in VALUE_WIDGET_TYPES and _value_type(annotation) not in VALUE_WIDGET_TYPES[widget_class]:
+            # Slicer's connectors match the exact widget class to the field's type; no match fails at connectGui.
+            problems.append(f"widget {name} is a {widget_class}, which cannot show {parameter} ({annotation})")
+        elif widget_class == "QDoubleSpinBox" and "WithinRange(" in annotation:
+            low, high = (float(value) for value in re.search(r"WithinRange\(([^,]+),([^)]+)\)", annotation).groups())
+            spin_range = [float(widget_property(widget, key).findtext("double")) for key in ("minimum", "maximum")]
+            if spin_range != [low, high]:
+                problems.append(f"widget {name} allows {spin_range} but {parameter} is within [{low}, {high}]")
+    return problems
+
+
+#: Widget classes Slicer's parameter-node GUI connectors bind (exact class), and the field types each can show.
+VALUE_WIDGET_TYPES = {
+    "QCheckBox": {"bool"},
+    "ctkCheckBox": {"bool"},
+    "QLineEdit": {"str"},
+    "QTextEdit": {"str"},
+    "QLabel": {"str"},
+    "QDoubleSpinBox": {"float", "int"},
+    "ctkSliderWidget": {"float", "int"},
+    "QSpinBox": {"int"},
+    "QSlider": {"int"},
+}
+
+
+def _value_type(annotation: str) -> str:
+    """``Annotated[float, WithinRange(0, 1)]`` -> ``float``."""
+    match = re.fullmatch(r"Annotated\[\s*(\w+)\s*,.*\]", annotation, flags=re.DOTALL)
+    return match.group(1) if match else annotation
+
+
+def unbound_parameter_problems(source: str, ui_path: Path) -> list[str]:
+    """Parameter node fields that no widget binds, or that more than one widget binds."""
+    bindings: dict[str, list[str]] = {}
+    for name, widget in ui_widgets(ui_path).items():
+        prop = widget_property(widget, "SlicerParameterName")
+        if prop is not None:
+            bindings.setdefault(prop.findtext("string"), []).append(name)
+    problems = []
+    for field_name in parameter_node_fields(source):
+        widgets = bindings.get(field_name, [])
+        if len(widgets) != 1:
+            problems.append(f"parameter {field_name} is bound by {len(widgets)} widgets {widgets}, not one")
     return problems
 
 
@@ -300,9 +343,12 @@ def test_ui_file_is_a_designer_form_with_the_template_sections():
         for w in widgets.values()
         if w.get("class") == "ctkCollapsibleButton"
     }
-    assert sections == {"Inputs", "Outputs", "Advanced"}
+    assert sections == {"Segmentation", "Registration", "Advanced"}
     classes = {name: widget.get("class") for name, widget in widgets.items()}
     assert {"QPushButton", "QProgressBar", "QLabel", "QComboBox", "qMRMLNodeComboBox"} <= set(classes.values())
+    # The run log is read-only: it reports, the user does not edit it.
+    assert classes["logTextEdit"] == "QPlainTextEdit"
+    assert widget_property(widgets["logTextEdit"], "readOnly").findtext("bool") == "true"
     # Node selectors only get the scene through these connections from the root widget.
     connected = {
         c.findtext("receiver") for c in root.iter("connection") if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"
@@ -316,10 +362,39 @@ def test_every_widget_the_code_uses_exists_in_the_ui():
     assert ui_name_problems(source, UI_FILE) == []
 
 
+PANEL_PARAMETERS = {
+    # segmentation
+    "inputVolume", "inputVolume2", "inputVolume3", "inputVolume4", "modelName", "labelsToKeep",
+    "outputSegmentation", "probabilityMaps",
+    # registration
+    "fixedVolume", "movingVolume", "fixedMask", "movingMask", "movingSegmentation", "registrationPreset",
+    "outputTransform", "outputVolume", "registeredSegmentation", "inverseTransform", "showQualityReport",
+    # both
+    "device", "overlap", "mirroring",
+}  # fmt: skip
+
+
 def test_every_parameter_the_ui_binds_is_a_field_of_the_parameter_node():
     source = MODULE_FILE.read_text()
-    assert set(parameter_node_fields(source)) == {"inputVolume", "outputSegmentation", "device"}
+    assert set(parameter_node_fields(source)) == PANEL_PARAMETERS
     assert parameter_binding_problems(source, UI_FILE) == []
+
+
+def test_every_parameter_node_field_is_bound_by_exactly_one_widget():
+    """A field no widget shows is a setting the user cannot see; two widgets on one field fight over it."""
+    assert unbound_parameter_problems(MODULE_FILE.read_text(), UI_FILE) == []
+
+
+def test_the_panel_offers_exactly_the_registration_engines_presets(deepseg_module):
+    from DeepSegModuleLib.registration.presets import PRESETS, preset_names
+
+    assert deepseg_module.REGISTRATION_PRESETS == preset_names()
+    choice = deepseg_module.DeepSegModuleParameterNode.stubParameterTypes["registrationPreset"].__metadata__[0]
+    assert choice.choices == preset_names()
+    assert deepseg_module.DeepSegModuleParameterNode.registrationPreset in preset_names()
+    # The panel checks an existing output transform's kind before a run; it must agree with the presets.
+    linear = {name for name, config in PRESETS.items() if "deformable" not in config.stages}
+    assert set(deepseg_module.LINEAR_PRESETS) == linear
 
 
 def test_icon_is_a_128_pixel_square_png():
@@ -396,15 +471,39 @@ def test_ui_checks_catch_a_renamed_widget_and_an_unknown_parameter(broken_copy: 
     ui_path = broken_copy.parent / "Resources" / "UI" / f"{MODULE_NAME}.ui"
     text = ui_path.read_text()
     ui_path.write_text(
-        text.replace('name="applyButton"', 'name="runButton"').replace(
+        text.replace('name="segmentButton"', 'name="runButton"').replace(
             "<string>device</string>", "<string>devices</string>"
         )
     )
     source = MODULE_FILE.read_text()
     assert ui_name_problems(source, ui_path) == [
-        "self.ui.applyButton is used but DeepSegModule.ui has no widget named 'applyButton'"
+        "self.ui.segmentButton is used but DeepSegModule.ui has no widget named 'segmentButton'"
     ]
     assert any("'devices'" in problem for problem in parameter_binding_problems(source, ui_path))
+    assert unbound_parameter_problems(source, ui_path) == ["parameter device is bound by 0 widgets [], not one"]
+
+
+def test_ui_checks_catch_a_widget_that_cannot_show_its_parameter_and_a_doubly_bound_one(broken_copy: Path):
+    ui_path = broken_copy.parent / "Resources" / "UI" / f"{MODULE_NAME}.ui"
+    text = ui_path.read_text()
+    # A check box bound to the overlap (a float), and the model name bound a second time.
+    text = text.replace("<string>mirroring</string>", "<string>overlap</string>")
+    text = text.replace("<string>labelsToKeep</string>", "<string>modelName</string>")
+    ui_path.write_text(text)
+    source = MODULE_FILE.read_text()
+    problems = parameter_binding_problems(source, ui_path)
+    assert any("mirroringCheckBox is a QCheckBox" in problem for problem in problems), problems
+    unbound = unbound_parameter_problems(source, ui_path)
+    assert any(problem.startswith("parameter modelName is bound by 2 widgets") for problem in unbound), unbound
+    assert any(problem.startswith("parameter overlap is bound by 2 widgets") for problem in unbound), unbound
+    assert any(problem.startswith("parameter mirroring is bound by 0") for problem in unbound), unbound
+
+
+def test_ui_checks_catch_a_spin_box_range_that_differs_from_the_parameter_range(broken_copy: Path):
+    ui_path = broken_copy.parent / "Resources" / "UI" / f"{MODULE_NAME}.ui"
+    ui_path.write_text(ui_path.read_text().replace("<double>0.9</double>", "<double>0.99</double>"))
+    problems = parameter_binding_problems(MODULE_FILE.read_text(), ui_path)
+    assert problems == ["widget overlapSpinBox allows [0.0, 0.99] but overlap is within [0.0, 0.9]"]
 
 
 def test_parameter_check_catches_a_type_mismatch_and_a_missing_choice():
@@ -466,6 +565,11 @@ def test_parameter_node_types_resolve_as_slicers_wrapper_resolves_them(deepseg_m
     choice = parameter_types["device"].__metadata__[0]
     assert choice.choices == ["auto", "cpu", "cuda"]
     assert deepseg_module.DeepSegModuleParameterNode.device in choice.choices
+    for name in ("inputVolume2", "inputVolume3", "inputVolume4", "fixedVolume", "movingVolume", "outputVolume"):
+        assert parameter_types[name] is slicer.vtkMRMLScalarVolumeNode
+    for name in ("fixedMask", "movingMask", "movingSegmentation", "registeredSegmentation"):
+        assert parameter_types[name] is slicer.vtkMRMLSegmentationNode
+    assert parameter_types["outputTransform"] is slicer.vtkMRMLTransformNode
 
 
 def test_widget_and_logic_find_resources_where_the_module_loads_them(deepseg_module):

@@ -171,6 +171,7 @@ class DeepSegModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._runKind = None  # "segment" or "register"
         self._runStage = None
         self._pollTimer = None
+        self._importMenu = None
 
     def resourcePath(self, filename: str) -> str:
         """Absolute path of a resource; also used by the developer section's "Edit UI" button."""
@@ -198,12 +199,13 @@ class DeepSegModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.visible = False
         self.ui.statusLabel.text = ""
 
-        importMenu = qt.QMenu(self.ui.importModelButton)
-        importMenu.addAction(_("From a file (.zip or TorchScript)…"), self.onImportModelFile)
-        importMenu.addAction(
-            _("From a folder (MONAI bundle, nnU-Net, TorchScript with card)…"), self.onImportModelFolder
-        )
-        self.ui.importModelButton.setMenu(importMenu)
+        # One button, two dialogs: Qt's file dialog picks either files or folders, and models come as both.
+        self._importMenu = qt.QMenu(self.ui.importModelButton)
+        fileAction = self._importMenu.addAction(_("From a file (.zip or TorchScript)…"))
+        fileAction.connect("triggered()", self.onImportModelFile)
+        folderAction = self._importMenu.addAction(_("From a folder (MONAI bundle, nnU-Net, TorchScript with card)…"))
+        folderAction.connect("triggered()", self.onImportModelFolder)
+        self.ui.importModelButton.setMenu(self._importMenu)
         self.ui.modelComboBox.connect("activated(int)", self.onStoredModelChosen)
         self._refreshStoredModels()
 
@@ -243,7 +245,11 @@ class DeepSegModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         """The scene is about to be cleared: a run's result has nowhere to go, and the parameter node goes."""
         if self._run is not None:
+            # Dropped, not just cancelled: a job that has already finished would otherwise be applied by the next
+            # poll, into the new scene, from nodes of the old one.
             self._run.cancel()
+            self._endRun()
+            self._log(_("Run stopped: the scene was closed."))
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -305,7 +311,7 @@ class DeepSegModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.mainWindow(),
             _("Import a model file"),
             "",
-            _("Models (*.zip *.ts *.pt *.pth *.json);;All files (*)"),
+            _("Models (*.zip *.ts *.pt *.pth);;All files (*)"),
         )
         if path:
             self._importModel(path)

@@ -17,7 +17,13 @@ from DeepSegModuleLib.models import (
     ModelMismatchError,
     load_model,
 )
-from DeepSegModuleLib.segmentation import SegmentationCancelled, SegmentationOptions, VolumeArray, segment
+from DeepSegModuleLib.segmentation import (
+    SegmentationCancelled,
+    SegmentationOptions,
+    VolumeArray,
+    segment,
+    segment_with_models,
+)
 from segmentation_helpers import (
     EdgeAlongFirstAxis,
     Thresholder,
@@ -253,3 +259,39 @@ def test_mirroring_averages_flipped_predictions(tmp_path, sphere_case):
     mirrored = segment(volume, card, SegmentationOptions(device="cpu", mirroring=True), cache=cache)
     assert plain.labels.sum() > 0
     assert mirrored.labels.sum() < plain.labels.sum()
+
+
+def test_several_models_merge_into_one_segmentation(tmp_path):
+    # A sphere of 200 with a core of 400: the first model labels > 100 ("Sphere"), the second > 300
+    # ("Core", and a second "Sphere" that gets its model's name). Earlier models win overlapping voxels.
+    grid = oblique_grid()
+    center = grid_center(grid)
+    outer, outer_truth = sphere_volume(center, 9.0, grid, inside=200.0)
+    core, core_truth = sphere_volume(center, 5.0, grid, inside=400.0)
+    volume = VolumeArray(np.maximum(outer.array, core.array), outer.ijk_to_ras)
+    first = write_torchscript_model(tmp_path / "first", Thresholder(threshold=100.0), {"name": "Whole"})
+    second_labels = [{"value": 1, "name": "Core", "color": [0, 0, 1]}, {"value": 2, "name": "Sphere"}]
+    second = write_torchscript_model(
+        tmp_path / "second", Thresholder(threshold=300.0, classes=3), {"name": "Parts", "labels": second_labels}
+    )
+    cache = ModelCache()
+    merged = segment_with_models(volume, [first, second], CPU, cache=cache)
+    assert [(i.value, i.name) for i in merged.label_table] == [(1, "Sphere"), (2, "Core"), (3, "Parts: Sphere")]
+    assert merged.label_table[1].color == (0.0, 0.0, 1.0)
+    assert dice(merged.labels == 1, outer_truth) > 0.95  # the first model keeps its voxels
+    assert not (merged.labels == 2).any()  # the core lies inside the first model's sphere
+    again = segment_with_models(volume, [first, second], CPU, cache=cache)
+    assert again.model_from_cache and cache.loads == 2
+
+    core_first = segment_with_models(volume, [second, first], SegmentationOptions(device="cpu", labels=["Core"]))
+    assert [i.name for i in core_first.label_table] == ["Core"]
+    assert dice(core_first.labels == 1, core_truth) > 0.85
+
+
+def test_image_smaller_than_the_patch_is_padded(tmp_path):
+    grid = ((6, 9, 8), np.diag([1.5, 1.5, 1.5, 1.0]))
+    volume, truth = sphere_volume(np.array([5.0, 6.0, 4.0]), 3.5, grid)
+    card = write_torchscript_model(tmp_path, Thresholder(), {"patch_size": [32, 32, 32]})
+    result = segment(volume, card, CPU, cache=ModelCache())
+    assert result.labels.shape == volume.array.shape
+    assert dice(result.labels == 1, truth) > 0.9

@@ -15,6 +15,7 @@ from DeepSegModuleLib.segmentation.pipeline import (
     SegmentationResult,
     check_inputs,
     segment,
+    segment_with_models,
 )
 from DeepSegModuleLib.segmentation.volume import VolumeArray
 
@@ -25,4 +26,5 @@ __all__ = [
     "VolumeArray",
     "check_inputs",
     "segment",
+    "segment_with_models",
 ]

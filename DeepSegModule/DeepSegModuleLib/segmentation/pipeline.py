@@ -83,6 +83,7 @@ class SegmentationResult:
         model_from_cache: True when the model was already loaded.
         device: where the network ran in the end (after any fallback).
         messages: user-readable notes (fallbacks, skipped steps).
+        model_name: the model's name from its description.
     """
 
     labels: np.ndarray
@@ -94,6 +95,7 @@ class SegmentationResult:
     model_from_cache: bool = False
     device: str = "cpu"
     messages: list[str] = field(default_factory=list)
+    model_name: str = ""
 
 
 class Preprocessor(Protocol):
@@ -402,4 +404,97 @@ def segment(
         model_from_cache=from_cache,
         device=str(loaded.device),
         messages=messages,
+        model_name=description.name,
+    )
+
+
+def segment_with_models(
+    images: VolumeArray | Sequence[Any],
+    models: Sequence[LoadedModel | str | os.PathLike],
+    options: SegmentationOptions | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+    cache: ModelCache | None = None,
+) -> SegmentationResult:
+    """Runs several models on the same images and merges their labels into one label map.
+
+    This is how several task folders (e.g. TotalSegmentator's organ, vessel and bone tasks) become one
+    segmentation. Label values are renumbered 1..N in model order; a name that an earlier model already
+    used gets the later model's name in front (``"<model>: <label>"``). Where two models label the same
+    voxel, the earlier model wins. ``options.labels`` (by name) selects across all models.
+
+    Args:
+        images: as for :func:`segment`.
+        models: loaded models or paths, in priority order.
+        options: as for :func:`segment`; label selections are by name.
+        progress: called as ``progress(stage, fraction)``; stages are prefixed with ``"model i/n: "``.
+        cancel: as for :func:`segment`.
+        cache: the model cache; it is enlarged to hold every model so repeated runs load nothing.
+
+    Returns:
+        One :class:`SegmentationResult`; timings are summed per stage.
+    """
+    if not models:
+        raise ValueError("give at least one model")
+    options = options or SegmentationOptions()
+    cache = cache if cache is not None else default_cache
+    cache.max_models = max(cache.max_models, len(models))
+    wanted = {str(name).lower() for name in options.labels} if options.labels is not None else None
+    merged: np.ndarray | None = None
+    table: list[LabelInfo] = []
+    probabilities: dict[int, np.ndarray] = {}
+    timings: dict[str, float] = {}
+    messages: list[str] = []
+    peak: dict[str, int] = {}
+    all_cached = True
+    result = None
+    names: list[str] = []
+    for index, model in enumerate(models):
+        prefix = f"model {index + 1}/{len(models)}: "
+        run_options = SegmentationOptions(**{**options.__dict__, "labels": None})
+        result = segment(
+            images,
+            model,
+            run_options,
+            progress=(lambda stage, fraction, p=prefix: progress(p + stage, fraction)) if progress else None,
+            cancel=cancel,
+            cache=cache,
+        )
+        all_cached = all_cached and result.model_from_cache
+        model_name = result.model_name or f"model {index + 1}"
+        names.append(model_name)
+        if merged is None:
+            merged = np.zeros(result.labels.shape, dtype=np.uint16)
+        taken = {info.name for info in table}
+        for info in result.label_table:
+            name = info.name if info.name not in taken else f"{model_name}: {info.name}"
+            if wanted is not None and info.name.lower() not in wanted and name.lower() not in wanted:
+                continue
+            value = len(table) + 1
+            table.append(LabelInfo(value=value, name=name, color=info.color, terminology=info.terminology))
+            merged[(result.labels == info.value) & (merged == 0)] = value
+            if info.value in result.probabilities:
+                probabilities[value] = result.probabilities[info.value]
+        for stage, seconds in result.timings.items():
+            timings[stage] = timings.get(stage, 0.0) + seconds
+        for key, value in result.peak_memory.items():
+            peak[key] = max(peak.get(key, 0), value)
+        messages.extend(prefix + line for line in result.messages)
+    if wanted is not None:
+        found = {info.name.lower() for info in table} | {info.name.split(": ", 1)[-1].lower() for info in table}
+        missing = sorted(wanted - found)
+        if missing:
+            raise ValueError(f"no model has labels named {missing}")
+    dtype = np.uint8 if len(table) < 256 else np.uint16
+    return SegmentationResult(
+        labels=merged.astype(dtype),
+        ijk_to_ras=result.ijk_to_ras,
+        label_table=table,
+        probabilities=probabilities,
+        timings=timings,
+        peak_memory=peak,
+        model_from_cache=all_cached,
+        device=result.device,
+        messages=messages,
+        model_name=" + ".join(names),
     )

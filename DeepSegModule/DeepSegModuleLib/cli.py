@@ -156,12 +156,14 @@ def resolve_model(model: str | None) -> Path:
     )
 
 
-def _logic(context):
+def _logic(worker=None):
+    """A factory of logics on a context; one case per command runs the engine in this process, while a batch
+    passes its persistent worker so the model stays loaded from case to case."""
     from .jobs import InProcessWorker
     from .logic import DeepSegLogic
 
-    # One run per command: the engine runs in this process (a persistent worker pays off in the panel and batch).
-    return DeepSegLogic(context, InProcessWorker())
+    shared = worker or InProcessWorker()
+    return lambda context: DeepSegLogic(context, shared)
 
 
 def _progress_printer(quiet: bool):
@@ -196,9 +198,6 @@ def segment(
 
     Example: deepseg segment --model brain --input T1.nii.gz --output brain.seg.nrrd
     """
-    from . import nodes, storage
-    from .context import SceneContext
-
     with _reported(as_json):
         if device not in ("auto", "cpu", "cuda"):
             raise CommandError(f"--device must be auto, cpu or cuda, not {device!r}")
@@ -210,49 +209,66 @@ def segment(
             _check_input(path, "input")
         model_path = resolve_model(model)
 
-        context = SceneContext.headless()
-        volumes = [storage.load_volume(context, path) for path in inputs]
-        keep = [name.strip() for name in labels.split(",") if name.strip()] if labels else None
-        run = _logic(context).start_segment(
-            volumes, str(model_path), labels=keep, probabilities=probabilities is not None, device=device,
-            overlap=overlap, mirroring=tta, on_event=_progress_printer(as_json),
+        summary = segment_files(
+            _logic(), inputs, output, model_path, device=device, labels=labels, probabilities=probabilities,
+            tta=tta, overlap=overlap, preview=preview, on_event=_progress_printer(as_json),
         )
-        outcome = run.wait()
-        data = outcome.data
-        with _all_or_nothing() as written:
-            if _suffix(output) == SEGMENTATION_SUFFIX:
-                storage.save_node(context, outcome.nodes["segmentation"], written.add(output))
-            else:
-                storage.save_array_like_file(written.add(output), data["labels"], data["ijk_to_ras"], like=inputs[0])
-            probability_files = {}
-            if probabilities is not None:
-                probabilities.mkdir(parents=True, exist_ok=True)
-                for key, node in outcome.nodes.items():
-                    if key.startswith("probability "):
-                        name = key.removeprefix("probability ")
-                        path = written.add(probabilities / f"{_file_safe(name)}.nii.gz")
-                        probability_files[name] = str(storage.save_node(context, node, path))
-            if preview is not None:
-                from .preview import write_preview
-
-                image, grid = nodes.volume_to_array(volumes[0])
-                write_preview(written.add(preview), image, grid, data["labels"], data["label_table"],
-                              title=f"{inputs[0].name}: {model_path.name}")
-
-        voxel_ml = abs(np.linalg.det(data["ijk_to_ras"][:3, :3])) / 1000.0
-        segments = {info.name: round(float((data["labels"] == info.value).sum()) * voxel_ml, 2) for info in data["label_table"]}
-        summary = {
-            "output": str(output),
-            "model": str(model_path),
-            "segments_ml": segments,
-            "probabilities": probability_files,
-            **outcome.report,
-        }
-        lines = [f"  {name:<30s} {volume:10.2f} ml" for name, volume in segments.items()]
-        lines += [f"  {stage:<30s} {seconds:8.2f} s" for stage, seconds in outcome.report.get("timings_s", {}).items()]
-        lines += [f"  note: {message}" for message in outcome.report.get("messages", [])]
+        lines = [f"  {name:<30s} {volume:10.2f} ml" for name, volume in summary["segments_ml"].items()]
+        lines += [f"  {stage:<30s} {seconds:8.2f} s" for stage, seconds in summary.get("timings_s", {}).items()]
+        lines += [f"  note: {message}" for message in summary.get("messages", [])]
         lines.append(f"wrote {output}")
         _emit(summary, as_json, lines)
+
+
+def segment_files(
+    logic_factory, inputs: list[Path], output: Path, model_path: Path, *, device: str = "auto",
+    labels: str | None = None, probabilities: Path | None = None, tta: bool = False, overlap: float | None = None,
+    preview: Path | None = None, on_event=None,
+) -> dict[str, Any]:
+    """One case: reads ``inputs``, segments with ``model_path``, writes ``output`` (and the extras); all or nothing.
+
+    ``logic_factory(context)`` gives the :class:`DeepSegLogic` to run with (its worker may be shared by cases).
+    """
+    from . import nodes, storage
+    from .context import SceneContext
+
+    context = SceneContext.headless()
+    volumes = [storage.load_volume(context, path) for path in inputs]
+    keep = [name.strip() for name in labels.split(",") if name.strip()] if labels else None
+    run = logic_factory(context).start_segment(
+        volumes, str(model_path), labels=keep, probabilities=probabilities is not None, device=device,
+        overlap=overlap, mirroring=tta, on_event=on_event,
+    )
+    outcome = run.wait()
+    data = outcome.data
+    with _all_or_nothing() as written:
+        if _suffix(output) == SEGMENTATION_SUFFIX:
+            storage.save_node(context, outcome.nodes["segmentation"], written.add(output))
+        else:
+            storage.save_array_like_file(written.add(output), data["labels"], data["ijk_to_ras"], like=inputs[0])
+        probability_files = {}
+        if probabilities is not None:
+            probabilities.mkdir(parents=True, exist_ok=True)
+            for key, node in outcome.nodes.items():
+                if key.startswith("probability "):
+                    name = key.removeprefix("probability ")
+                    path = written.add(probabilities / f"{_file_safe(name)}.nii.gz")
+                    probability_files[name] = str(storage.save_node(context, node, path))
+        if preview is not None:
+            from .preview import write_preview
+
+            image, grid = nodes.volume_to_array(volumes[0])
+            write_preview(written.add(preview), image, grid, data["labels"], data["label_table"],
+                          title=f"{inputs[0].name}: {model_path.name}")
+    voxel_ml = abs(np.linalg.det(data["ijk_to_ras"][:3, :3])) / 1000.0
+    segments = {info.name: round(float((data["labels"] == info.value).sum()) * voxel_ml, 2) for info in data["label_table"]}
+    return {
+        "output": str(output),
+        "model": str(model_path),
+        "segments_ml": segments,
+        "probabilities": probability_files,
+        **outcome.report,
+    }
 
 
 def _file_safe(name: str) -> str:
@@ -312,7 +328,7 @@ def register(
                 return storage.load_segmentation(context, path)
             return storage.load_volume(context, path, labelmap=True)
 
-        run = _logic(context).start_register(
+        run = _logic()(context).start_register(
             fixed_node, moving_node, preset=preset, fixed_mask=load_labels(fixed_mask),
             moving_mask=load_labels(moving_mask), moving_segmentation=load_labels(moving_segmentation),
             inverse=inverse_transform is not None, device=device, on_event=_progress_printer(as_json),
@@ -453,6 +469,147 @@ def models_remove(name: str = typer.Argument(...), as_json: bool = typer.Option(
     with _reported(as_json):
         ModelStore().remove(name)
         _emit({"removed": name}, as_json, [f"removed {name}"])
+
+
+# ------------------------------------------------------------------------------------------------ batch
+
+batch_app = typer.Typer(help="Run over a cohort: resumable, one failed case does not stop the others.", no_args_is_help=True)
+app.add_typer(batch_app, name="batch")
+
+
+def _print_table(results, as_json: bool, title: str) -> None:
+    from .batch import iter_rows
+
+    if as_json:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("case", "status", "seconds", "details"):
+        table.add_column(column, overflow="fold")
+    for row in iter_rows(results):
+        table.add_row(*row)
+    Console(stderr=False, width=160).print(table)
+
+
+def _finish_batch(results, as_json: bool, title: str) -> None:
+    from dataclasses import asdict
+
+    _print_table(results, as_json, title)
+    failed = [result.name for result in results if result.status == "failed"]
+    summary = {"cases": [asdict(result) for result in results], "failed": failed}
+    if as_json:
+        typer.echo(json.dumps({"ok": not failed, **summary}, indent=2, default=_json_default))
+    if failed:
+        if not as_json:
+            typer.echo(f"deepseg: error: {len(failed)} of {len(results)} case(s) failed: {', '.join(failed)}", err=True)
+        raise typer.Exit(code=1)
+
+
+@batch_app.command("segment")
+def batch_segment(
+    cases: Path = typer.Option(..., help="A folder of images (one case each) or a CSV: case,input[,input2,...]."),
+    output_dir: Path = typer.Option(..., help="Outputs go here as <case>.seg.nrrd (or --format nii.gz)."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Model folder/file, or a name in the model store."),
+    output_format: str = typer.Option("seg.nrrd", "--format", help="seg.nrrd (segments) or nii.gz (label maps)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    labels: str | None = typer.Option(None, help="Comma-separated label names to keep."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
+) -> None:
+    """Segment every case; a re-run skips finished cases.
+
+    Example: deepseg batch segment --model brain --cases scans/ --output-dir results/
+    """
+    from .batch import read_cases, run_cases
+    from .jobs import ProcessWorker
+
+    with _reported(as_json):
+        if output_format not in ("seg.nrrd", "nii.gz"):
+            raise CommandError("--format must be seg.nrrd or nii.gz")
+        model_path = resolve_model(model)
+        case_list = read_cases(cases, ("input",), optional=tuple(f"input{n}" for n in range(2, 9)))
+        output_dir.mkdir(parents=True, exist_ok=True)
+        worker = ProcessWorker()  # one process for the cohort: the model is loaded once
+
+        def process(case, outputs):
+            inputs = [case.files[key] for key in ("input", *[f"input{n}" for n in range(2, 9)]) if key in case.files]
+            for path in inputs:
+                _check_input(path, f"input of case {case.name}")
+            summary = segment_files(_logic(worker), inputs, outputs["segmentation"], model_path, device=device, labels=labels)
+            return {name: f"{volume} ml" for name, volume in summary["segments_ml"].items()}
+
+        def report(result):
+            if not as_json:
+                typer.echo(f"  {result.name}: {result.status}" + (f" ({result.error})" if result.error else ""), err=True)
+
+        try:
+            results = run_cases(
+                case_list, output_dir, lambda case: {"segmentation": output_dir / f"{case.name}.{output_format}"},
+                process, report,
+            )
+        finally:
+            worker.shutdown()
+    _finish_batch(results, as_json, f"deepseg batch segment: {len(results)} case(s)")
+
+
+@batch_app.command("register")
+def batch_register(
+    cases: Path = typer.Option(..., help="A CSV: case,fixed,moving[,moving_segmentation]."),
+    output_dir: Path = typer.Option(..., help="<case>.h5 (+ <case>.nrrd, <case>.seg.nrrd) go here."),
+    preset: str = typer.Option("deformable fast", help="rigid, affine, deformable fast, deformable accurate, multimodal."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
+) -> None:
+    """Register every case's moving image to its fixed image; a re-run skips finished cases.
+
+    Example: deepseg batch register --cases pairs.csv --output-dir transforms/ --preset affine
+    """
+    from .batch import read_cases, run_cases
+    from .registration import preset_names
+
+    with _reported(as_json):
+        if preset not in preset_names():
+            raise CommandError(f"unknown preset {preset!r}: choose one of {', '.join(preset_names())}")
+        case_list = read_cases(cases, ("fixed", "moving"), optional=("moving_segmentation",))
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+        def outputs_of(case):
+            outputs = {"transform": output_dir / f"{case.name}.h5", "volume": output_dir / f"{case.name}.nrrd"}
+            if "moving_segmentation" in case.files:
+                outputs["segmentation"] = output_dir / f"{case.name}.seg.nrrd"
+            return outputs
+
+        def process(case, outputs):
+            argv = ["register", "--fixed", case.files["fixed"], "--moving", case.files["moving"], "--preset", preset,
+                    "--device", device, "--output-transform", outputs["transform"], "--output-volume", outputs["volume"],
+                    "--json"]
+            if "segmentation" in outputs:
+                argv += ["--moving-segmentation", case.files["moving_segmentation"],
+                         "--output-segmentation", outputs["segmentation"]]
+            return _run_quietly(argv)
+
+        results = run_cases(case_list, output_dir, outputs_of, process)
+    _finish_batch(results, as_json, f"deepseg batch register: {len(results)} case(s)")
+
+
+def _run_quietly(argv: list) -> dict[str, Any]:
+    """Runs one ``deepseg`` command in this process and returns its JSON summary (raises on failure)."""
+    import contextlib
+    import io
+
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        code = main([str(arg) for arg in argv])
+    text = captured.getvalue().strip()
+    payload = json.loads(text) if text.startswith("{") else {"error": text}
+    if code != 0:
+        raise RuntimeError(payload.get("error", f"exit code {code}"))
+    quality = payload.get("quality", {})
+    summary = {key: quality[key] for key in ("folding_percent", "log_jacobian_std") if quality.get(key) is not None}
+    if isinstance(quality.get("runtime_s"), dict) and "total" in quality["runtime_s"]:
+        summary["engine_s"] = round(quality["runtime_s"]["total"], 2)
+    return summary
 
 
 # ------------------------------------------------------------------------------------------------ demo, version

@@ -203,3 +203,57 @@ def test_bad_input_is_one_line_non_zero_and_leaves_no_output(tmp_path, capsys, s
         assert code == 1, (argv, out, err)
         assert len(lines) == 1 and message in lines[0], (argv, err)
     assert sorted(path.name for path in tmp_path.iterdir()) == before
+
+
+def test_batch_segment_is_resumable_and_survives_a_bad_case(tmp_path, capsys, sphere_model, sphere_image):
+    image, truth, _ = sphere_image
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for name in ("case-a", "case-b"):
+        shutil.copy(image, scans / f"{name}.nii.gz")
+    (scans / "case-c.nii.gz").write_text("damaged")
+    results = tmp_path / "results"
+
+    code, out, err = run(capsys, "batch", "segment", "--model", sphere_model.parent, "--cases", scans,
+                         "--output-dir", results, "--format", "nii.gz", "--device", "cpu", "--json")
+    assert code == 1  # one case failed ...
+    summary = json.loads(out)
+    status = {case["name"]: case["status"] for case in summary["cases"]}
+    assert status == {"case-a": "done", "case-b": "done", "case-c": "failed"}  # ... and did not stop the others
+    assert summary["failed"] == ["case-c"]
+    assert not (results / "case-c.nii.gz").exists()
+    written = nibabel.load(str(results / "case-a.nii.gz"))
+    assert dice(np.asarray(written.dataobj).transpose(2, 1, 0) == 1, truth) > 0.9
+
+    shutil.copy(image, scans / "case-c.nii.gz")  # the user fixes the damaged file and runs again
+    code, out, err = run(capsys, "batch", "segment", "--model", sphere_model.parent, "--cases", scans,
+                         "--output-dir", results, "--format", "nii.gz", "--device", "cpu", "--json")
+    assert code == 0, err
+    status = {case["name"]: case["status"] for case in json.loads(out)["cases"]}
+    assert status == {"case-a": "skipped", "case-b": "skipped", "case-c": "done"}
+
+    code, out, err = run(capsys, "batch", "segment", "--model", sphere_model.parent, "--cases", scans,
+                         "--output-dir", results, "--format", "nii.gz")
+    assert code == 0 and "case-c" in out and "skipped" in out  # the summary table
+
+
+def test_batch_register_from_a_csv(tmp_path, capsys):
+    spacing = np.diag([3.0, 3.0, 3.0, 1.0])
+    grid = ((20, 20, 20), spacing)
+    centre = np.array([28.5, 28.5, 28.5])
+    fixed, _ = sphere_volume(centre, 12.0, grid)
+    rows = ["case,fixed,moving"]
+    for name, shift in (("p1", [3.0, 0.0, 0.0]), ("p2", [0.0, -3.0, 3.0])):
+        moving, _ = sphere_volume(centre + shift, 12.0, grid)
+        sitk.WriteImage(nodes.array_to_sitk(gaussian_filter(moving.array, 1.0), spacing), str(tmp_path / f"{name}.nrrd"))
+        rows.append(f"{name},fixed.nrrd,{name}.nrrd")
+    sitk.WriteImage(nodes.array_to_sitk(gaussian_filter(fixed.array, 1.0), spacing), str(tmp_path / "fixed.nrrd"))
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+
+    code, out, err = run(capsys, "batch", "register", "--cases", tmp_path / "pairs.csv", "--output-dir",
+                         tmp_path / "out", "--preset", "rigid", "--device", "cpu", "--json")
+    assert code == 0, err
+    assert [case["status"] for case in json.loads(out)["cases"]] == ["done", "done"]
+    transform = sitk.ReadTransform(str(tmp_path / "out" / "p2.h5"))
+    moved = np.array(transform.TransformPoint((centre * LPS).tolist())) * LPS
+    np.testing.assert_allclose(moved, centre + [0.0, -3.0, 3.0], atol=1.0)

@@ -209,6 +209,11 @@ def test_inverse_from_negated_velocity_undoes_the_mapping(deformable_case):
     # The inverse of the deformable part alone composes to the identity as well.
     inverse_deformable = result.inverse_displacement_ras()
     assert inverse_deformable is not None and inverse_deformable.shape == result.displacement_ras.shape
+    displaced = (case["points"] + result.displacement_ras)[brain]
+    undone = displaced + np.stack(
+        [sample_at_ras(inverse_deformable[..., c], result.fixed_ijk_to_ras, displaced) for c in range(3)], axis=-1
+    )
+    assert np.median(np.linalg.norm(undone - case["points"][brain], axis=-1)) < 0.2 * FIXED_SPACING_MM
 
 
 def test_quality_report_has_dice_landmarks_runtime_and_memory(deformable_case, mni):
@@ -223,6 +228,9 @@ def test_quality_report_has_dice_landmarks_runtime_and_memory(deformable_case, m
     assert quality.landmark_error_mm["median"] < 1.5 < quality.landmark_error_mm["median_before"]
     assert quality.log_jacobian_std is not None and 0 < quality.log_jacobian_std < 0.5
     assert quality.quality_mask == "fixed foreground"
+    determinant = result.jacobian_determinant()
+    assert determinant.shape == case["fixed"].shape
+    assert float(determinant.min()) <= quality.jacobian_min <= 1.0 <= quality.jacobian_max <= float(determinant.max())
     for stage in ("initial alignment", "rigid", "affine", "deformable", "resampling", "total"):
         assert quality.runtime_s[stage] >= 0
     assert quality.peak_memory_mb is not None and quality.peak_memory_mb > 0

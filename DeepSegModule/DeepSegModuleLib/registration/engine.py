@@ -31,7 +31,14 @@ from .geometry import (
     rotation_matrix,
 )
 from .presets import RegistrationConfig, get_preset, with_overrides
-from .quality import QualityReport, deformation_quality, dice_per_label, landmark_errors, peak_memory
+from .quality import (
+    QualityReport,
+    deformation_quality,
+    dice_per_label,
+    jacobian_determinant,
+    landmark_errors,
+    peak_memory,
+)
 from .similarity import (
     WeightedLocalNCCLoss,
     WeightedMutualInformationLoss,
@@ -120,13 +127,19 @@ class RegistrationResult:
         deformable parts together.
         """
         fixed_grid = Grid(self.fixed_shape, self.fixed_ijk_to_ras)
-        points = grid_points(fixed_grid, np.eye(4), torch.device("cpu")).numpy().astype(np.float64)
-        if self.displacement_ras is not None:
-            points_displaced = points + self.displacement_ras
-        else:
-            points_displaced = points
-        mapped = points_displaced @ self.fixed_to_moving_ras[:3, :3].T + self.fixed_to_moving_ras[:3, 3]
-        return (mapped - points).astype(np.float32)
+        linear = self.fixed_to_moving_ras
+        total = np.empty((*self.fixed_shape, 3), dtype=np.float32)
+        for start, stop in _slabs(fixed_grid):
+            points = grid_points(fixed_grid, np.eye(4), torch.device("cpu"), (start, stop)).numpy().astype(np.float64)
+            displaced = points if self.displacement_ras is None else points + self.displacement_ras[start:stop]
+            total[start:stop] = displaced @ linear[:3, :3].T + linear[:3, 3] - points
+        return total
+
+    def jacobian_determinant(self) -> np.ndarray | None:
+        """det J of the deformable part ``p -> p + d(p)`` on the fixed grid (a volume to show), or ``None``."""
+        if self.displacement_ras is None:
+            return None
+        return jacobian_determinant(self.displacement_ras, self.fixed_ijk_to_ras)
 
     def transform_points_ras(self, points_ras: np.ndarray) -> np.ndarray:
         """Map fixed-space RAS points to moving space with ``phi`` (``d`` is trilinear, zero outside the grid).
@@ -173,15 +186,19 @@ class RegistrationResult:
             tuple(grid_shape) if grid_shape is not None else self.moving_shape,  # type: ignore[arg-type]
             np.asarray(grid_ijk_to_ras if grid_ijk_to_ras is not None else self.moving_ijk_to_ras, dtype=np.float64),
         )
-        points = grid_points(grid, np.eye(4), torch.device("cpu")).numpy().astype(np.float64)
         inverse_linear = self.moving_to_fixed_ras
-        fixed_points = points @ inverse_linear[:3, :3].T + inverse_linear[:3, 3]
         inverse_field = self.inverse_displacement_ras()
-        if inverse_field is not None:
-            fixed_points = fixed_points + _sample_field(
-                inverse_field, Grid(self.fixed_shape, self.fixed_ijk_to_ras), fixed_points.reshape(-1, 3)
-            ).reshape(fixed_points.shape)
-        return (fixed_points - points).astype(np.float32)
+        fixed_grid = Grid(self.fixed_shape, self.fixed_ijk_to_ras)
+        total = np.empty((*grid.shape, 3), dtype=np.float32)
+        for start, stop in _slabs(grid):
+            points = grid_points(grid, np.eye(4), torch.device("cpu"), (start, stop)).numpy().astype(np.float64)
+            fixed_points = points @ inverse_linear[:3, :3].T + inverse_linear[:3, 3]
+            if inverse_field is not None:
+                fixed_points = fixed_points + _sample_field(
+                    inverse_field, fixed_grid, fixed_points.reshape(-1, 3)
+                ).reshape(fixed_points.shape)
+            total[start:stop] = fixed_points - points
+        return total
 
     def resample(self, moving_array: np.ndarray, interpolation: str = "linear") -> np.ndarray:
         """Resample another image on the moving grid (e.g. a second channel) onto the fixed grid with ``phi``.
@@ -891,10 +908,8 @@ def _resample_full(
     to_normalized = torch.as_tensor(
         moving_grid.ras_to_normalized() @ fixed_to_moving_ras, dtype=torch.float32, device=device
     )
-    slab = max(1, _SLAB_VOXELS // (fixed_grid.shape[1] * fixed_grid.shape[2]))
     output = np.empty(fixed_grid.shape, dtype=np.float32)
-    for k_start in range(0, fixed_grid.shape[0], slab):
-        k_stop = min(k_start + slab, fixed_grid.shape[0])
+    for k_start, k_stop in _slabs(fixed_grid):
         points = grid_points(fixed_grid, np.eye(4), device, (k_start, k_stop))
         if displacement_ras is not None:
             points = points + displacement_ras[k_start:k_stop].to(device)
@@ -903,6 +918,12 @@ def _resample_full(
             values = F.grid_sample(moving, normalized, mode=mode, padding_mode="zeros", align_corners=True)
         output[k_start:k_stop] = values[0, 0].cpu().numpy()
     return output
+
+
+def _slabs(grid: Grid) -> list[tuple[int, int]]:
+    """(start, stop) ranges along k of about ``_SLAB_VOXELS`` voxels each."""
+    slab = max(1, _SLAB_VOXELS // (grid.shape[1] * grid.shape[2]))
+    return [(start, min(start + slab, grid.shape[0])) for start in range(0, grid.shape[0], slab)]
 
 
 def _sample_field(field_ras: np.ndarray, grid: Grid, points_ras: np.ndarray) -> np.ndarray:

@@ -13,6 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
+# Voxels per slab when deriving Jacobians (bounds memory on large grids).
+_SLAB_VOXELS = 2_000_000
+
 
 @dataclass
 class QualityReport:
@@ -73,11 +76,25 @@ def jacobian_determinant(displacement_ras: np.ndarray, ijk_to_ras: np.ndarray) -
     Raises:
         ValueError: Wrong shape.
     """
-    field_ras = np.asarray(displacement_ras, dtype=np.float32)
+    field_ras = np.asarray(displacement_ras)
     if field_ras.ndim != 4 or field_ras.shape[-1] != 3:
         raise ValueError(f"displacement_ras must have shape (k, j, i, 3), got {field_ras.shape}")
     ras_to_ijk_linear = np.linalg.inv(np.asarray(ijk_to_ras, dtype=np.float64)[:3, :3]).astype(np.float32)
-    field_ijk = field_ras @ ras_to_ijk_linear.T  # components (di, dj, dk) in voxels
+    depth = field_ras.shape[0]
+    determinant = np.empty(field_ras.shape[:3], dtype=np.float32)
+    # Slabs along k with one voxel of overlap give exactly the whole-array central differences while
+    # keeping the nine derivative arrays small on 512^3 grids.
+    slab = max(1, _SLAB_VOXELS // max(field_ras.shape[1] * field_ras.shape[2], 1))
+    for start in range(0, depth, slab):
+        stop = min(start + slab, depth)
+        low, high = max(start - 1, 0), min(stop + 1, depth)
+        block = _determinant_block(field_ras[low:high].astype(np.float32) @ ras_to_ijk_linear.T)
+        determinant[start:stop] = block[start - low : start - low + (stop - start)]
+    return determinant
+
+
+def _determinant_block(field_ijk: np.ndarray) -> np.ndarray:
+    """det(I + grad d) for a (k, j, i, 3) block whose components are (di, dj, dk) in voxels."""
     # Array axes are (k, j, i); voxel coordinate x_b for b = i, j, k lives on array axis 2 - b.
     gradients = [
         [
@@ -89,12 +106,11 @@ def jacobian_determinant(displacement_ras: np.ndarray, ijk_to_ras: np.ndarray) -
         for a in range(3)
     ]
     j = [[gradients[a][b] + (1.0 if a == b else 0.0) for b in range(3)] for a in range(3)]
-    det = (
+    return (
         j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
         - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
         + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0])
-    )
-    return det.astype(np.float32)
+    ).astype(np.float32)
 
 
 def deformation_quality(

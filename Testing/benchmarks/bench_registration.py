@@ -1,0 +1,348 @@
+"""Registration benchmark: DeepSeg against ANTs SyN (antspyx) and elastix (itk-elastix), side by side.
+
+Run by hand, not by CI::
+
+    pip install -e .[bench]
+    python Testing/benchmarks/bench_registration.py                 # every case and method
+    python Testing/benchmarks/bench_registration.py --methods deepseg-fast ants-syn --threads 2
+
+Every (case, method) runs in a fresh subprocess so that peak memory (process peak RSS; CUDA peak
+allocation for DeepSeg on a GPU) and runtime belong to that method alone; all methods get the same
+thread count. Accuracy is measured the same way for every tool: each warps three *coordinate
+images* (the moving grid's RAS x, y, z) onto the fixed grid with its own resampler, which gives,
+for every fixed voxel, the moving RAS point it samples -- the mapping ``phi`` -- with no convention
+of the tool's transform files involved (linear interpolation of a linear function is exact).
+
+Cases:
+    mni-known     MNI152 T1 (nilearn, 2 mm) moved by a known affine + smooth displacement (max 8 mm);
+                  error of ``phi`` against the truth inside the brain, Dice of the brain mask.
+    seg3d-to-mni  A real T1 head (../shared/data/mr_brain_seg3d, brain mask on its grid) registered to
+                  the MNI template; Dice of the propagated MNI brain mask against the real one.
+                  Skipped when ../shared/data is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+SHARED_DATA = REPOSITORY.parent / "shared" / "data"
+METHODS = ("deepseg-fast", "deepseg-accurate", "ants-affine", "ants-syn", "elastix-affine-bspline")
+CASES = ("mni-known", "seg3d-to-mni")
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Cases: (k, j, i) arrays + 4x4 IJK-to-RAS, like the engine's boundary
+
+
+def _voxel_centres_ras(shape, ijk_to_ras):
+    k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    ijk1 = np.stack([i, j, k, np.ones_like(i)], axis=-1).astype(np.float64)
+    return (ijk1 @ ijk_to_ras.T)[..., :3]
+
+
+def _sample(volume, ijk_to_ras, points, order=1):
+    from scipy import ndimage
+
+    ijk = (points - ijk_to_ras[:3, 3]) @ np.linalg.inv(ijk_to_ras[:3, :3]).T
+    return ndimage.map_coordinates(
+        volume, np.stack([ijk[..., 2], ijk[..., 1], ijk[..., 0]]), order=order, mode="grid-constant"
+    )
+
+
+def _mni():
+    from nilearn import datasets
+
+    template = datasets.load_mni152_template(resolution=2)
+    brain = datasets.load_mni152_brain_mask(resolution=2)
+    return (
+        np.asarray(template.get_fdata(), np.float32).transpose(2, 1, 0).copy(),
+        (np.asarray(brain.get_fdata()) > 0.5).transpose(2, 1, 0).astype(np.uint8),
+        np.asarray(template.affine, np.float64),
+    )
+
+
+def load_case(name: str) -> dict:
+    """Fixed/moving arrays and geometry, labels, and (for known answers) the true mapping."""
+    from scipy import ndimage
+
+    image, brain, ijk_to_ras = _mni()
+    if name == "mni-known":
+        points = _voxel_centres_ras(image.shape, ijk_to_ras)
+        centre = points[brain > 0].mean(axis=0)
+        ax, ay, az = np.deg2rad([5.0, -4.0, 6.0])
+        rotation = (
+            np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+            @ np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+            @ np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+        )
+        matrix = rotation @ np.diag([1.04, 0.97, 1.02])
+        translation = centre - matrix @ centre + np.array([4.0, -3.0, 5.0])
+        coarse = np.random.default_rng(0).normal(size=(5, 5, 5, 3))
+        displacement = np.stack(
+            [
+                ndimage.zoom(coarse[..., c], np.array(image.shape) / 5.0, order=3)[
+                    : image.shape[0], : image.shape[1], : image.shape[2]
+                ]
+                for c in range(3)
+            ],
+            axis=-1,
+        )
+        displacement *= 8.0 / np.linalg.norm(displacement, axis=-1).max()
+        truth = (points + displacement) @ matrix.T + translation
+        return {
+            "fixed": _sample(image, ijk_to_ras, truth, order=3).astype(np.float32),
+            "fixed_ijk_to_ras": ijk_to_ras,
+            "fixed_labels": (_sample(brain.astype(np.float32), ijk_to_ras, truth, order=0) > 0.5).astype(np.uint8),
+            "moving": image,
+            "moving_ijk_to_ras": ijk_to_ras,
+            "moving_labels": brain,
+            "truth": truth,
+            "evaluation_mask": _sample(brain.astype(np.float32), ijk_to_ras, truth, order=0) > 0.5,
+        }
+    if name == "seg3d-to-mni":
+        import nibabel as nib
+        import SimpleITK as sitk
+
+        folder = SHARED_DATA / "mr_brain_seg3d"
+        if not folder.exists():
+            raise FileNotFoundError(f"{folder} is absent (it is shared sample data, not part of the repository)")
+        head = nib.load(str(folder / "MR.nii.gz"))
+        mask_image = sitk.ReadImage(str(folder / "Brain.nrrd"))
+        mask = sitk.GetArrayFromImage(mask_image) > 0  # SimpleITK arrays are (k, j, i)
+        head_array = np.asarray(head.get_fdata(), np.float32).transpose(2, 1, 0).copy()
+        if mask.shape != head_array.shape:
+            raise ValueError(f"brain mask {mask.shape} and head {head_array.shape} grids differ")
+        return {
+            "fixed": head_array,
+            "fixed_ijk_to_ras": np.asarray(head.affine, np.float64),
+            "fixed_labels": mask.astype(np.uint8),
+            "moving": image,
+            "moving_ijk_to_ras": ijk_to_ras,
+            "moving_labels": brain,
+            "truth": None,
+            "evaluation_mask": mask,
+        }
+    raise ValueError(f"unknown case {name!r}; choose from {CASES}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods: each returns phi on the fixed grid ((k, j, i, 3) moving RAS points) and propagated labels
+
+
+def run_deepseg(case: dict, preset: str, device: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    from DeepSegModuleLib.registration import register
+
+    result = register(
+        case["fixed"],
+        case["fixed_ijk_to_ras"],
+        case["moving"],
+        case["moving_ijk_to_ras"],
+        preset,
+        device=device,
+        moving_labels=case["moving_labels"],
+    )
+    points = _voxel_centres_ras(case["fixed"].shape, case["fixed_ijk_to_ras"])
+    extra = {"folding_percent_engine": result.quality.folding_percent, "stage_s": result.quality.runtime_s}
+    if result.quality.peak_memory_kind == "cuda_max_memory_allocated":
+        extra["cuda_peak_mb"] = result.quality.peak_memory_mb
+    return points + result.total_displacement_ras(), result.propagated_labels, extra
+
+
+def _coordinate_images(case: dict) -> list[np.ndarray]:
+    points = _voxel_centres_ras(case["moving"].shape, case["moving_ijk_to_ras"])
+    return [points[..., axis].astype(np.float32) for axis in range(3)]
+
+
+def _to_ants(array_kji: np.ndarray, ijk_to_ras: np.ndarray):
+    import ants
+
+    spacing = np.linalg.norm(ijk_to_ras[:3, :3], axis=0)
+    direction = (RAS_TO_LPS @ ijk_to_ras[:3, :3]) / spacing
+    return ants.from_numpy(
+        np.ascontiguousarray(array_kji.transpose(2, 1, 0)).astype(np.float32),
+        origin=tuple(RAS_TO_LPS @ ijk_to_ras[:3, 3]),
+        spacing=tuple(spacing),
+        direction=direction,
+    )
+
+
+def run_ants(case: dict, transform_type: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    import ants
+
+    fixed = _to_ants(case["fixed"], case["fixed_ijk_to_ras"])
+    moving = _to_ants(case["moving"], case["moving_ijk_to_ras"])
+    registration = ants.registration(fixed, moving, type_of_transform=transform_type)
+    transforms = registration["fwdtransforms"]
+    phi = np.stack(
+        [
+            ants.apply_transforms(fixed, _to_ants(coordinate, case["moving_ijk_to_ras"]), transforms, "linear")
+            .numpy()
+            .transpose(2, 1, 0)
+            for coordinate in _coordinate_images(case)
+        ],
+        axis=-1,
+    )
+    labels = ants.apply_transforms(
+        fixed,
+        _to_ants(case["moving_labels"].astype(np.float32), case["moving_ijk_to_ras"]),
+        transforms,
+        "nearestNeighbor",
+    )
+    return phi, labels.numpy().transpose(2, 1, 0).round().astype(np.uint8), {}
+
+
+def _to_itk(array_kji: np.ndarray, ijk_to_ras: np.ndarray):
+    import itk
+
+    image = itk.image_from_array(np.ascontiguousarray(array_kji, dtype=np.float32))
+    spacing = np.linalg.norm(ijk_to_ras[:3, :3], axis=0)
+    image.SetSpacing(spacing.tolist())
+    image.SetOrigin((RAS_TO_LPS @ ijk_to_ras[:3, 3]).tolist())
+    image.SetDirection(itk.matrix_from_array(np.ascontiguousarray((RAS_TO_LPS @ ijk_to_ras[:3, :3]) / spacing)))
+    return image
+
+
+def run_elastix(case: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+    import itk
+
+    fixed = _to_itk(case["fixed"], case["fixed_ijk_to_ras"])
+    moving = _to_itk(case["moving"], case["moving_ijk_to_ras"])
+    parameters = itk.ParameterObject.New()
+    parameters.AddParameterMap(parameters.GetDefaultParameterMap("affine"))
+    parameters.AddParameterMap(parameters.GetDefaultParameterMap("bspline"))
+    _, transform_parameters = itk.elastix_registration_method(
+        fixed, moving, parameter_object=parameters, log_to_console=False
+    )
+
+    def warp(array: np.ndarray, order: int) -> np.ndarray:
+        for index in range(transform_parameters.GetNumberOfParameterMaps()):
+            transform_parameters.SetParameter(index, "FinalBSplineInterpolationOrder", str(order))
+            transform_parameters.SetParameter(index, "DefaultPixelValue", "0")
+        return np.asarray(
+            itk.transformix_filter(_to_itk(array, case["moving_ijk_to_ras"]), transform_parameters), np.float32
+        )
+
+    phi = np.stack([warp(coordinate, 1) for coordinate in _coordinate_images(case)], axis=-1)
+    labels = warp(case["moving_labels"].astype(np.float32), 0).round().astype(np.uint8)
+    return phi, labels, {}
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics, one process per (case, method)
+
+
+def folding_percent(phi: np.ndarray, ijk_to_ras: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """Folding and SDlogJ of the whole mapping phi (linear part included; det A > 0 for all tools here)."""
+    from DeepSegModuleLib.registration import deformation_quality
+
+    points = _voxel_centres_ras(phi.shape[:3], ijk_to_ras)
+    quality = deformation_quality((phi - points).astype(np.float32), ijk_to_ras, mask)
+    return quality["folding_percent"], quality["log_jacobian_std"]
+
+
+def measure(case_name: str, method: str, device: str) -> dict:
+    case = load_case(case_name)
+    started = time.perf_counter()
+    if method == "deepseg-fast":
+        phi, labels, extra = run_deepseg(case, "deformable fast", device)
+    elif method == "deepseg-accurate":
+        phi, labels, extra = run_deepseg(case, "deformable accurate", device)
+    elif method == "ants-affine":
+        phi, labels, extra = run_ants(case, "Affine")
+    elif method == "ants-syn":
+        phi, labels, extra = run_ants(case, "SyN")
+    elif method == "elastix-affine-bspline":
+        phi, labels, extra = run_elastix(case)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    runtime = time.perf_counter() - started
+    mask = case["evaluation_mask"]
+    row = {"case": case_name, "method": method, "runtime_s": runtime}
+    if case["truth"] is not None:
+        error = np.linalg.norm(phi - case["truth"], axis=-1)[mask]
+        row.update(median_error_mm=float(np.median(error)), p95_error_mm=float(np.percentile(error, 95)))
+    fixed_labels = case["fixed_labels"] > 0
+    propagated = labels > 0
+    row["dice_brain"] = float(2 * np.sum(fixed_labels & propagated) / (fixed_labels.sum() + propagated.sum()))
+    row["folding_percent"], row["sd_log_jacobian"] = folding_percent(phi, case["fixed_ijk_to_ras"], mask)
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row.update(extra)
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every tool")
+    parser.add_argument("--device", default="auto", help="DeepSeg device: auto, cpu or cuda")
+    parser.add_argument("--json", type=Path, help="also write the rows to this file")
+    parser.add_argument("--one", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
+    arguments = parser.parse_args(argv)
+
+    if arguments.one:
+        import torch
+
+        torch.set_num_threads(arguments.threads)
+        print(json.dumps(measure(*arguments.one, arguments.device)))
+        return
+
+    environment = dict(os.environ)
+    threads = str(arguments.threads)
+    environment.update(
+        OMP_NUM_THREADS=threads,
+        MKL_NUM_THREADS=threads,
+        ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=threads,
+        # idle OpenMP threads sleep instead of spinning: on a shared machine spinning made torch 10x slower
+        OMP_WAIT_POLICY="PASSIVE",
+    )
+    rows = []
+    for case_name in arguments.cases:
+        for method in arguments.methods:
+            command = [sys.executable, __file__, "--one", case_name, method, "--threads", threads]
+            command += ["--device", arguments.device]
+            completed = subprocess.run(command, capture_output=True, text=True, env=environment)
+            if completed.returncode != 0:
+                reason = (completed.stderr.strip().splitlines() or ["failed"])[-1]
+                print(f"{case_name} / {method}: skipped ({reason})", file=sys.stderr)
+                continue
+            rows.append(json.loads(completed.stdout.strip().splitlines()[-1]))
+            print(f"{case_name} / {method}: done in {rows[-1]['runtime_s']:.1f} s", file=sys.stderr)
+
+    columns = [
+        ("case", "{}"),
+        ("method", "{}"),
+        ("runtime_s", "{:.1f}"),
+        ("median_error_mm", "{:.2f}"),
+        ("p95_error_mm", "{:.2f}"),
+        ("dice_brain", "{:.3f}"),
+        ("folding_percent", "{:.3f}"),
+        ("sd_log_jacobian", "{:.3f}"),
+        ("peak_rss_mb", "{:.0f}"),
+    ]
+    print(" | ".join(name for name, _ in columns))
+    for row in rows:
+        print(" | ".join(form.format(row[name]) if row.get(name) is not None else "-" for name, form in columns))
+    for case_name in arguments.cases:
+        by_method = {row["method"]: row for row in rows if row["case"] == case_name}
+        if "ants-syn" in by_method:
+            reference = by_method["ants-syn"]["runtime_s"]
+            for method, row in by_method.items():
+                print(f"{case_name}: {method} takes {row['runtime_s'] / reference:.2f} x ANTs SyN's time")
+    if arguments.json:
+        arguments.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

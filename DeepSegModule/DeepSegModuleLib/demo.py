@@ -1,10 +1,14 @@
-"""The offline demo: a real brain MRI in, a Slicer scene with named, coded tissue segments out.
+"""The offline demo: two real brain MRIs in, a Slicer scene with a registration and named tissue segments out.
 
-The MRI is the MNI152 2009 T1 template with its grey- and white-matter probability maps, which the ``nilearn``
-package ships (no download). Until DeepSeg's engines and default model land, the tissue segments come from
-those maps (each voxel gets the most probable of background, grey and white matter), so the demo exercises
-the whole path a model's output takes: files read through Slicer's storage nodes, labels written as
-segments with standard terminology, probabilities as volumes, and a ``.mrb`` scene Slicer opens.
+* The MNI152 2009 T1 template with its grey- and white-matter probability maps, as the ``nilearn`` package ships
+  them. Its tissue segments are each voxel's most probable class of background, grey and white matter.
+* A subject's T1 (2 mm, a block around the ventricles) as the ``nibabel`` package ships it for its own tests
+  (``nibabel/tests/data/anatomical.nii``).
+
+DeepSeg registers the template to the subject (affine + diffeomorphic deformable, on the CPU when there is no
+GPU) and carries the template's tissue segments onto the subject: files read through Slicer's storage nodes,
+the transform as a grid transform node and an ``.h5`` file ITK reads, segments with standard terminology,
+a ``.mrb`` scene Slicer opens, and pictures of both results. No download.
 """
 
 from __future__ import annotations
@@ -43,8 +47,22 @@ def mni152_files() -> dict[str, Path]:
     return files
 
 
-def run_demo(output: Path) -> dict:
+def subject_t1_file() -> Path:
+    """The subject T1 that nibabel ships with its tests (a real 2 mm scan of the central brain)."""
+    import nibabel
+
+    path = Path(nibabel.__file__).parent / "tests" / "data" / "anatomical.nii"
+    if not path.exists():
+        raise RuntimeError(f"nibabel's sample T1 is missing ({path}): reinstall nibabel")
+    return path
+
+
+def run_demo(output: Path, preset: str = "deformable fast", device: str = "auto") -> dict:
     """Builds the demo scene and writes it into ``output``; returns what was written and how long each step took."""
+    from .jobs import InProcessWorker
+    from .logic import DeepSegLogic
+    from .preview import write_checkerboard
+
     output = Path(output)
     try:
         output.mkdir(parents=True, exist_ok=True)
@@ -62,44 +80,64 @@ def run_demo(output: Path) -> dict:
     context = SceneContext.headless()
     lap("scene")
     files = mni152_files()
-    t1 = storage.load_volume(context, files["t1"], name="MNI152 T1")
+    template = storage.load_volume(context, files["t1"], name="MNI152 T1")
     grey = storage.load_volume(context, files["grey matter"], name="p(grey matter)")
     white = storage.load_volume(context, files["white matter"], name="p(white matter)")
-    lap("read MRI and tissue maps")
+    subject = storage.load_volume(context, subject_t1_file(), name="subject T1")
+    lap("read MRIs and tissue maps")
 
-    t1_array, ijk_to_ras = nodes.volume_to_array(t1)
+    template_array, template_grid = nodes.volume_to_array(template)
     probabilities = np.stack([nodes.volume_to_array(grey)[0], nodes.volume_to_array(white)[0]]).astype(np.float32)
     probabilities = np.clip(probabilities / max(float(probabilities.max()), 1e-6), 0.0, 1.0)
     background = np.clip(1.0 - probabilities.sum(axis=0), 0.0, 1.0)
     labels = np.argmax(np.concatenate([background[None], probabilities]), axis=0).astype(np.uint8)
     for node, probability in zip((grey, white), probabilities):
-        nodes.probability_to_volume(context, probability, ijk_to_ras, node=node)
-    segmentation = nodes.labels_to_segmentation(
-        context, labels, TISSUE_LABELS, reference_volume=t1, name="MNI152 tissues"
+        nodes.probability_to_volume(context, probability, template_grid, node=node)
+    template_tissues = nodes.labels_to_segmentation(
+        context, labels, TISSUE_LABELS, reference_volume=template, name="MNI152 tissues"
     )
-    lap("labels to segments")
+    lap("template tissue segments")
 
+    outcome = DeepSegLogic(context, InProcessWorker()).register(
+        subject, template, preset=preset, moving_segmentation=template_tissues, device=device
+    )
+    subject_tissues = outcome.nodes["segmentation"]
+    subject_tissues.SetName("subject tissues (from the template)")
+    lap("register template to subject")
+
+    subject_array, subject_grid = nodes.volume_to_array(subject)
+    subject_labels = outcome.data["propagated_labels"]
     written = {
-        "volume": storage.save_node(context, t1, output / "MNI152_T1.nrrd"),
-        "segmentation": storage.save_node(context, segmentation, output / "MNI152_tissues.seg.nrrd"),
-        "label map": output / "MNI152_tissues.nii.gz",
+        "subject": storage.save_node(context, subject, output / "subject_T1.nrrd"),
+        "template": storage.save_node(context, template, output / "MNI152_T1.nrrd"),
+        "template segmentation": storage.save_node(context, template_tissues, output / "MNI152_tissues.seg.nrrd"),
+        "transform": storage.save_node(context, outcome.nodes["transform"], output / "MNI152_to_subject.h5"),
+        "registered template": storage.save_node(context, outcome.nodes["volume"], output / "MNI152_on_subject.nrrd"),
+        "subject segmentation": storage.save_node(context, subject_tissues, output / "subject_tissues.seg.nrrd"),
         "scene": output / "deepseg-demo.mrb",
     }
-    label_node = nodes.array_to_volume(context, labels, ijk_to_ras, name="MNI152 tissue labels", labelmap=True)
-    storage.save_node(context, label_node, written["label map"])
     storage.save_scene_bundle(context, written["scene"])
     lap("write files and scene")
+    table = outcome.data["label_table"]
     written["preview"] = write_preview(
-        output / "preview.png", t1_array, ijk_to_ras, labels, TISSUE_LABELS, title="MNI152 T1 with tissue segments"
+        output / "preview.png", subject_array, subject_grid, subject_labels, table,
+        title="Subject T1 with tissue segments carried over from the MNI152 template",
     )
-    lap("preview picture")
+    registered, _ = nodes.volume_to_array(outcome.nodes["volume"])
+    written["registration preview"] = write_checkerboard(
+        output / "registration.png", subject_array, registered, subject_grid,
+        title="Checkerboard: subject T1 and the registered MNI152 template",
+    )
+    lap("pictures")
 
-    voxel_ml = abs(np.linalg.det(ijk_to_ras[:3, :3])) / 1000.0
+    voxel_ml = abs(np.linalg.det(subject_grid[:3, :3])) / 1000.0
+    quality = outcome.report.get("quality", {})
     return {
-        "input": str(files["t1"]),
-        "grid": list(t1_array.shape),
-        "segments": {info.name: round(float((labels == info.value).sum() * voxel_ml), 1) for info in TISSUE_LABELS},
-        "segment_volumes_unit": "ml",
+        "inputs": {"subject": str(subject_t1_file()), "template": str(files["t1"])},
+        "preset": preset,
+        "subject_segments_ml": {info.name: round(float((subject_labels == info.value).sum() * voxel_ml), 1) for info in table},
+        "folding_percent": quality.get("folding_percent"),
+        "device": outcome.report.get("device"),
         "files": {kind: str(path) for kind, path in written.items()},
         "timings_s": timings,
     }

@@ -94,3 +94,27 @@ def write_preview(
     figure.savefig(path, dpi=80, facecolor="black", bbox_inches="tight")
     plt.close(figure)
     return path
+
+
+def write_checkerboard(
+    path: str | Path, fixed: np.ndarray, registered: np.ndarray, ijk_to_ras: np.ndarray, title: str = "", squares: int = 8
+) -> Path:
+    """A PNG of the fixed image and the registered moving image interleaved as a 3D checkerboard.
+
+    Where the registration is right, edges run straight across the squares' borders. Both images are scaled to
+    their own 1st..99th percentiles first, so different contrasts can be compared.
+    """
+    fixed = np.asarray(fixed, dtype=np.float32)
+    registered = np.asarray(registered, dtype=np.float32)
+    if fixed.shape != registered.shape:
+        raise ValueError(f"checkerboard needs two images on one grid, got {fixed.shape} and {registered.shape}")
+
+    def scaled(image: np.ndarray) -> np.ndarray:
+        low, high = np.percentile(image, [1, 99])
+        return np.clip((image - low) / max(high - low, 1e-6), 0.0, 1.0)
+
+    block = max(1, max(fixed.shape) // squares)
+    k, j, i = np.indices(fixed.shape)
+    checker = ((k // block + j // block + i // block) % 2).astype(bool)
+    composed = np.where(checker, scaled(fixed), scaled(registered))
+    return write_preview(path, composed, ijk_to_ras, title=title)

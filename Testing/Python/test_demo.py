@@ -19,36 +19,62 @@ def demo_output(tmp_path_factory):
     return output
 
 
-def test_demo_scene_opens_with_named_segments_inside_the_head(demo_output):
+def test_demo_scene_opens_with_the_registration_and_segments_on_the_subject(demo_output):
     context = SceneContext.headless()
     added = storage.load_scene_bundle(context, demo_output / "deepseg-demo.mrb")
-    by_class = {}
-    for node in added:
-        by_class.setdefault(node.GetClassName(), []).append(node)
-    segmentation = by_class["vtkMRMLSegmentationNode"][0]
-    t1 = next(node for node in by_class["vtkMRMLScalarVolumeNode"] if node.GetName() == "MNI152 T1")
+    by_name = {node.GetName(): node for node in added if node.IsA("vtkMRMLStorableNode")}
+    subject = by_name["subject T1"]
+    tissues = by_name["subject tissues (from the template)"]
+    assert any(node.IsA("vtkMRMLGridTransformNode") for node in added)
 
-    labels, _, table = nodes.segmentation_to_labels(context, segmentation, t1)
+    labels, _, table = nodes.segmentation_to_labels(context, tissues, subject)
     assert [info.name for info in table] == [info.name for info in TISSUE_LABELS]
     for info in table:
         assert "SCT^" in info.terminology
+    # The template's tissue classes, carried onto the subject, fall on the subject's own tissue: on a T1 white
+    # matter is brighter than grey matter, and both are brighter than the ventricles/background they replace.
+    subject_array, _ = nodes.volume_to_array(subject)
+    grey, white = subject_array[labels == 1], subject_array[labels == 2]
+    assert grey.size > 5000 and white.size > 5000
+    assert np.median(white) > 1.1 * np.median(grey)
 
-    # White matter is brighter than grey matter on a T1, and both sit inside the head (T1 signal).
-    t1_array, _ = nodes.volume_to_array(t1)
-    grey, white = t1_array[labels == 1], t1_array[labels == 2]
-    assert white.mean() > grey.mean() > t1_array[labels == 0].mean()
-    # Adult brain tissue volumes at 1 mm: several hundred millilitres each.
-    assert 300_000 < grey.size < 1_500_000 and 300_000 < white.size < 1_200_000
+
+def test_demo_transform_file_moves_points_as_the_scene_does(demo_output):
+    import SimpleITK as sitk
+
+    context = SceneContext.headless()
+    transform = storage.load_transform(context, demo_output / "MNI152_to_subject.h5")
+    itk_transform = sitk.ReadTransform(str(demo_output / "MNI152_to_subject.h5"))
+    subject = storage.load_volume(context, demo_output / "subject_T1.nrrd")
+    _, grid = nodes.volume_to_array(subject)
+    lps = np.array([-1.0, -1.0, 1.0])
+    for ijk in ([16, 20, 12], [10, 30, 5], [25, 8, 20]):  # voxel centres of the subject (the field's grid)
+        point = (grid @ [*ijk, 1.0])[:3]
+        moved = nodes.transform_points(transform, point)[0]
+        np.testing.assert_allclose(np.array(itk_transform.TransformPoint((point * lps).tolist())) * lps, moved, atol=1e-3)
 
 
 def test_demo_files_are_slicer_files(demo_output):
     context = SceneContext.headless()
-    segmentation = storage.load_segmentation(context, demo_output / "MNI152_tissues.seg.nrrd")
+    segmentation = storage.load_segmentation(context, demo_output / "subject_tissues.seg.nrrd")
     names = [segmentation.GetSegmentation().GetNthSegment(n).GetName() for n in range(2)]
     assert names == ["grey matter", "white matter"]
-    label_map = storage.load_volume(context, demo_output / "MNI152_tissues.nii.gz", labelmap=True)
-    values = np.unique(nodes.volume_to_array(label_map)[0])
-    assert values.tolist() == [0, 1, 2]
+    registered = storage.load_volume(context, demo_output / "MNI152_on_subject.nrrd")
+    subject = storage.load_volume(context, demo_output / "subject_T1.nrrd")
+    np.testing.assert_allclose(nodes.volume_to_array(registered)[1], nodes.volume_to_array(subject)[1], atol=1e-5)
+
+
+def test_demo_pictures_show_the_segments(demo_output):
+    from PIL import Image
+
+    picture = np.asarray(Image.open(demo_output / "preview.png").convert("RGB")).astype(int)
+    assert picture.shape[0] > 200 and picture.shape[1] > 500
+    # Grey anatomy has no colour; the segment overlays tint a large part of the brain.
+    anatomy = picture.sum(axis=-1) > 60
+    tinted = (picture.max(axis=-1) - picture.min(axis=-1)) > 20
+    assert anatomy.mean() > 0.15
+    assert (tinted & anatomy).sum() > 0.3 * anatomy.sum()
+    assert (demo_output / "registration.png").stat().st_size > 10_000
 
 
 def test_demo_reports_json_and_fails_in_one_line(tmp_path, capsys):
@@ -58,15 +84,3 @@ def test_demo_reports_json_and_fails_in_one_line(tmp_path, capsys):
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "choose another --output" in error[0]
     assert cli.main(["demo", "--no-such-option"]) == 2
-
-
-def test_demo_preview_picture_shows_the_segments(demo_output):
-    from PIL import Image
-
-    picture = np.asarray(Image.open(demo_output / "preview.png").convert("RGB")).astype(int)
-    assert picture.shape[0] > 200 and picture.shape[1] > 500
-    # Grey anatomy has no colour; the segment overlays tint a large part of the head.
-    anatomy = picture.sum(axis=-1) > 60
-    tinted = (picture.max(axis=-1) - picture.min(axis=-1)) > 20
-    assert anatomy.mean() > 0.15
-    assert (tinted & anatomy).sum() > 0.3 * anatomy.sum()

@@ -143,3 +143,23 @@ def test_region_based_models_are_reported_as_unsupported(model_folder, tmp_path)
     _edit_json(copy, "dataset.json", lambda d: d["labels"].update({"whole": [1, 2]}))
     with pytest.raises(ModelFormatError, match="region"):
         load_model(copy)
+
+
+def test_reoriented_models_segment_the_same_anatomy_whatever_the_voxel_order(model_folder, tmp_path):
+    # The same image stored twice: B has A's i axis flipped and j/k swapped. A model reoriented to RAS
+    # (as TotalSegmentator's are) must label the same physical voxels in both.
+    volume_a, _ = _case((12, 40, 36), seed=3)
+    n_i = volume_a.array.shape[2]
+    array_b = np.ascontiguousarray(volume_a.array.transpose(1, 0, 2)[:, :, ::-1])
+    b_to_a = np.array([[-1, 0, 0, n_i - 1], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]], dtype=float)
+    volume_b = VolumeArray(array_b, volume_a.ijk_to_ras @ b_to_a)
+    model = load_model(model_folder, folds=["0"], orientation="RAS")
+    labels_a = segment(volume_a, model, SegmentationOptions(device="cpu")).labels
+    labels_b = segment(volume_b, model, SegmentationOptions(device="cpu")).labels
+    assert labels_a.any()
+    np.testing.assert_array_equal(labels_b.transpose(1, 0, 2)[:, :, ::-1], labels_a)
+
+    totalsegmentator_like = tmp_path / "Dataset291_TotalSegmentator_part1_organs" / model_folder.name
+    shutil.copytree(model_folder, totalsegmentator_like)
+    assert load_model(totalsegmentator_like, folds=["0"]).description.orientation == "RAS"
+    assert load_model(model_folder, folds=["0"]).description.orientation is None

@@ -171,6 +171,7 @@ def load_nnunet_model(
     device: torch.device | str = "cpu",
     folds: Sequence[int | str] | None = None,
     checkpoint_name: str = "checkpoint_final.pth",
+    orientation: str | None = "auto",
 ) -> LoadedModel:
     """Reads an nnU-Net v2 trained-model folder.
 
@@ -179,6 +180,11 @@ def load_nnunet_model(
         device: where the network runs.
         folds: which folds to ensemble (default: every fold with the checkpoint).
         checkpoint_name: ``checkpoint_final.pth`` (default) or ``checkpoint_best.pth``.
+        orientation: reorient the input's voxel axes (permute and flip, never rotate) to this code
+            before nnU-Net's preprocessing, as the model's training data were. None keeps the input's
+            voxel order (what ``nnUNetv2_predict`` does with the file); ``"auto"`` picks ``"RAS"`` for
+            TotalSegmentator models (which TotalSegmentator reorients to the closest canonical, RAS,
+            before calling nnU-Net) and None otherwise.
 
     Raises:
         ModelFormatError: inconsistent plans/dataset.json, unsupported features.
@@ -234,6 +240,9 @@ def load_nnunet_model(
             f"({str(error).splitlines()[0]}); the checkpoint and plans belong to different trainings"
         ) from error
     mirror_axes = first.get("inference_allowed_mirroring_axes")
+    if orientation == "auto":
+        identity = f"{folder} {dataset.get('name', '')} {plans.get('dataset_name', '')}"
+        orientation = "RAS" if "totalsegmentator" in identity.lower() else None
     description = ModelDescription(
         name=str(dataset.get("name") or plans.get("dataset_name") or folder.name),
         format=ModelFormat.NNUNET_V2,
@@ -242,6 +251,7 @@ def load_nnunet_model(
         channel_to_label=channels,
         patch_size=tuple(int(s) for s in configuration["patch_size"]),
         spacing=tuple(float(s) for s in configuration["spacing"]),
+        orientation=orientation,
         overlap=0.5,
         sw_batch_size=1,
         tiling=Tiling.NNUNET,

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from DeepSegModuleLib.models.description import ModelDescription, NormalizationMode
+from DeepSegModuleLib.segmentation.grid import ModelGrid
 from DeepSegModuleLib.segmentation.normalization import normalize
 from DeepSegModuleLib.segmentation.volume import VolumeArray
 
@@ -109,8 +110,21 @@ class NnunetPreprocessor:
         self.shape_before_crop: tuple[int, ...] = ()
         self.crop: tuple[slice, ...] = ()
         self.spacing: list[float] = []
+        self.grid: ModelGrid | None = None
 
     def prepare(self, volumes: list[VolumeArray], device: torch.device) -> torch.Tensor:
+        reference = volumes[0]
+        self.grid = None
+        if self.description.orientation is not None:
+            # Reorient (permute/flip only) first, so nnU-Net sees the voxel order its training data had.
+            self.grid = ModelGrid.plan(
+                reference.array.shape[::-1], reference.ijk_to_ras, self.description.orientation, None
+            )
+            oriented = []
+            for volume in volumes:
+                ijk = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32)).permute(2, 1, 0)[None]
+                oriented.append(self.grid.reorient(ijk)[0].permute(2, 1, 0).numpy())
+            volumes = [VolumeArray(array, self.grid.ijk_to_ras) for array in oriented]
         spacing_kji = volumes[0].spacing[::-1]
         data = np.stack([np.asarray(v.array, dtype=np.float32) for v in volumes])
         data = data.transpose([0, *[t + 1 for t in self.transpose_forward]])
@@ -155,4 +169,5 @@ class NnunetPreprocessor:
             full[g] = float(fill[g]) if g < len(fill) else 0.0
         full[(slice(None), *self.crop)] = channels
         full = full.permute(0, *[t + 1 for t in self.transpose_backward])  # (G, k, j, i)
-        return full.permute(0, 3, 2, 1)
+        full = full.permute(0, 3, 2, 1)
+        return self.grid.unorient(full) if self.grid is not None else full

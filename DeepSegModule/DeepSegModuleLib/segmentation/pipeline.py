@@ -372,7 +372,9 @@ def segment(
     report("postprocess", 0.0)
     max_value = max([info.value for info in description.labels] + [0])
     dtype = np.uint8 if max_value < 256 else np.uint16
-    labels = np.ascontiguousarray(labels_ijk.permute(2, 1, 0).cpu().numpy()).astype(dtype, copy=False)
+    # Narrow and transpose in torch (multi-threaded, on the device) before the copy to numpy.
+    narrow = labels_ijk.to(torch.uint8 if dtype == np.uint8 else torch.int32).permute(2, 1, 0).contiguous()
+    labels = narrow.cpu().numpy().astype(dtype, copy=False)
     all_values = [info.value for info in description.labels]
     dropped = [v for v in all_values if v not in kept]
     if dropped:

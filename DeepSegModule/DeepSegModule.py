@@ -13,7 +13,6 @@ once a run starts, never when Slicer loads the module.
 
 import importlib.util
 import logging
-import math
 import os
 import re
 import shutil
@@ -725,25 +724,9 @@ class DeepSegModuleLogic(ScriptedLoadableModuleLogic):
                     name=inputVolume.GetName(), kind=inputVolume.GetClassName()
                 )
             )
-        imageData = inputVolume.GetImageData()
-        if imageData is None or imageData.GetNumberOfPoints() == 0:
-            raise ValueError(_("Volume '{name}' has no voxels.").format(name=inputVolume.GetName()))
-        components = imageData.GetNumberOfScalarComponents()
-        if components != 1:
-            raise ValueError(
-                _("Volume '{name}' has {components} values per voxel; a single-component image is needed.").format(
-                    name=inputVolume.GetName(), components=components
-                )
-            )
-        ijkToRas = vtk.vtkMatrix4x4()
-        inputVolume.GetIJKToRASMatrix(ijkToRas)
-        elements = [ijkToRas.GetElement(row, column) for row in range(4) for column in range(4)]
-        if not all(math.isfinite(element) for element in elements) or ijkToRas.Determinant() == 0:
-            raise ValueError(
-                _("Volume '{name}' has an invalid geometry (non-finite or singular IJK to RAS matrix).").format(
-                    name=inputVolume.GetName()
-                )
-            )
+        from DeepSegModuleLib.nodes import check_volume_node
+
+        check_volume_node(inputVolume)
 
     def prepareOutputSegmentation(self, inputVolume, outputSegmentation=None):
         """Checks the input and returns the segmentation a run writes into, set to the input's geometry.

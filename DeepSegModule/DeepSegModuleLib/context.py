@@ -32,7 +32,7 @@ class SceneContext:
             converter rules (labelmap to surface and back).
         transforms_logic: transform hardening and helpers.
         subject_hierarchy_logic: the data tree the nodes appear in.
-        headless: True when built by :meth:`headless` (no Slicer application around it).
+        is_headless: True when built by :meth:`headless` (no Slicer application around it).
     """
 
     scene: Any
@@ -42,7 +42,7 @@ class SceneContext:
     segmentations_logic: Any
     transforms_logic: Any
     subject_hierarchy_logic: Any
-    headless: bool = False
+    is_headless: bool = False
     _keep_alive: list = field(default_factory=list, repr=False)
 
     @classmethod
@@ -103,7 +103,7 @@ class SceneContext:
             segmentations_logic=segmentations_logic,
             transforms_logic=transforms_logic,
             subject_hierarchy_logic=subject_hierarchy_logic,
-            headless=True,
+            is_headless=True,
         )
 
     @classmethod
@@ -128,7 +128,7 @@ class SceneContext:
             segmentations_logic=modules.segmentations.logic(),
             transforms_logic=modules.transforms.logic(),
             subject_hierarchy_logic=modules.subjecthierarchy.logic(),
-            headless=False,
+            is_headless=False,
         )
 
     # ------------------------------------------------------------------ scene helpers

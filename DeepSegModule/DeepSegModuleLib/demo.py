@@ -86,7 +86,7 @@ def run_demo(output: Path, preset: str = "deformable fast", device: str = "auto"
     subject = storage.load_volume(context, subject_t1_file(), name="subject T1")
     lap("read MRIs and tissue maps")
 
-    template_array, template_grid = nodes.volume_to_array(template)
+    _, template_grid = nodes.volume_to_array(template)
     probabilities = np.stack([nodes.volume_to_array(grey)[0], nodes.volume_to_array(white)[0]]).astype(np.float32)
     probabilities = np.clip(probabilities / max(float(probabilities.max()), 1e-6), 0.0, 1.0)
     background = np.clip(1.0 - probabilities.sum(axis=0), 0.0, 1.0)

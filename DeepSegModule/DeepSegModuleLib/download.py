@@ -45,7 +45,7 @@ def download(url: str, folder: str | os.PathLike, expected_sha256: str | None = 
     try:
         with os.fdopen(handle, "wb") as output:
             try:
-                with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - the user's own URL
+                with urllib.request.urlopen(url, timeout=timeout_s) as response:  # the user's own URL
                     expected_length = response.headers.get("Content-Length")
                     received = 0
                     while True:

@@ -102,9 +102,9 @@ def _open_block(name: str, size: int = 0) -> shared_memory.SharedMemory:
         try:
             from multiprocessing import resource_tracker
 
-            resource_tracker.unregister(block._name, "shared_memory")  # noqa: SLF001 - the name the tracker knows
-        except Exception:  # noqa: BLE001 - tracking is only a safety net
-            pass
+            resource_tracker.unregister(block._name, "shared_memory")  # the name the tracker knows
+        except Exception as error:  # noqa: BLE001 - tracking is only a safety net
+            logger.debug("could not untrack shared memory %s: %s", name, error)
         return block
 
 
@@ -366,7 +366,7 @@ def _worker_main(task_connection, event_connection) -> None:  # pragma: no cover
         except BaseException as error:  # noqa: BLE001 - every failure goes back as a message
             event_connection.send(("failed", job_id, _user_message(error), traceback.format_exc()))
         finally:
-            inputs = outputs = None  # noqa: F841 - drop references before the next job
+            inputs = outputs = None  # drop references before the next job
 
 
 class ProcessWorker:

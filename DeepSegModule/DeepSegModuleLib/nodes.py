@@ -114,6 +114,20 @@ def spacing_and_directions(ijk_to_ras: np.ndarray) -> tuple[np.ndarray, np.ndarr
 # ----------------------------------------------------------------------------------------------- volumes
 
 
+def check_volume_node(node: Any) -> None:
+    """Checks that ``node`` is a usable 3D scalar volume: voxels, one component, a finite invertible geometry.
+
+    Raises:
+        ValueError: saying what makes the node unusable and what to do.
+    """
+    _require_scalar_volume(node)
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    check_affine(matrix, f"the geometry (IJK to RAS) of volume '{node.GetName()}'")
+
+
 def _require_scalar_volume(node: Any) -> None:
     if node is None or not node.IsA("vtkMRMLScalarVolumeNode"):
         kind = node.GetClassName() if node is not None else "None"

@@ -16,7 +16,7 @@ from .labels import LabelInfo, as_label_table
 
 def _to_ras_axes(array: np.ndarray, ijk_to_ras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Permutes/flips a (k, j, i) array so its axes run along +R, +A, +S (nearest axes); returns (x, y, z) array."""
-    import nibabel.orientations as orientations
+    from nibabel import orientations
 
     volume_ijk = np.transpose(array, (2, 1, 0))
     orientation = orientations.io_orientation(ijk_to_ras)

@@ -1,8 +1,6 @@
-"""README's first command: `deepseg demo` builds a scene from a real brain MRI and writes files Slicer opens."""
+"""README's first command: `deepseg demo` registers two real brain MRIs and writes files Slicer opens."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest

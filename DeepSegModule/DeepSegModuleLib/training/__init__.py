@@ -1,0 +1,1 @@
+"""Training of DeepSeg's default brain model (see train.py)."""

@@ -1,0 +1,99 @@
+"""The default brain model's training code: template labels, the synthetic-scan generator, a smoke run of the
+training loop whose export loads and runs through the normal pipeline, and the evaluation's skip."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from DeepSegModuleLib.models.torchscript import load_torchscript_model
+from DeepSegModuleLib.segmentation import SegmentationOptions, VolumeArray, segment
+from DeepSegModuleLib.training import evaluate
+from DeepSegModuleLib.training.data import CSF, GREY_MATTER, WHITE_MATTER, generation_to_target, template_labels
+from DeepSegModuleLib.training.synth import BrainSynth, SynthSettings
+from DeepSegModuleLib.training.train import train
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def template():
+    pytest.importorskip("nilearn")
+    return template_labels(spacing=2)
+
+
+def test_template_labels_are_a_plausible_brain(template):
+    voxel_ml = 8.0 / 1000.0
+    volumes = {value: float((template.labels == value).sum() * voxel_ml) for value in (CSF, GREY_MATTER, WHITE_MATTER)}
+    brain_ml = sum(volumes.values())
+    # The MNI152 2009 brain (cerebrum, cerebellum, brainstem) is roughly 1.5 to 2 litres.
+    assert 1400 < brain_ml < 2200, volumes
+    assert volumes[GREY_MATTER] > volumes[WHITE_MATTER] > volumes[CSF] > 50
+    # The ventricles are CSF: the voxel at RAS (0, 0, 20) mm... lies between the lateral ventricles' bodies;
+    # a lateral ventricle at RAS (+/-8, -5, 18) mm is CSF on at least one side.
+    ras_to_ijk = np.linalg.inv(template.ijk_to_ras)
+    ventricle_labels = []
+    for x in (-8.0, 8.0):
+        i, j, k = np.round(ras_to_ijk @ np.array([x, -5.0, 18.0, 1.0]))[:3].astype(int)
+        ventricle_labels.append(int(template.labels[i, j, k]))
+    assert CSF in ventricle_labels, ventricle_labels
+    # Outside the brain there is nothing but air in the labels, and the distance map grows away from it.
+    assert template.outside_mm[template.labels > 0].max() == 0
+    assert template.outside_mm[0, 0, 0] > 50
+    assert set(np.unique(generation_to_target(np.arange(7, dtype=np.uint8)))) == {0, 1, 2, 3}
+
+
+def test_generator_is_seeded_normalised_and_labels_only_the_brain(template):
+    settings = SynthSettings(crop=(32, 32, 32))
+    first = BrainSynth(template, settings, seed=3).sample()
+    again = BrainSynth(template, settings, seed=3).sample()
+    other = BrainSynth(template, settings, seed=4).sample()
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], other[0])
+
+    stripped = BrainSynth(template, SynthSettings(crop=(32, 32, 32), skull_stripped_probability=1.0), seed=5)
+    for _ in range(3):
+        image, target = stripped.sample()
+        assert image.shape == (1, 32, 32, 32) and target.shape == (1, 32, 32, 32)
+        assert image.dtype == torch.float32 and target.dtype == torch.int64
+        assert float(image.min()) == 0.0 and float(image.max()) == pytest.approx(1.0)
+        assert set(torch.unique(target).tolist()) <= {0, 1, 2, 3}
+        # Brain-extracted scans are zero outside the brain, as the real ones are.
+        assert float(image[target == 0].abs().max()) == 0.0
+
+
+def test_smoke_training_run_exports_a_model_the_normal_pipeline_runs(template, tmp_path):
+    summary = train(tmp_path, iterations=3, crop=(32, 32, 32), seed=0, log_every=1, template=template)
+    with (tmp_path / "loss.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["iteration"]) for row in rows] == [1, 2, 3]
+    assert all(math.isfinite(float(row["loss"])) for row in rows)
+    assert "iteration 3" in (tmp_path / "train.log").read_text()
+    assert summary["iterations"] == 3 and 1_000_000 <= summary["parameters"] <= 3_000_000
+
+    card = json.loads((tmp_path / "deepseg.json").read_text())
+    assert "not for clinical use" in card["description"]
+    loaded = load_torchscript_model(tmp_path)  # the normal TorchScript + card loader, sha256 checked
+    assert [label.name for label in loaded.description.labels] == [
+        "cerebrospinal fluid",
+        "grey matter",
+        "white matter",
+    ]
+    assert all(label.terminology for label in loaded.description.labels)
+
+    # A small oblique volume in, a label map on its own grid out, through the engine the user runs.
+    ijk_to_ras = np.diag([3.0, 3.0, 3.0, 1.0])
+    ijk_to_ras[:3, 3] = (-40.0, -50.0, -30.0)
+    volume = VolumeArray(np.random.default_rng(0).random((24, 30, 26)).astype(np.float32) * 100, ijk_to_ras)
+    result = segment(volume, loaded, SegmentationOptions(device="cpu"))
+    assert result.labels.shape == (24, 30, 26)
+    assert set(np.unique(result.labels)) <= {0, 1, 2, 3}
+
+
+def test_evaluation_skips_cleanly_without_the_sample_data(tmp_path):
+    scores = evaluate.evaluate(tmp_path / "model", data=tmp_path / "no-such-folder")
+    assert set(scores) == {"skipped"} and "no sample data" in scores["skipped"]

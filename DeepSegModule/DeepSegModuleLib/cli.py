@@ -166,16 +166,39 @@ def _logic(worker=None):
     return lambda context: DeepSegLogic(context, shared)
 
 
-def _progress_printer(quiet: bool):
-    last_stage: list[str] = [""]
+@contextmanager
+def _progress_bar(quiet: bool):
+    """Yields an ``on_event`` callback that drives a progress bar (stage name, bar, time left) on stderr.
 
-    def show(event) -> None:
-        if quiet or event.kind != "progress" or event.stage == last_stage[0]:
-            return
-        last_stage[0] = event.stage
-        typer.echo(f"  {event.stage} ...", err=True)
+    On a terminal it is a live rich progress bar; when stderr is a file or a pipe, one line per stage; with
+    ``--json`` (``quiet``) nothing, so standard output stays machine-readable.
+    """
+    if quiet:
+        yield lambda event: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
-    return show
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        last_stage = [""]
+
+        def log_stage(event) -> None:
+            if event.kind == "progress" and event.stage != last_stage[0]:
+                last_stage[0] = event.stage
+                typer.echo(f"  {event.stage} ...", err=True)
+
+        yield log_stage
+        return
+    with Progress(TextColumn("{task.description:<16}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("starting", total=1.0)
+
+        def update(event) -> None:
+            if event.kind == "progress":
+                progress.update(task, description=event.stage, completed=event.fraction)
+
+        yield update
 
 
 # ------------------------------------------------------------------------------------------------ segment
@@ -209,10 +232,11 @@ def segment(
             _check_input(path, "input")
         model_path = resolve_model(model)
 
-        summary = segment_files(
-            _logic(), inputs, output, model_path, device=device, labels=labels, probabilities=probabilities,
-            tta=tta, overlap=overlap, preview=preview, on_event=_progress_printer(as_json),
-        )
+        with _progress_bar(as_json) as on_event:
+            summary = segment_files(
+                _logic(), inputs, output, model_path, device=device, labels=labels, probabilities=probabilities,
+                tta=tta, overlap=overlap, preview=preview, on_event=on_event,
+            )
         lines = [f"  {name:<30s} {volume:10.2f} ml" for name, volume in summary["segments_ml"].items()]
         lines += [f"  {stage:<30s} {seconds:8.2f} s" for stage, seconds in summary.get("timings_s", {}).items()]
         lines += [f"  note: {message}" for message in summary.get("messages", [])]
@@ -328,12 +352,13 @@ def register(
                 return storage.load_segmentation(context, path)
             return storage.load_volume(context, path, labelmap=True)
 
-        run = _logic()(context).start_register(
-            fixed_node, moving_node, preset=preset, fixed_mask=load_labels(fixed_mask),
-            moving_mask=load_labels(moving_mask), moving_segmentation=load_labels(moving_segmentation),
-            inverse=inverse_transform is not None, device=device, on_event=_progress_printer(as_json),
-        )
-        outcome = run.wait()
+        with _progress_bar(as_json) as on_event:
+            run = _logic()(context).start_register(
+                fixed_node, moving_node, preset=preset, fixed_mask=load_labels(fixed_mask),
+                moving_mask=load_labels(moving_mask), moving_segmentation=load_labels(moving_segmentation),
+                inverse=inverse_transform is not None, device=device, on_event=on_event,
+            )
+            outcome = run.wait()
         transform = outcome.nodes["transform"]
         check_points = _check_points(fixed_node)
         mapped = nodes.transform_points(transform, check_points)

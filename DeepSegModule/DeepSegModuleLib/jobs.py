@@ -229,6 +229,10 @@ class Job:
         if not self.finished and self._cancel is not None:
             self._cancel()
 
+    def wait_until_finished(self, timeout: float | None = None) -> bool:
+        """Blocks up to ``timeout`` seconds for the job to end; True once it has ended."""
+        return self._finished.wait(timeout)
+
     def wait(self, timeout: float | None = None) -> dict[str, Any]:
         """Blocks until the job ends and returns its outputs.
 

@@ -9,6 +9,7 @@ that sees the job finish, as one change. A failed or cancelled run leaves the sc
 from __future__ import annotations
 
 import logging
+import time
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -54,11 +55,14 @@ class Run:
     def cancel(self) -> None:
         self.job.cancel()
 
-    def poll(self) -> bool:
-        """Forwards progress events; once the job has ended, applies its result. Returns True when finished."""
+    def _forward_events(self) -> None:
         for event in self.job.poll():
             if self._on_event is not None:
                 self._on_event(event)
+
+    def poll(self) -> bool:
+        """Forwards progress events; once the job has ended, applies its result. Returns True when finished."""
+        self._forward_events()
         if self.finished or not self.job.finished:
             return self.finished
         try:
@@ -75,10 +79,14 @@ class Run:
         Raises:
             JobCancelled, JobFailed: the run did not finish; the scene is unchanged.
         """
-        outputs = self.job.wait(timeout)
-        for event in self.job.poll():
-            if self._on_event is not None:
-                self._on_event(event)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.job.finished:  # forward progress while waiting, so scripts can show a live bar
+            self._forward_events()
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            self.job.wait_until_finished(0.1)
+        outputs = self.job.wait(0 if deadline is not None else None)
+        self._forward_events()
         if self.outcome is None:
             self.outcome = _applied_as_one_change(self._context, lambda: self._apply(outputs))
         return self.outcome

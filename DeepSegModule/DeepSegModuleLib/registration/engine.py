@@ -297,6 +297,13 @@ def register(
         raise ValueError(f"moving_labels must have the moving image's shape {moving_grid.shape}")
     if (fixed_landmarks_ras is None) != (moving_landmarks_ras is None):
         raise ValueError("give both fixed_landmarks_ras and moving_landmarks_ras, or neither")
+    if fixed_landmarks_ras is not None and moving_landmarks_ras is not None:
+        fixed_points, moving_points = np.asarray(fixed_landmarks_ras), np.asarray(moving_landmarks_ras)
+        if fixed_points.ndim != 2 or fixed_points.shape[1:] != (3,) or fixed_points.shape != moving_points.shape:
+            raise ValueError(
+                "fixed_landmarks_ras and moving_landmarks_ras must be corresponding (n, 3) arrays of RAS points, "
+                f"got {fixed_points.shape} and {moving_points.shape}"
+            )
 
     run = _Run(
         config=config,
@@ -322,11 +329,9 @@ def register(
     else:
         matrix_u, translation_u = np.eye(3), run.initial_translation_u()
     run.check_overlap(matrix_u, translation_u)
-    if (
-        "lncc" == config.deformable_similarity
-        and "deformable" in config.stages
-        or (config.linear_similarity == "ncc" and ({"rigid", "affine"} & set(config.stages)))
-    ):
+    linear_uses_ncc = config.linear_similarity == "ncc" and bool({"rigid", "affine"} & set(config.stages))
+    deformable_uses_ncc = config.deformable_similarity == "lncc" and "deformable" in config.stages
+    if linear_uses_ncc or deformable_uses_ncc:
         correlation = run.foreground_correlation(matrix_u, translation_u)
         if correlation < _MODALITY_CORRELATION_THRESHOLD:
             message = (
@@ -718,6 +723,9 @@ class _Run:
             u_to_voxel, voxel_to_u = _velocity_conversions(control_grid, self.frame.scale, self.device)
             points = grid_points(level.fixed_grid, self.frame.ras_to_u(), self.device)[None]
             to_normalized = self._u_to_moving_normalized(level)
+            # One matrix from displaced fixed points (u) to the moving image's sampling coordinates.
+            linear_to_normalized = to_normalized[:3, :3] @ linear
+            linear_to_normalized[:, 3] += to_normalized[:3, 3]
             image_shape = level.fixed_grid.shape
             if velocity is None:
                 velocity = torch.zeros((1, 3, *control_grid.shape), device=self.device)
@@ -739,8 +747,8 @@ class _Run:
                 displacement_u = _change_components(integrate(velocity_voxel), voxel_to_u)
                 # Control and image grids share their corner voxel centres: align_corners is exact.
                 displacement_u = F.interpolate(displacement_u, size=image_shape, mode="trilinear", align_corners=True)
-                mapped = apply_matrix(points + displacement_u.permute(0, 2, 3, 4, 1), linear)
-                moving_values, inside = self._sample_moving(level, apply_matrix(mapped, to_normalized))
+                normalized = apply_matrix(points + displacement_u.permute(0, 2, 3, 4, 1), linear_to_normalized)
+                moving_values, inside = self._sample_moving(level, normalized)
                 loss_similarity = similarity(level.fixed, moving_values, level.fixed_weight * inside)
                 loss = loss_similarity + config.regularization_weight * regularizer(velocity_voxel)
                 loss.backward()

@@ -10,7 +10,6 @@ weight map.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from monai.losses import GlobalMutualInformationLoss
 
 _EPS = 1e-6

@@ -498,3 +498,23 @@ def test_unknown_preset_and_parameter_are_refused():
     with pytest.raises(ValueError, match="stages"):
         get_preset("rigid", stages=("deformable", "rigid"))
     assert get_preset("Deformable_Fast", regularization_weight=3.0).regularization_weight == 3.0
+
+
+def test_unusable_device_and_initial_transform_are_refused():
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            register(small_volume(), np.eye(4), small_volume(1), np.eye(4), "rigid", device="cuda")
+    with pytest.raises(ValueError, match="invertible 4x4"):
+        register(
+            small_volume(), np.eye(4), small_volume(1), np.eye(4), "rigid", initial_fixed_to_moving_ras=np.zeros((4, 4))
+        )
+    with pytest.raises(ValueError, match="corresponding"):
+        register(
+            small_volume(),
+            np.eye(4),
+            small_volume(1),
+            np.eye(4),
+            "rigid",
+            fixed_landmarks_ras=np.zeros((3, 3)),
+            moving_landmarks_ras=np.zeros((4, 3)),
+        )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import vtk
-
 from DeepSegModuleLib import nodes, storage
 from DeepSegModuleLib.labels import CodedEntry, LabelInfo, Terminology
 
@@ -17,7 +16,12 @@ KIDNEY = Terminology(
     type_modifier=CodedEntry("SCT", "24028007", "Right"),
 )
 TABLE = [
-    LabelInfo(1, "liver", (0.86, 0.55, 0.39), "Segmentation category and type - DICOM master list~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~~^^~^^"),
+    LabelInfo(
+        1,
+        "liver",
+        (0.86, 0.55, 0.39),
+        "Segmentation category and type - DICOM master list~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~~^^~^^",
+    ),
     LabelInfo(2, "right kidney", (0.73, 0.30, 0.25), KIDNEY),
     LabelInfo(5, "spleen", (0.62, 0.42, 0.80)),
 ]

@@ -13,7 +13,14 @@ import torch
 from DeepSegModuleLib.models.torchscript import load_torchscript_model
 from DeepSegModuleLib.segmentation import SegmentationOptions, VolumeArray, segment
 from DeepSegModuleLib.training import evaluate
-from DeepSegModuleLib.training.data import CSF, GREY_MATTER, WHITE_MATTER, generation_to_target, template_labels
+from DeepSegModuleLib.training.data import (
+    CSF,
+    GENERATION_CLASSES,
+    GREY_MATTER,
+    WHITE_MATTER,
+    generation_to_target,
+    template_labels,
+)
 from DeepSegModuleLib.training.synth import BrainSynth, SynthSettings
 from DeepSegModuleLib.training.train import train
 
@@ -44,7 +51,7 @@ def test_template_labels_are_a_plausible_brain(template):
     # Outside the brain there is nothing but air in the labels, and the distance map grows away from it.
     assert template.outside_mm[template.labels > 0].max() == 0
     assert template.outside_mm[0, 0, 0] > 50
-    assert set(np.unique(generation_to_target(np.arange(7, dtype=np.uint8)))) == {0, 1, 2, 3}
+    assert set(np.unique(generation_to_target(np.arange(GENERATION_CLASSES, dtype=np.uint8)))) == {0, 1, 2, 3}
 
 
 def test_generator_is_seeded_normalised_and_labels_only_the_brain(template):

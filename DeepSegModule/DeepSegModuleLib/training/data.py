@@ -16,11 +16,13 @@ are derived here, at the template's 1 mm, before going to 2 mm:
 5. **Head**: there is none in the extracted template, so :mod:`.synth` paints one for every sample from
    ``outside_mm``, the distance (mm) of each voxel from the intracranial region: shells of random,
    spatially varying thickness for the outer CSF and meninges, the skull and the scalp (generation labels
-   4, 5, 6), then air. Their intensities are drawn like the brain's, so bright scalp fat, dark bone (MR) or
-   bright bone (CT) all occur.
+   4, 5, 6), then, for most samples, random blobs of two more tissue classes (7, 8) reaching a random
+   distance beyond the scalp (face, neck and muscles, which a real head scan shows and the template lacks),
+   then air. Their intensities are drawn like the brain's, so bright scalp fat, dark bone (MR) or bright
+   bone (CT) all occur.
 
 Generation labels (what :mod:`.synth` paints intensities on): 0 air, 1 CSF, 2 grey matter, 3 white matter,
-4 outer CSF / meninges, 5 skull, 6 scalp. Training targets (what the network learns): 0 background (air and
+4 outer CSF / meninges, 5 skull, 6 scalp, 7 and 8 other tissue. Training targets (what the network learns): 0 background (air and
 the head), 1 CSF, 2 grey matter, 3 white matter; the brain mask is 1 ∪ 2 ∪ 3.
 """
 
@@ -35,7 +37,9 @@ from scipy import ndimage
 #: Generation label values.
 AIR, CSF, GREY_MATTER, WHITE_MATTER = 0, 1, 2, 3
 OUTER_CSF, SKULL, SCALP = 4, 5, 6
-GENERATION_CLASSES = 7
+#: Other non-brain tissue beyond the scalp (face, neck, muscles, fat), painted as random blobs.
+OTHER_TISSUE = (7, 8)
+GENERATION_CLASSES = 9
 #: Network classes: background, CSF, grey matter, white matter.
 TARGET_CLASSES = 4
 
@@ -63,7 +67,8 @@ class TemplateLabels:
 
 def generation_to_target(labels: np.ndarray) -> np.ndarray:
     """Maps generation labels to network targets (extra-cerebral classes become background)."""
-    lookup = np.array([0, CSF, GREY_MATTER, WHITE_MATTER, 0, 0, 0], dtype=np.uint8)
+    lookup = np.zeros(GENERATION_CLASSES, dtype=np.uint8)
+    lookup[[CSF, GREY_MATTER, WHITE_MATTER]] = [CSF, GREY_MATTER, WHITE_MATTER]
     return lookup[labels]
 
 

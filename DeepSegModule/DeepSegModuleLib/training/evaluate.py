@@ -105,18 +105,49 @@ def evaluate(model: str | Path, data: Path = DEFAULT_DATA, device: str = "cpu") 
     return scores
 
 
+def figures_text(scores: dict) -> str:
+    """One line of measured figures for the model card."""
+    measured = {name: score for name, score in scores.items() if "dice_raw" in score}
+    if not measured:
+        return "not measured"
+    return ", ".join(
+        f"{name} {score['dice_raw']:.3f} (cleaned {score['dice_cleaned']:.3f})" for name, score in measured.items()
+    )
+
+
+def record_in_card(model: Path, scores: dict) -> Path:
+    """Writes the measured figures into the model card's description (the card's weights stay as they are)."""
+    from DeepSegModuleLib.models.torchscript import find_card
+
+    card_path = find_card(model)
+    if card_path is None:
+        raise FileNotFoundError(f"no model card for {model}")
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    marker = " Measured brain-mask Dice"
+    stem = card.get("description", "").split(marker)[0]
+    card["description"] = (
+        f"{stem}{marker} on real scans it never saw (DeepSegModuleLib.training.evaluate; raw mask, and its largest "
+        f"component with holes filled): {figures_text(scores)}."
+    )
+    card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    return card_path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="model card, TorchScript file or their folder")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--record", action="store_true", help="write the figures into the model card")
     arguments = parser.parse_args(argv)
     scores = evaluate(arguments.model, arguments.data, arguments.device)
     text = json.dumps(scores, indent=2)
     print(text)
     if arguments.json:
         arguments.json.write_text(text + "\n", encoding="utf-8")
+    if arguments.record and "skipped" not in scores:
+        print(f"figures recorded in {record_in_card(arguments.model, scores)}")
     return 0
 
 

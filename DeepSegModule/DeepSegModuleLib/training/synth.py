@@ -9,7 +9,7 @@ For each sample (all draws from one seeded generator, so a seed gives the same s
    distance map): on a CPU this is far cheaper than resampling a full-size volume with separate
    elastic and affine transforms.
 2. **Head**: shells of random, spatially varying thickness around the brain (outer CSF and meninges, skull,
-   scalp; see :mod:`.data`).
+   scalp) and, beyond them, random blobs of other tissue (see :mod:`.data`).
 3. **Contrast**: per generation class a mean and a standard deviation, either fully random (half of the
    samples, as SynthSeg) or a jittered T1, T2, FLAIR, PD or CT-like preset; Gaussian texture, blurred
    (MONAI ``RandGaussianSmooth``).
@@ -31,15 +31,16 @@ import torch
 import torch.nn.functional as F
 from monai.transforms import GaussianSmooth, RandAdjustContrast, RandBiasField, RandGaussianNoise, RandGaussianSmooth
 
-from DeepSegModuleLib.training.data import GENERATION_CLASSES, OUTER_CSF, SCALP, SKULL, TemplateLabels
+from DeepSegModuleLib.training.data import GENERATION_CLASSES, OTHER_TISSUE, OUTER_CSF, SCALP, SKULL, TemplateLabels
 
-# Means of air, CSF, grey matter, white matter, outer CSF, skull, scalp on a 0..1 scale.
+# Means of air, CSF, grey matter, white matter, outer CSF, skull, scalp, muscle-like and fat-like other
+# tissue, on a 0..1 scale.
 CONTRAST_PRESETS = {
-    "T1": (0.02, 0.20, 0.50, 0.75, 0.18, 0.08, 0.85),
-    "T2": (0.02, 0.95, 0.55, 0.40, 0.85, 0.08, 0.55),
-    "FLAIR": (0.02, 0.10, 0.60, 0.45, 0.15, 0.06, 0.65),
-    "PD": (0.02, 0.70, 0.70, 0.55, 0.65, 0.08, 0.75),
-    "CT": (0.00, 0.26, 0.30, 0.28, 0.27, 0.85, 0.25),
+    "T1": (0.02, 0.20, 0.50, 0.75, 0.18, 0.08, 0.85, 0.45, 0.90),
+    "T2": (0.02, 0.95, 0.55, 0.40, 0.85, 0.08, 0.55, 0.30, 0.70),
+    "FLAIR": (0.02, 0.10, 0.60, 0.45, 0.15, 0.06, 0.65, 0.40, 0.80),
+    "PD": (0.02, 0.70, 0.70, 0.55, 0.65, 0.08, 0.75, 0.50, 0.80),
+    "CT": (0.00, 0.26, 0.30, 0.28, 0.27, 0.85, 0.25, 0.30, 0.15),
 }
 
 
@@ -58,6 +59,8 @@ class SynthSettings:
     random_contrast_probability: float = 0.5
     skull_stripped_probability: float = 0.25
     no_head_probability: float = 0.05
+    other_tissue_probability: float = 0.7
+    other_tissue_mm: tuple[float, float] = (10.0, 70.0)
     bias_probability: float = 0.8
     low_resolution_probability: float = 0.5
     max_slice_mm: float = 7.0
@@ -147,7 +150,14 @@ class BrainSynth:
         skull = outer + self.rng.uniform(3.0, 9.0) * variation
         scalp = skull + self.rng.uniform(3.0, 12.0) * variation
         shell = torch.where(distance_mm <= skull, torch.where(distance_mm <= outer, OUTER_CSF, SKULL), SCALP)
-        return torch.where((labels == 0) & (distance_mm <= scalp), shell, labels)
+        head = torch.where((labels == 0) & (distance_mm <= scalp), shell, labels)
+        if self.rng.random() < self.settings.other_tissue_probability:
+            reach = scalp + self.rng.uniform(*self.settings.other_tissue_mm) * variation
+            texture = self._smooth_field(1, 1.0, int(self.rng.integers(4, 9)), size)[0]
+            tissue = torch.where(texture > 0.0, OTHER_TISSUE[0], OTHER_TISSUE[1])
+            tissue = torch.where(texture.abs() < 0.2, SCALP, tissue)
+            head = torch.where((head == 0) & (distance_mm <= reach), tissue, head)
+        return head
 
     # -------------------------------------------------------------------------------------------- contrast
 

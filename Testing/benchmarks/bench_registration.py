@@ -18,7 +18,9 @@ Cases:
                   error of ``phi`` against the truth inside the brain, Dice of the brain mask.
     seg3d-to-mni  A real T1 head (../shared/data/mr_brain_seg3d, brain mask on its grid) registered to
                   the MNI template; Dice of the propagated MNI brain mask against the real one.
-                  Skipped when ../shared/data is absent.
+                  Skipped when ../shared/data is absent. The two masks are different definitions of
+                  "brain" (and Brain.nrrd's geometry does not match MR.nii.gz's, so the mask is taken
+                  voxel for voxel), so this Dice only ranks the tools against each other.
 """
 
 from __future__ import annotations

@@ -644,7 +644,8 @@ class _Run:
             fixed_values = level.fixed.reshape(-1)
             fixed_weight = level.fixed_weight.reshape(-1)
             keep = fixed_weight > 0
-            points, fixed_values, fixed_weight = points[keep], fixed_values[keep], fixed_weight[keep]
+            # Point, intensity and weight in one (N, 5) table: one gather per iteration instead of three.
+            samples = torch.cat((points[keep], fixed_values[keep, None], fixed_weight[keep, None]), dim=1)
             to_normalized = self._u_to_moving_normalized(level)
             base_rate = config.linear_learning_rate * 0.5**level_index
             optimizer = torch.optim.Adam(parameters, lr=base_rate)
@@ -652,14 +653,13 @@ class _Run:
                 # Cosine decay inside a level: large steps to travel, small ones to settle.
                 for group in optimizer.param_groups:
                     group["lr"] = base_rate * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * iteration / iterations)))
-                if len(points) > config.linear_max_points:
+                batch = samples
+                if len(samples) > config.linear_max_points:
                     # Sampling with replacement: randperm of millions of points every iteration costs more
                     # than the similarity itself.
-                    chosen = torch.randint(len(points), (config.linear_max_points,), generator=self.generator)
-                    chosen = chosen.to(self.device)
-                    batch_points, batch_fixed, batch_weight = points[chosen], fixed_values[chosen], fixed_weight[chosen]
-                else:
-                    batch_points, batch_fixed, batch_weight = points, fixed_values, fixed_weight
+                    chosen = torch.randint(len(samples), (config.linear_max_points,), generator=self.generator)
+                    batch = samples[chosen.to(self.device)]
+                batch_points, batch_fixed, batch_weight = batch[:, :3], batch[:, 3], batch[:, 4]
                 optimizer.zero_grad(set_to_none=True)
                 mapped = batch_points @ current_matrix().T + translation
                 normalized = apply_matrix(mapped, to_normalized).reshape(1, -1, 1, 1, 3)

@@ -152,6 +152,7 @@ def train(
     checkpoint_every: int = 50,
     initial_weights: Path | None = None,
     template: TemplateLabels | None = None,
+    random_contrast_probability: float = 0.5,
 ) -> dict:
     """Runs the training loop and exports the model; returns a summary (iterations, time, last losses).
 
@@ -167,6 +168,8 @@ def train(
         checkpoint_every: iterations between checkpoints.
         initial_weights: a checkpoint to start from instead of random weights.
         template: the generation labels (default: built from the MNI152 template at 2 mm).
+        random_contrast_probability: share of samples with fully random tissue intensities (the rest use
+            jittered T1, T2, FLAIR, PD and CT-like presets).
     """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -177,7 +180,8 @@ def train(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
     template = template or template_labels(spacing=int(SPACING_MM))
-    generator = BrainSynth(template, SynthSettings(crop=tuple(crop)), seed=seed)
+    settings = SynthSettings(crop=tuple(crop), random_contrast_probability=random_contrast_probability)
+    generator = BrainSynth(template, settings, seed=seed)
     network = build_network().to(device)
     if initial_weights is not None:
         network.load_state_dict(torch.load(initial_weights, map_location=device, weights_only=True))
@@ -189,6 +193,7 @@ def train(
     log = (output / "train.log").open("w", encoding="utf-8")
     log.write(
         f"seed={seed} iterations={iterations} minutes={minutes} crop={list(crop)} lr={learning_rate} "
+        f"random_contrast_probability={random_contrast_probability} initial_weights={initial_weights} "
         f"parameters={parameters} device={device} threads={torch.get_num_threads()}\n"
     )
     log.flush()
@@ -270,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--checkpoint-every", type=int, default=50)
-    parser.add_argument("--initial-weights", type=Path, default=None)
+    parser.add_argument("--initial-weights", type=Path, default=None, help="checkpoint to continue from")
+    parser.add_argument("--random-contrast-probability", type=float, default=0.5)
     arguments = parser.parse_args(argv)
     summary = train(
         arguments.output,
@@ -283,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         log_every=arguments.log_every,
         checkpoint_every=arguments.checkpoint_every,
         initial_weights=arguments.initial_weights,
+        random_contrast_probability=arguments.random_contrast_probability,
     )
     print(json.dumps(summary, indent=2))
     return 0

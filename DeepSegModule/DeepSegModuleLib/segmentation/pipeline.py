@@ -199,30 +199,40 @@ def _labels_from_outputs(
 ) -> torch.Tensor:
     """Resamples output channels back in groups and reduces them to a label map (i, j, k) of label values."""
     count = outputs.shape[0]
-    lookup = torch.tensor(description.channel_to_label, dtype=torch.int64, device=outputs.device)
+    mapping = description.channel_to_label
+    # int16 label maps halve/quarter the memory of int64 ones on CT-sized grids (labels < 32768).
+    small = torch.int16
     if description.activation == OutputActivation.SIGMOID:
         labels = None
         for start in range(0, count, group_size):
             group = preprocessor.to_input_grid(outputs[start : start + group_size], [-1e4] * group_size)
             if labels is None:
-                labels = torch.zeros(group.shape[1:], dtype=torch.int64, device=group.device)
+                labels = torch.zeros(group.shape[1:], dtype=small, device=group.device)
             for offset in range(group.shape[0]):
-                labels[group[offset] > 0] = lookup[start + offset]
+                labels[group[offset] > 0] = mapping[start + offset]
+            del group
         return labels
     best = best_channel = None
     for start in range(0, count, group_size):
         stop = min(start + group_size, count)
-        fill = [1e4 if description.channel_to_label[c] == 0 else -1e4 for c in range(start, stop)]
+        fill = [1e4 if mapping[c] == 0 else -1e4 for c in range(start, stop)]
         group = preprocessor.to_input_grid(outputs[start:stop], fill)
         group_best, group_channel = group.max(dim=0)
-        group_channel += start
+        del group
+        group_channel = group_channel.to(small) + start
         if best is None:
             best, best_channel = group_best, group_channel
         else:
             better = group_best > best
             best = torch.where(better, group_best, best)
             best_channel = torch.where(better, group_channel, best_channel)
-    return lookup.to(best_channel.device)[best_channel]
+            del better
+        del group_best, group_channel
+    del best
+    if list(mapping) == list(range(count)):
+        return best_channel
+    lookup = torch.tensor(mapping, dtype=small, device=best_channel.device)
+    return lookup[best_channel.long()]
 
 
 def _probabilities(

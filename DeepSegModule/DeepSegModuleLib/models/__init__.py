@@ -8,28 +8,32 @@ Public API::
 
 from __future__ import annotations
 
-from DeepSegModuleLib.models.archive import safe_extract_zip, sha256_of_file, verify_sha256
-from DeepSegModuleLib.models.cache import ModelCache, default_cache
-from DeepSegModuleLib.models.description import (
-    InputSpec,
-    LoadedModel,
-    ModelDescription,
-    ModelFormat,
-    NormalizationMode,
-    NormalizationSpec,
-    OutputActivation,
-    Tiling,
-)
-from DeepSegModuleLib.models.errors import (
-    ChecksumError,
-    ModelError,
-    ModelFileError,
-    ModelFormatError,
-    ModelMismatchError,
-    UnsafeArchiveError,
-)
-from DeepSegModuleLib.models.loader import detect_format, load_model, resolve_device
-from DeepSegModuleLib.models.store import ModelStore, StoredModel
+import importlib
+from typing import Any
+
+# Names are imported from their submodules on first use, so that listing or verifying the model store (what
+# Slicer's panel does when it opens) does not import torch into the application.
+_SUBMODULE_OF = {
+    "safe_extract_zip": "archive", "sha256_of_file": "archive", "verify_sha256": "archive",
+    "ModelCache": "cache", "default_cache": "cache",
+    "InputSpec": "description", "LoadedModel": "description", "ModelDescription": "description",
+    "ModelFormat": "description", "NormalizationMode": "description", "NormalizationSpec": "description",
+    "OutputActivation": "description", "Tiling": "description",
+    "ChecksumError": "errors", "ModelError": "errors", "ModelFileError": "errors", "ModelFormatError": "errors",
+    "ModelMismatchError": "errors", "UnsafeArchiveError": "errors",
+    "detect_format": "loader", "load_model": "loader", "resolve_device": "loader",
+    "ModelStore": "store", "StoredModel": "store",
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    submodule = _SUBMODULE_OF.get(name)
+    if submodule is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{submodule}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ChecksumError", "InputSpec", "LoadedModel", "ModelCache", "ModelDescription", "ModelError", "ModelFileError",

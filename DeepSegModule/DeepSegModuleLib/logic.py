@@ -65,6 +65,7 @@ class Run:
         self._forward_events()
         if self.finished or not self.job.finished:
             return self.finished
+        self._forward_events()  # the last events arrive together with the job's end, after the drain above
         try:
             outputs = self.job.wait(0)
         except Exception as error:  # JobCancelled / JobFailed: nothing to apply

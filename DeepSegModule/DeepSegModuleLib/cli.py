@@ -138,11 +138,18 @@ def _all_or_nothing():
 
 
 def resolve_model(model: str | None) -> Path:
-    """A model argument as a path: an existing file/folder, or a name in the model store (checksums verified)."""
-    from .models.store import ModelStore
+    """A model argument as a path: an existing file/folder, or a name in the model store (checksums verified);
+    None is the default model that ships with DeepSeg."""
+    from .models.store import DEFAULT_MODEL_ID, ModelStore
 
     if model is None:
-        raise CommandError("no default model is bundled yet: pass --model (a model folder, file, or a store name)")
+        store = ModelStore()
+        if DEFAULT_MODEL_ID not in store.bundled_ids():
+            raise CommandError(
+                f"the default model {DEFAULT_MODEL_ID!r} is missing from this installation (Resources/models): "
+                "reinstall DeepSeg, or pass --model (a model folder, file, or a store name)"
+            )
+        return store.verify(DEFAULT_MODEL_ID).model_path
     candidate = Path(model).expanduser()
     if candidate.exists():
         return candidate
@@ -208,7 +215,10 @@ def _progress_bar(quiet: bool):
 def segment(
     inputs: list[Path] = typer.Option(..., "--input", "-i", help="Input image(s), in the model's input order."),
     output: Path = typer.Option(..., "--output", "-o", help="OUT.seg.nrrd (segments) or OUT.nii.gz/.nrrd (label map)."),
-    model: str | None = typer.Option(None, "--model", "-m", help="Model folder/file, or a name in the model store."),
+    model: str | None = typer.Option(
+        None, "--model", "-m",
+        help="Model folder/file, or a name in the model store (default: the bundled brain tissue model, deepseg-brain).",
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     labels: str | None = typer.Option(None, help="Comma-separated label names to keep (default: all)."),
     probabilities: Path | None = typer.Option(None, help="Folder for one probability map (.nii.gz) per label."),
@@ -219,7 +229,7 @@ def segment(
 ) -> None:
     """Segment an image with a model; write a Slicer segmentation or a label map.
 
-    Example: deepseg segment --model brain --input T1.nii.gz --output brain.seg.nrrd
+    Example: deepseg segment --input T1.nii.gz --output brain.seg.nrrd   (the bundled brain tissue model)
     """
     with _reported(as_json):
         if device not in ("auto", "cpu", "cuda"):
@@ -418,17 +428,25 @@ def _flat(values: Any, prefix: str = "") -> dict[str, Any]:
 
 @models_app.command("list")
 def models_list(as_json: bool = typer.Option(False, "--json")) -> None:
-    """List the models in the store.
+    """List the models in the store, and those that ship with DeepSeg (marked "bundled").
 
     Example: deepseg models list
     """
-    from .models.store import ModelStore
+    from .models.store import DEFAULT_MODEL_ID, ModelStore
 
     with _reported(as_json):
         store = ModelStore()
-        entries = [{"id": model_id, "path": str(store.get(model_id).path)} for model_id in store.list_ids()]
-        _emit({"store": str(store.root), "models": entries}, as_json,
-              [f"  {entry['id']:<30s} {entry['path']}" for entry in entries] or [f"  (no models in {store.root})"])
+        entries = []
+        for model_id in store.list_ids():
+            stored = store.get(model_id)
+            entries.append({"id": model_id, "path": str(stored.path), "bundled": stored.bundled,
+                            "default": model_id == DEFAULT_MODEL_ID})
+        lines = [
+            f"  {entry['id']:<30s} {entry['path']}" + ("  (bundled, default)" if entry["default"] else
+                                                       "  (bundled)" if entry["bundled"] else "")
+            for entry in entries
+        ]
+        _emit({"store": str(store.root), "models": entries}, as_json, lines or [f"  (no models in {store.root})"])
 
 
 @models_app.command("import")
@@ -536,7 +554,9 @@ def _finish_batch(results, as_json: bool, title: str) -> None:
 def batch_segment(
     cases: Path = typer.Option(..., help="A folder of images (one case each) or a CSV: case,input[,input2,...]."),
     output_dir: Path = typer.Option(..., help="Outputs go here as <case>.seg.nrrd (or --format nii.gz)."),
-    model: str | None = typer.Option(None, "--model", "-m", help="Model folder/file, or a name in the model store."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Model folder/file, or a name in the model store (default: deepseg-brain)."
+    ),
     output_format: str = typer.Option("seg.nrrd", "--format", help="seg.nrrd (segments) or nii.gz (label maps)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     labels: str | None = typer.Option(None, help="Comma-separated label names to keep."),

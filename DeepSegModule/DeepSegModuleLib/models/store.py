@@ -6,7 +6,9 @@ Layout::
     <root>/<model id>/...               the model's files (a card + TorchScript, a bundle, an nnU-Net folder)
 
 The root defaults to ``$DEEPSEG_MODEL_DIR`` or ``~/.deepseg/models``, outside the Slicer install so
-models survive upgrades. Zip archives are extracted with :func:`safe_extract_zip`. :meth:`ModelStore.verify`
+models survive upgrades. Models that ship with DeepSeg (``Resources/models/<id>/``, same layout, manifest
+committed) are listed with the user's own, read-only: they cannot be removed or shadowed, and their checksums
+are verified like any other. :data:`DEFAULT_MODEL_ID` is the one a run without a model uses. Zip archives are extracted with :func:`safe_extract_zip`. :meth:`ModelStore.verify`
 recomputes the checksums, so a damaged or tampered file is found before it is loaded.
 """
 
@@ -25,12 +27,46 @@ from DeepSegModuleLib.models.archive import safe_extract_zip, sha256_of_file, ve
 from DeepSegModuleLib.models.errors import ChecksumError, ModelFileError
 
 MANIFEST_NAME = "manifest.json"
+#: The bundled model a segmentation without an explicit model runs (see ``Resources/models/``).
+DEFAULT_MODEL_ID = "deepseg-brain"
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def default_store_root() -> Path:
     """``$DEEPSEG_MODEL_DIR`` if set, else ``~/.deepseg/models``."""
     return Path(os.environ.get("DEEPSEG_MODEL_DIR") or Path.home() / ".deepseg" / "models")
+
+
+def bundled_models_root() -> Path | None:
+    """``Resources/models`` of this installation (packaged or source checkout), or None when it has none."""
+    from DeepSegModuleLib.resources import resource_candidates
+
+    for candidate in resource_candidates("models"):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def file_checksums(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` except the manifest, keyed by relative path with '/'."""
+    return {
+        path.relative_to(folder).as_posix(): sha256_of_file(path)
+        for path in sorted(Path(folder).rglob("*"))
+        if path.is_file() and path.name != MANIFEST_NAME
+    }
+
+
+def write_manifest(folder: str | os.PathLike, model_id: str, source: str) -> dict:
+    """Records the checksums of a model folder's files in its ``manifest.json``; returns the manifest."""
+    folder = Path(folder)
+    manifest = {
+        "id": model_id,
+        "source": source,
+        "imported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "files": file_checksums(folder),
+    }
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest
 
 
 @dataclass(frozen=True)
@@ -41,6 +77,7 @@ class StoredModel:
     path: Path
     files: dict[str, str]
     source: str
+    bundled: bool = False
 
     @property
     def model_path(self) -> Path:
@@ -57,10 +94,25 @@ class ModelStore:
 
     Args:
         root: the store folder; created when needed.
+        bundled_root: the folder of the models shipped with DeepSeg (default: ``Resources/models``).
+        include_bundled: list and resolve the shipped models too.
     """
 
-    def __init__(self, root: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self, root: str | os.PathLike | None = None, bundled_root: str | os.PathLike | None = None,
+        include_bundled: bool = True,
+    ) -> None:  # fmt: skip
         self.root = Path(root) if root is not None else default_store_root()
+        if not include_bundled:
+            self.bundled_root = None
+        else:
+            self.bundled_root = Path(bundled_root) if bundled_root is not None else bundled_models_root()
+
+    def bundled_ids(self) -> list[str]:
+        """The ids of the models shipped with DeepSeg, sorted."""
+        if self.bundled_root is None or not self.bundled_root.is_dir():
+            return []
+        return sorted(p.name for p in self.bundled_root.iterdir() if (p / MANIFEST_NAME).is_file())
 
     def _folder(self, model_id: str) -> Path:
         if not _ID_PATTERN.match(model_id):
@@ -93,6 +145,10 @@ class ModelStore:
             verify_sha256(source, expected_sha256)
         model_id = model_id or source.name.split(".")[0]
         folder = self._folder(model_id)
+        if model_id in self.bundled_ids():
+            raise FileExistsError(
+                f"{model_id!r} is the name of a model that ships with DeepSeg; store this one under another name"
+            )
         if folder.exists() and not replace:
             raise FileExistsError(f"a model with id {model_id!r} is already stored in {folder}; pass replace=True")
         self.root.mkdir(parents=True, exist_ok=True)
@@ -111,18 +167,7 @@ class ModelStore:
                 card = find_card(source)
                 if card is not None and card.resolve() != source.resolve():
                     shutil.copy2(card, content / card.name)
-            files = {
-                path.relative_to(content).as_posix(): sha256_of_file(path)
-                for path in sorted(content.rglob("*"))
-                if path.is_file()
-            }
-            manifest = {
-                "id": model_id,
-                "source": str(source.resolve()),
-                "imported": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                "files": files,
-            }
-            (content / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+            files = write_manifest(content, model_id, str(source.resolve()))["files"]
             if folder.exists():
                 shutil.rmtree(folder)
             os.replace(content, folder)
@@ -137,17 +182,21 @@ class ModelStore:
             KeyError: no model with this id (the message lists the ids there are).
         """
         folder = self._folder(model_id)
+        bundled = model_id in self.bundled_ids()
+        if bundled:
+            folder = self.bundled_root / model_id
         manifest_path = folder / MANIFEST_NAME
         if not manifest_path.is_file():
             raise KeyError(f"no model {model_id!r} in {self.root}; stored models: {self.list_ids()}")
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        return StoredModel(model_id, folder, dict(manifest["files"]), manifest.get("source", ""))
+        return StoredModel(model_id, folder, dict(manifest["files"]), manifest.get("source", ""), bundled)
 
     def list_ids(self) -> list[str]:
-        """The ids of the stored models, sorted."""
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if (p / MANIFEST_NAME).is_file())
+        """The ids of the stored models and of the models shipped with DeepSeg, sorted."""
+        own = []
+        if self.root.is_dir():
+            own = [p.name for p in self.root.iterdir() if (p / MANIFEST_NAME).is_file()]
+        return sorted(set(own) | set(self.bundled_ids()))
 
     def verify(self, model_id: str) -> StoredModel:
         """Recomputes every file's sha256 and compares with the manifest.
@@ -180,6 +229,8 @@ class ModelStore:
     def remove(self, model_id: str) -> None:
         """Deletes a stored model."""
         folder = self._folder(model_id)
+        if model_id in self.bundled_ids():
+            raise PermissionError(f"{model_id!r} ships with DeepSeg and cannot be removed")
         if not (folder / MANIFEST_NAME).is_file():
             raise KeyError(f"no model {model_id!r} in {self.root}")
         shutil.rmtree(folder)

@@ -161,6 +161,7 @@ def train(
     initial_weights: Path | None = None,
     template: TemplateLabels | None = None,
     random_contrast_probability: float = 0.5,
+    precision: str = "fp32",
 ) -> dict:
     """Runs the training loop and exports the model; returns a summary (iterations, time, last losses).
 
@@ -180,7 +181,11 @@ def train(
         template: the generation labels (default: built from the MNI152 template at 2 mm).
         random_contrast_probability: share of samples with fully random tissue intensities (the rest use
             jittered T1, T2, FLAIR, PD and CT-like presets).
+        precision: ``fp32``, or ``bf16`` for mixed precision (bfloat16 autocast of the network on CPU or CUDA,
+            loss and weights in float32): on a CPU with AVX-512 BF16 it nearly halves the time of an iteration.
     """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     if threads:
@@ -204,7 +209,7 @@ def train(
     log.write(
         f"seed={seed} iterations={iterations} minutes={minutes} crop={list(crop)} lr={learning_rate} "
         f"random_contrast_probability={random_contrast_probability} initial_weights={initial_weights} "
-        f"parameters={parameters} device={device} threads={torch.get_num_threads()}\n"
+        f"precision={precision} parameters={parameters} device={device} threads={torch.get_num_threads()}\n"
     )
     log.flush()
     recent: list[tuple[float, float]] = []
@@ -226,8 +231,9 @@ def train(
                 group["lr"] = learning_rate_now
             image, target = generator.sample()
             network.train()
-            logits = network(image[None].to(device))
-            loss, brain_dice = loss_function(logits, target[None].to(device))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logits = network(image[None].to(device))
+            loss, brain_dice = loss_function(logits.float(), target[None].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -266,6 +272,7 @@ def train(
         "seed": seed,
         "minutes": summary["minutes"],
         "device": str(device),
+        "precision": precision,
         "parameters": parameters,
     }
     summary["card"] = str(export(network, output, training=training))
@@ -287,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-every", type=int, default=50)
     parser.add_argument("--initial-weights", type=Path, default=None, help="checkpoint to continue from")
     parser.add_argument("--random-contrast-probability", type=float, default=0.5)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: mixed precision")
     arguments = parser.parse_args(argv)
     summary = train(
         arguments.output,
@@ -300,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_every=arguments.checkpoint_every,
         initial_weights=arguments.initial_weights,
         random_contrast_probability=arguments.random_contrast_probability,
+        precision=arguments.precision,
     )
     print(json.dumps(summary, indent=2))
     return 0

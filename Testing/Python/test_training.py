@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from DeepSegModuleLib.models.store import ModelStore
 from DeepSegModuleLib.models.torchscript import load_torchscript_model
 from DeepSegModuleLib.segmentation import SegmentationOptions, VolumeArray, segment
 from DeepSegModuleLib.training import evaluate
@@ -22,6 +23,7 @@ from DeepSegModuleLib.training.data import (
     template_labels,
 )
 from DeepSegModuleLib.training.synth import BrainSynth, SynthSettings
+from DeepSegModuleLib.training.publish import publish
 from DeepSegModuleLib.training.train import train
 
 torch.set_num_threads(2)
@@ -99,6 +101,30 @@ def test_smoke_training_run_exports_a_model_the_normal_pipeline_runs(template, t
     result = segment(volume, loaded, SegmentationOptions(device="cpu"))
     assert result.labels.shape == (24, 30, 26)
     assert set(np.unique(result.labels)) <= {0, 1, 2, 3}
+
+    # Publishing puts it where the store finds shipped models, checksums recorded and verified.
+    bundled = tmp_path / "bundled"
+    manifest = publish(tmp_path, bundled / "smoke-brain", model_id="smoke-brain")
+    assert set(manifest["files"]) == {"deepseg-brain.ts", "deepseg.json", "train.log", "loss.csv"}
+    store = ModelStore(tmp_path / "user-store", bundled_root=bundled)
+    assert store.list_ids() == ["smoke-brain"]
+    stored = store.verify("smoke-brain")
+    assert stored.bundled and load_torchscript_model(stored.model_path).description.labels[0].name == "cerebrospinal fluid"
+    with pytest.raises(PermissionError, match="ships with DeepSeg"):
+        store.remove("smoke-brain")
+    with pytest.raises(FileExistsError, match="ships with DeepSeg"):
+        store.import_model(tmp_path / "deepseg-brain.ts", model_id="smoke-brain")
+
+
+def test_publish_refuses_a_card_that_describes_other_weights(template, tmp_path):
+    train(tmp_path / "model", iterations=1, crop=(32, 32, 32), seed=0, template=template)
+    card_path = tmp_path / "model" / "deepseg.json"
+    card = json.loads(card_path.read_text())
+    card["sha256"] = "0" * 64
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="export the model again"):
+        publish(tmp_path / "model", tmp_path / "bundled" / "x", model_id="x")
+    assert not (tmp_path / "bundled").exists()
 
 
 def test_evaluation_skips_cleanly_without_the_sample_data(tmp_path):

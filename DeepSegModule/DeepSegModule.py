@@ -907,8 +907,9 @@ class DeepSegModuleLogic(ScriptedLoadableModuleLogic):
 
 class DeepSegModuleTest(ScriptedLoadableModuleTest):
     """Runs in real Slicer (the Reload-and-Test button, or ``Slicer --testing`` through CTest) and, under test
-    stubs, in the pytest suite on slicer-core. Real work: a model is built, imported into a model store, and run;
-    a registration is computed. Nothing binary is committed: the model is written at test time.
+    stubs, in the pytest suite on slicer-core. Real work, on data shipped with the module (``Resources/Testing``,
+    written by ``Resources/make_test_data.py``): a tiny TorchScript model is imported into a model store and segments
+    a bright sphere; a real brain (the MNI152 template) moved by a known rigid motion is registered back.
     """
 
     def setUp(self) -> None:
@@ -920,7 +921,7 @@ class DeepSegModuleTest(ScriptedLoadableModuleTest):
             self.test_OutputSegmentationTakesInputGeometry,
             self.test_UnusableInputLeavesSceneUnchanged,
             self.test_SegmentBrightSphereWithImportedModel,
-            self.test_RigidRegistrationMovesCentreToShiftedCentre,
+            self.test_RigidRegistrationOfBrainPairRecoversKnownMotion,
         ):
             self.setUp()
             test()
@@ -938,38 +939,6 @@ class DeepSegModuleTest(ScriptedLoadableModuleTest):
         return InProcessWorker() if testing else None
 
     @staticmethod
-    def _writeThresholdModel(folder: str) -> str:
-        """Writes a TorchScript network calling voxels brighter than 150 "Sphere", and its DeepSeg model card."""
-        import json
-
-        import torch
-
-        class Threshold(torch.nn.Module):
-            def forward(self, image):
-                score = (image[:, :1] - 150.0) / 50.0
-                return torch.cat([-score, score], dim=1)
-
-        # Tracing needs no source code, so the network can be defined right here.
-        network = torch.jit.trace(Threshold().eval(), torch.zeros(1, 1, 16, 16, 16))
-        weights = os.path.join(folder, "threshold.ts")
-        torch.jit.save(network, weights)
-        card = {
-            "deepseg_model_card": 1,
-            "name": "Bright sphere",
-            "weights": "threshold.ts",
-            "inputs": [{"name": "CT", "modality": "CT", "normalization": {"mode": "none"}}],
-            "orientation": "RAS",
-            "spacing": [1.5, 1.5, 1.5],
-            "patch_size": [16, 16, 16],
-            "overlap": 0.25,
-            "activation": "softmax",
-            "labels": [{"value": 1, "name": "Sphere", "color": [0.9, 0.2, 0.1]}],
-        }
-        with open(os.path.join(folder, "deepseg.json"), "w", encoding="utf-8") as cardFile:
-            json.dump(card, cardFile)
-        return weights
-
-    @staticmethod
     def _rasOfVoxels(shapeKji, ijkToRas):
         import numpy as np
 
@@ -980,17 +949,22 @@ class DeepSegModuleTest(ScriptedLoadableModuleTest):
     # tests
 
     def test_SegmentBrightSphereWithImportedModel(self) -> None:
+        import json
+
         import numpy as np
 
-        self.delayDisplay("Segmenting a bright sphere with a model imported into a model store")
+        self.delayDisplay("Segmenting a bright sphere with the bundled test model, imported into a model store")
+        # The module's test model: voxels brighter than 150 are "Sphere". Its card (beside it) names the label and
+        # records the weights' sha256, which the store checks on import and before each run.
+        weights = resource_path("Testing/BrightSphere/bright-sphere.ts")
+        with open(resource_path("Testing/BrightSphere/deepseg.json"), encoding="utf-8") as cardFile:
+            [label] = json.load(cardFile)["labels"]
         workFolder = tempfile.mkdtemp(prefix="DeepSegModuleTest-")
         logic = DeepSegModuleLogic(worker=self._worker(), modelStoreRoot=os.path.join(workFolder, "store"))
         try:
-            modelFolder = os.path.join(workFolder, "model")
-            os.makedirs(modelFolder)
-            modelId = logic.importModel(self._writeThresholdModel(modelFolder))
-            self.assertEqual(modelId, "threshold")
-            self.assertEqual(logic.storedModelIds(), ["threshold"])
+            modelId = logic.importModel(str(weights))
+            self.assertEqual(modelId, "bright-sphere")
+            self.assertEqual(logic.storedModelIds(), ["bright-sphere"])
 
             # Anisotropic voxels and an offset origin: a segment put in the wrong place cannot pass.
             ijkToRas = np.array([[1.2, 0, 0, -30.0], [0, 1.0, 0, -25.0], [0, 0, 2.0, -40.0], [0, 0, 0, 1]])
@@ -1024,10 +998,13 @@ class DeepSegModuleTest(ScriptedLoadableModuleTest):
             self.assertIsNone(run.error)
             self.assertIn("inference", stages)
             segmentation = run.outcome.nodes["segmentation"]
-            self.assertEqual(logic.segmentNames(segmentation), ["Sphere"])
+            self.assertEqual(logic.segmentNames(segmentation), [label["name"]])
 
-            segmentId = segmentation.GetSegmentation().GetSegmentIdBySegmentName("Sphere")
+            segmentId = segmentation.GetSegmentation().GetSegmentIdBySegmentName(label["name"])
+            segmentColor = segmentation.GetSegmentation().GetSegment(segmentId).GetColor()
+            self.assertLess(np.abs(np.subtract(segmentColor, label["color"])).max(), 1e-3)
             found = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume) > 0
+            self.assertTrue(found.any(), "the Sphere segment is empty")
             dice = 2.0 * np.count_nonzero(found & sphere) / (np.count_nonzero(found) + np.count_nonzero(sphere))
             self.assertGreater(dice, 0.85)
             foundCentre = self._rasOfVoxels(shape, ijkToRas)[found].mean(axis=0)
@@ -1044,24 +1021,20 @@ class DeepSegModuleTest(ScriptedLoadableModuleTest):
             shutil.rmtree(workFolder, ignore_errors=True)
         self.delayDisplay("Test passed")
 
-    def test_RigidRegistrationMovesCentreToShiftedCentre(self) -> None:
+    def test_RigidRegistrationOfBrainPairRecoversKnownMotion(self) -> None:
+        import json
+
         import numpy as np
+        from DeepSegModuleLib.storage import load_volume
 
-        self.delayDisplay("Registering a shifted, blurred sphere with the rigid preset")
-        ijkToRas = np.array([[2.0, 0, 0, -31.0], [0, 2.0, 0, -31.0], [0, 0, 2.0, -31.0], [0, 0, 0, 1]])
-        shape = (32, 32, 32)
-        ras = self._rasOfVoxels(shape, ijkToRas)
-        centre = np.array([1.0, -2.0, 3.0])
-        shift = np.array([4.0, -3.0, 2.0])
-
-        def blurredSphere(sphereCentre):
-            # A soft edge (a few mm wide) gives the similarity measure a gradient to follow.
-            distance = np.linalg.norm(ras - sphereCentre, axis=-1)
-            return (300.0 / (1.0 + np.exp((distance - 10.0) / 2.0))).astype(np.float32)
-
-        fixed = slicer.util.addVolumeFromArray(blurredSphere(centre), ijkToRAS=ijkToRas, name="Fixed")
-        moving = slicer.util.addVolumeFromArray(blurredSphere(centre + shift), ijkToRAS=ijkToRas, name="Moving")
+        self.delayDisplay("Registering a brain moved by a known rigid motion, with the rigid preset")
+        # The MNI152 template at 4 mm (fixed) and the same template rotated by a few degrees and shifted by a few mm
+        # (moving); motion.json holds that motion as the fixed-to-moving RAS matrix.
+        with open(resource_path("Testing/BrainPair/motion.json"), encoding="utf-8") as motionFile:
+            fixedToMoving = np.array(json.load(motionFile)["fixed_to_moving_ras"])
         logic = DeepSegModuleLogic(worker=self._worker())
+        fixed = load_volume(logic.context, resource_path("Testing/BrainPair/fixed.nrrd"), name="Brain fixed")
+        moving = load_volume(logic.context, resource_path("Testing/BrainPair/moving.nrrd"), name="Brain moving")
         try:
             outcome = logic.register(fixed, moving, preset="rigid", device="cpu")
         finally:
@@ -1069,14 +1042,23 @@ class DeepSegModuleTest(ScriptedLoadableModuleTest):
 
         transform = outcome.nodes["transform"]
         self.assertTrue(transform.IsA("vtkMRMLLinearTransformNode"))
-        # Slicer's own transform: its "from parent" direction maps a fixed point to the moving point sampled there.
-        movedCentre = np.array(transform.GetTransformFromParent().TransformPoint(centre.tolist()))
-        self.assertLess(np.linalg.norm(movedCentre - (centre + shift)), 1.0)
+        # Slicer's own transform: its "from parent" direction maps a fixed point to the moving point sampled there,
+        # the direction motion.json gives. Points across the brain: an error in the rotation shows far from its centre.
+        fromParent = transform.GetTransformFromParent()
+        for fixedPoint in ([0.0, 0.0, 0.0], [45.0, -20.0, 10.0], [-45.0, 20.0, 10.0], [0.0, 55.0, 5.0],
+                           [0.0, -70.0, 10.0], [10.0, -10.0, 50.0], [0.0, -20.0, -30.0]):  # fmt: skip
+            expected = (fixedToMoving @ [*fixedPoint, 1.0])[:3]
+            moved = np.array(fromParent.TransformPoint(fixedPoint))
+            self.assertLess(np.linalg.norm(moved - expected), 1.5, f"{fixedPoint} went to {moved}, not {expected}")
 
-        registered = slicer.util.arrayFromVolume(outcome.nodes["volume"])
-        self.assertEqual(registered.shape, shape)
-        fixedArray = slicer.util.arrayFromVolume(fixed)
-        self.assertGreater(np.corrcoef(registered.ravel(), fixedArray.ravel())[0, 1], 0.98)
+        # The registered volume lies on the fixed grid and on the fixed brain, much better than the moving one did.
+        fixedArray = slicer.util.arrayFromVolume(fixed).astype(float)
+        registered = slicer.util.arrayFromVolume(outcome.nodes["volume"]).astype(float)
+        self.assertEqual(registered.shape, fixedArray.shape)
+        before = np.corrcoef(slicer.util.arrayFromVolume(moving).astype(float).ravel(), fixedArray.ravel())[0, 1]
+        after = np.corrcoef(registered.ravel(), fixedArray.ravel())[0, 1]
+        self.assertGreater(after, 0.97)
+        self.assertGreater(after, before + 0.05)
         self.assertGreater(len(qualityReportLines(outcome.report["quality"])), 1)
         self.delayDisplay("Test passed")
 

@@ -293,6 +293,21 @@ def test_every_resource_the_module_asks_for_is_listed_for_packaging():
     assert sorted(used - set(listed_resources(MODULE_DIR))) == []
 
 
+def test_the_module_test_runs_on_the_bundled_test_data_and_all_of_it_is_packaged():
+    """DeepSegModuleTest reads its model and brain pair from Resources/Testing; an unlisted file is not installed."""
+    test_data = {
+        path.relative_to(REPOSITORY / "Resources").as_posix()
+        for path in (REPOSITORY / "Resources" / "Testing").rglob("*")
+        if path.is_file()
+    }
+    assert test_data == {
+        "Testing/BrainPair/fixed.nrrd", "Testing/BrainPair/moving.nrrd", "Testing/BrainPair/motion.json",
+        "Testing/BrightSphere/bright-sphere.ts", "Testing/BrightSphere/deepseg.json",
+    }  # fmt: skip
+    assert test_data <= resource_names_used(MODULE_FILE.read_text())
+    assert test_data <= set(listed_resources(MODULE_DIR))
+
+
 def test_module_cmake_copies_and_installs_resources_next_to_the_module_scripts():
     """Resources must land in <qt-scripted-modules>/Resources, where resource_path() looks in a package."""
     code = _cmake_code((MODULE_DIR / "CMakeLists.txt").read_text())

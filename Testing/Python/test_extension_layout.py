@@ -2,7 +2,8 @@
 
 Real Slicer cannot run here, so what would only fail inside Slicer (or, worse, only in a package built by
 the Extensions Index) is checked from the sources: CMake lists every file, the .ui has every widget the code
-uses and binds only parameters the parameter node has, resources exist where the module looks for them.
+uses, of a class that has every method, property and signal the code uses on it (widget_classes.py), and binds
+only parameters the parameter node has, resources exist where the module looks for them.
 Each checker returns a list of problems; the ``*_catches_*`` tests feed it a broken copy to prove it can fail.
 """
 
@@ -22,6 +23,7 @@ from xml.etree import ElementTree
 import numpy as np
 import pytest
 import slicer_stubs
+import widget_classes
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 MODULE_NAME = "DeepSegModule"
@@ -166,6 +168,107 @@ def ui_name_problems(source: str, ui_path: Path) -> list[str]:
         f"self.ui.{name} is used but {ui_path.name} has no widget named {name!r}"
         for name in sorted(ui_names_used(source) - set(widgets))
     ]
+
+
+def _is_self_ui(node: ast.AST) -> bool:
+    return (
+        isinstance(node, ast.Attribute)
+        and node.attr == "ui"
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "self"
+    )
+
+
+def _ui_widget_name(node: ast.AST) -> str | None:
+    """``<name>`` when ``node`` is ``self.ui.<name>``."""
+    return node.attr if isinstance(node, ast.Attribute) and _is_self_ui(node.value) else None
+
+
+def _ui_aliases(function: ast.AST) -> dict[str, set[str]]:
+    """Local names that stand for ``self.ui`` widgets in a function: ``combo = self.ui.modelComboBox``, and the
+    loop variables of ``for button, ... in ((self.ui.segmentButton, ...), (self.ui.registerButton, ...))``."""
+    aliases: dict[str, set[str]] = {}
+    for node in ast.walk(function):
+        if isinstance(node, ast.Assign) and _ui_widget_name(node.value):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    aliases.setdefault(target.id, set()).add(_ui_widget_name(node.value))
+        elif isinstance(node, ast.For) and isinstance(node.iter, (ast.Tuple, ast.List)):
+            for row in node.iter.elts:
+                if isinstance(node.target, ast.Name):
+                    pairs = [(node.target, row)]
+                elif isinstance(node.target, ast.Tuple) and isinstance(row, (ast.Tuple, ast.List)):
+                    pairs = list(zip(node.target.elts, row.elts))
+                else:
+                    continue
+                for target, value in pairs:
+                    if isinstance(target, ast.Name) and _ui_widget_name(value):
+                        aliases.setdefault(target.id, set()).add(_ui_widget_name(value))
+    return aliases
+
+
+def ui_attribute_uses(source: str) -> set[tuple[str, str, str, str | None, int]]:
+    """Every ``self.ui.<widget>.<attribute>`` (directly or through a local alias) as
+    ``(widget, attribute, use, signal, line)``; ``use`` is "call", "store" or "load", and ``signal`` is the signature
+    a ``connect("signal(args)", ...)`` call names."""
+    tree = ast.parse(source)
+    parents = {child: parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
+    uses = set()
+    for function in (node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))):
+        aliases = _ui_aliases(function)
+        for node in ast.walk(function):
+            if not isinstance(node, ast.Attribute):
+                continue
+            widget = _ui_widget_name(node.value)
+            widgets = {widget} if widget else set()
+            if isinstance(node.value, ast.Name) and node.value.id in aliases:
+                widgets = aliases[node.value.id]
+            if not widgets:
+                continue
+            parent = parents.get(node)
+            signal = None
+            if isinstance(node.ctx, ast.Store) or (isinstance(parent, ast.AugAssign) and parent.target is node):
+                use = "store"
+            elif isinstance(parent, ast.Call) and parent.func is node:
+                use = "call"
+                if node.attr in ("connect", "disconnect") and parent.args and isinstance(parent.args[0], ast.Constant):
+                    signal = widget_classes.normalized_signal(str(parent.args[0].value))
+            else:
+                use = "load"
+            uses.update((name, node.attr, use, signal, node.lineno) for name in widgets)
+    return uses
+
+
+def widget_class_problems(source: str, ui_path: Path) -> list[str]:
+    """Attributes the code uses on a widget that its class in the .ui does not offer in Slicer's Python (PythonQt):
+    unknown members, properties called like methods, read-only properties or methods assigned to, and
+    ``connect("signal(args)")`` naming a signal the class does not have."""
+    classes = {name: widget.get("class") for name, widget in ui_widgets(ui_path).items()}
+    problems = set()
+    for widget, attribute, use, signal, line in sorted(ui_attribute_uses(source)):
+        class_name = classes.get(widget)
+        if class_name is None:
+            continue  # a missing widget is ui_name_problems' to report
+        if class_name not in widget_classes.WIDGET_CLASSES:
+            problems.add(
+                f"self.ui.{widget} is a {class_name}, which Testing/Python/widget_classes.py does not describe: "
+                "add the class with its members from its documentation"
+            )
+            continue
+        properties = widget_classes.members(class_name, "properties")
+        methods = widget_classes.members(class_name, "methods")
+        where = f"self.ui.{widget}.{attribute} (line {line})"
+        if attribute not in properties | methods | widget_classes.signal_names(class_name):
+            problems.add(f"self.ui.{widget}.{attribute} is used but {class_name} has no {attribute}")
+        elif use == "call" and attribute in properties:
+            problems.add(f"{where} is called, but {class_name}.{attribute} is a property: read it without calling")
+        elif use == "store" and attribute not in properties:
+            problems.add(f"{where} is assigned, but {class_name}.{attribute} is not a property")
+        elif use == "store" and attribute in widget_classes.members(class_name, "read_only"):
+            problems.add(f"{where} is assigned, but {class_name}.{attribute} is a read-only property")
+        elif signal is not None and signal not in widget_classes.members(class_name, "signals"):
+            problems.add(f"{where} names signal {signal!r}, which {class_name} does not have")
+    return sorted(problems)
 
 
 def parameter_node_fields(source: str, class_name: str = f"{MODULE_NAME}ParameterNode") -> dict[str, ast.expr]:
@@ -377,6 +480,30 @@ def test_every_widget_the_code_uses_exists_in_the_ui():
     assert ui_name_problems(source, UI_FILE) == []
 
 
+def test_every_widget_attribute_the_code_uses_exists_on_the_widgets_class_in_the_ui():
+    source = MODULE_FILE.read_text()
+    uses = ui_attribute_uses(source)
+    # The checker must see the uses that matter: calls, assignments, connections, and uses through loop aliases.
+    assert ("progressBar", "setRange", "call", None) in {use[:4] for use in uses}
+    assert ("segmentButton", "connect", "call", "clicked(bool)") in {use[:4] for use in uses}
+    assert {("segmentButton", "text", "store"), ("registerButton", "toolTip", "store")} <= {use[:3] for use in uses}
+    assert widget_class_problems(source, UI_FILE) == []
+
+
+def test_the_widget_table_describes_every_class_in_the_ui_by_its_own_members():
+    classes = {widget.get("class") for widget in ui_widgets(UI_FILE).values()}
+    assert sorted(classes - set(widget_classes.WIDGET_CLASSES)) == []
+    # A few facts the table must get right for the check to mean anything.
+    members = widget_classes.members
+    assert "setCurrentNode" in members("qMRMLNodeComboBox", "methods")
+    assert "addItem" not in members("qMRMLNodeComboBox", "methods")  # a QWidget wrapping a combo box, not one
+    assert "text" in members("QLabel", "properties") and "text" not in members("QLabel", "methods")
+    assert "text" in members("QProgressBar", "read_only") and "count" in members("QComboBox", "read_only")
+    assert "currentNodeChanged(vtkMRMLNode*)" in members("qMRMLNodeComboBox", "signals")
+    assert "contentsCollapsed(bool)" in members("ctkCollapsibleButton", "signals")
+    assert widget_classes.normalized_signal("textChanged(const QString &)") == "textChanged(QString)"
+
+
 PANEL_PARAMETERS = {
     # segmentation
     "inputVolume", "inputVolume2", "inputVolume3", "inputVolume4", "modelName", "labelsToKeep",
@@ -529,6 +656,57 @@ def test_parameter_check_catches_a_type_mismatch_and_a_missing_choice():
     source = source.replace('device: Annotated[str, Choice(DEVICE_CHOICES)] = "auto"', 'device: str = "auto"')
     problems = parameter_binding_problems(source, UI_FILE)
     assert len(problems) == 2, problems
+
+
+def test_widget_class_check_catches_a_widget_whose_class_lacks_what_the_code_uses(broken_copy: Path):
+    ui_path = broken_copy.parent / "Resources" / "UI" / f"{MODULE_NAME}.ui"
+    text = ui_path.read_text()
+    # The progress bar made a label, and the segment button a node selector.
+    text = text.replace('class="QProgressBar" name="progressBar"', 'class="QLabel" name="progressBar"')
+    text = text.replace('class="QPushButton" name="segmentButton"', 'class="qMRMLNodeComboBox" name="segmentButton"')
+    text = text.replace('class="QPlainTextEdit" name="logTextEdit"', 'class="ctkConsole" name="logTextEdit"')
+    ui_path.write_text(text)
+    problems = widget_class_problems(MODULE_FILE.read_text(), ui_path)
+    assert "self.ui.progressBar.setRange is used but QLabel has no setRange" in problems
+    assert "self.ui.progressBar.value is used but QLabel has no value" in problems
+    assert "self.ui.segmentButton.text is used but qMRMLNodeComboBox has no text" in problems
+    assert any(
+        problem.startswith("self.ui.segmentButton.connect (line ") and "'clicked(bool)'" in problem
+        for problem in problems
+    ), problems
+    assert any(problem.startswith("self.ui.logTextEdit is a ctkConsole") for problem in problems), problems
+    assert not any("registerButton" in problem or "modelComboBox" in problem for problem in problems), problems
+
+
+def test_widget_class_check_catches_a_called_property_an_assigned_method_and_a_wrong_signal():
+    source = MODULE_FILE.read_text() + textwrap.dedent(
+        """
+        def _broken(self):
+            self.ui.applyButton = None
+            self.ui.segmentButton.setCurrentNode(None)
+            label = self.ui.statusLabel.text()
+            self.ui.modelComboBox.count = 3
+            self.ui.progressBar.setValue = 5
+            self.ui.modelComboBox.connect("currentNodeChanged(vtkMRMLNode*)", print)
+            for widget in (self.ui.statusLabel, self.ui.logTextEdit):
+                widget.setCurrentNode(None)
+        """
+    )
+    problems = widget_class_problems(source, UI_FILE)
+    assert "self.ui.segmentButton.setCurrentNode is used but QPushButton has no setCurrentNode" in problems
+    assert "self.ui.statusLabel.setCurrentNode is used but QLabel has no setCurrentNode" in problems
+    assert "self.ui.logTextEdit.setCurrentNode is used but QPlainTextEdit has no setCurrentNode" in problems
+    expected_fragments = [
+        "self.ui.statusLabel.text (line ", "QLabel.text is a property: read it without calling",
+        "QComboBox.count is a read-only property", "QProgressBar.setValue is not a property",
+        "signal 'currentNodeChanged(vtkMRMLNode*)', which QComboBox does not have",
+    ]  # fmt: skip
+    for fragment in expected_fragments:
+        assert any(fragment in problem for problem in problems), (fragment, problems)
+    assert len(problems) == 7, problems
+    assert ui_name_problems(source, UI_FILE) == [
+        "self.ui.applyButton is used but DeepSegModule.ui has no widget named 'applyButton'"
+    ]
 
 
 def test_stray_file_check_catches_a_helper_next_to_the_module_file(broken_copy: Path):

@@ -9,8 +9,8 @@ that sees the job finish, as one change. A failed or cancelled run leaves the sc
 from __future__ import annotations
 
 import logging
-import time
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,7 @@ from . import nodes, tasks
 from .context import SceneContext
 from .jobs import InProcessWorker, Job, JobEvent, ProcessWorker
 from .labels import LabelInfo
+from .models.store import ModelStore  # no torch: the store only copies files and checks sha256s
 
 logger = logging.getLogger(__name__)
 
@@ -160,8 +161,6 @@ class DeepSegLogic:
         text = str(model)
         if not text or Path(text).expanduser().exists() or text not in self.stored_model_ids():
             return str(Path(text).expanduser()) if text else text
-        from .models.store import ModelStore  # the models package imports torch: only once a run needs it
-
         store = ModelStore(self.model_store_root)
         stored = store.get(text)
         signature = _file_signature(stored.path)
@@ -172,8 +171,6 @@ class DeepSegLogic:
 
     def import_model(self, source: str | os.PathLike, model_id: str | None = None, replace: bool = False) -> str:
         """Copies a model folder, ``.zip`` or TorchScript file (with its card) into the store; returns its name."""
-        from .models.store import ModelStore
-
         return ModelStore(self.model_store_root).import_model(source, model_id=model_id, replace=replace).model_id
 
     # ------------------------------------------------------------------------------------ segmentation
@@ -335,16 +332,10 @@ class DeepSegLogic:
 def stored_model_ids(root: str | os.PathLike | None = None) -> list[str]:
     """Names of the models in the local model store at ``root`` (its default folder when None).
 
-    The same answer as ``ModelStore(root).list_ids()``, read from the store's folder layout (one folder with a
-    manifest per model) without importing the models package, which imports torch: Slicer's panel lists the
-    models when it opens, before PyTorch may even be installed. A test keeps the two in agreement.
+    Slicer's panel lists the models when it opens, before PyTorch may even be installed: the models package imports
+    its names lazily, and the store itself needs neither torch nor MONAI, so this imports neither.
     """
-    if root is None:
-        root = os.environ.get("DEEPSEG_MODEL_DIR") or Path.home() / ".deepseg" / "models"
-    folder = Path(root)
-    if not folder.is_dir():
-        return []
-    return sorted(entry.name for entry in folder.iterdir() if (entry / "manifest.json").is_file())
+    return ModelStore(root).list_ids()
 
 
 def _file_signature(folder: Path) -> tuple:

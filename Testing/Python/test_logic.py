@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -100,14 +103,27 @@ def test_stored_model_ids_agree_with_the_model_store_without_importing_it(tmp_pa
     from DeepSegModuleLib.models.store import ModelStore
 
     store = ModelStore(tmp_path / "store")
-    assert stored_model_ids(store.root) == store.list_ids() == []
+    shipped = store.bundled_ids()  # the models shipped with DeepSeg are listed in every store
+    assert stored_model_ids(store.root) == store.list_ids() == shipped
     store.import_model(sphere_model.parent / "model.ts", model_id="sphere")
     store.import_model(sphere_model.parent, model_id="sphere-folder")
     (store.root / "not-a-model").mkdir()
-    assert stored_model_ids(store.root) == store.list_ids() == ["sphere", "sphere-folder"]
+    expected = sorted(["sphere", "sphere-folder", *shipped])
+    assert stored_model_ids(store.root) == store.list_ids() == expected
 
     monkeypatch.setenv("DEEPSEG_MODEL_DIR", str(store.root))
-    assert stored_model_ids() == ModelStore().list_ids() == ["sphere", "sphere-folder"]
+    assert stored_model_ids() == ModelStore().list_ids() == expected
+
+    # What the panel does when it opens, in a fresh interpreter: list the store, and import neither torch nor MONAI.
+    script = (
+        "import sys\n"
+        "from DeepSegModuleLib.logic import stored_model_ids\n"
+        f"print(stored_model_ids({str(store.root)!r}))\n"
+        "print(sorted(name for name in ('torch', 'monai') if name in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [repr(expected), "[]"]
 
 
 def test_segment_by_model_store_name_and_refuse_a_tampered_model(context, tmp_path, sphere_model):

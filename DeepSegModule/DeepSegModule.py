@@ -25,6 +25,7 @@ from typing import Annotated
 import qt
 import slicer
 import vtk
+from DeepSegModuleLib.models.store import DEFAULT_MODEL_ID
 from DeepSegModuleLib.resources import resource_path
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTransformNode
 from slicer.i18n import tr as _
@@ -123,7 +124,7 @@ class DeepSegModuleParameterNode:
     inputVolume2: vtkMRMLScalarVolumeNode
     inputVolume3: vtkMRMLScalarVolumeNode
     inputVolume4: vtkMRMLScalarVolumeNode
-    modelName: str = ""
+    modelName: str = DEFAULT_MODEL_ID
     labelsToKeep: str = ""
     outputSegmentation: vtkMRMLSegmentationNode
     probabilityMaps: bool = False

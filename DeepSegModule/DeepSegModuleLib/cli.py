@@ -665,7 +665,11 @@ def demo(
     output: Path = typer.Option(Path("deepseg-demo"), "--output", "-o", help="Folder for the scene and files."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
-    """Build a Slicer scene from a real brain MRI shipped with a package, and write it. Offline.
+    """Register two real brain MRIs shipped with packages, segment one with the bundled model; write a Slicer scene.
+
+    Offline: the MNI152 template (nilearn) is registered to a subject T1 (nibabel's test data) and carries its
+    tissues over; the bundled deepseg-brain model segments the subject; both results, the transform, pictures
+    and a .mrb scene are written.
 
     Example: deepseg demo --output ~/deepseg-demo  (then open deepseg-demo/deepseg-demo.mrb in 3D Slicer)
     """
@@ -673,8 +677,13 @@ def demo(
 
     with _reported(as_json):
         summary = run_demo(output)
-        lines = [f"  {step:<28s} {seconds:6.2f} s" for step, seconds in summary["timings_s"].items()]
-        lines += [f"  wrote {kind:<14s} {path}" for kind, path in summary["files"].items()]
+        lines = [f"  {step:<40s} {seconds:6.2f} s" for step, seconds in summary["timings_s"].items()]
+        lines += [
+            f"  {name:<20s} model {summary['model_segments_ml'].get(name, 0.0):7.1f} ml, from the template "
+            f"{volume:7.1f} ml, agreement Dice {summary['agreement_dice'][name]}"
+            for name, volume in summary["subject_segments_ml"].items()
+        ]
+        lines += [f"  wrote {kind:<22s} {path}" for kind, path in summary["files"].items()]
         lines.append(f"Open {summary['files']['scene']} in 3D Slicer (File > Open Data).")
         _emit(summary, as_json, lines)
 

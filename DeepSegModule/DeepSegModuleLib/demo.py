@@ -6,9 +6,11 @@
   (``nibabel/tests/data/anatomical.nii``).
 
 DeepSeg registers the template to the subject (affine + diffeomorphic deformable, on the CPU when there is no
-GPU) and carries the template's tissue segments onto the subject: files read through Slicer's storage nodes,
-the transform as a grid transform node and an ``.h5`` file ITK reads, segments with standard terminology,
-a ``.mrb`` scene Slicer opens, and pictures of both results. No download.
+GPU) and carries the template's tissue segments onto the subject; then it segments the subject with the default
+model that ships with DeepSeg (``deepseg-brain``: CSF, grey and white matter) and reports how well the two
+segmentations agree. Files are read through Slicer's storage nodes, the transform is a grid transform node and an
+``.h5`` file ITK reads, segments carry standard terminology, the ``.mrb`` scene opens in Slicer, and pictures
+show each result. No download.
 """
 
 from __future__ import annotations
@@ -57,10 +59,20 @@ def subject_t1_file() -> Path:
     return path
 
 
+def _value_of(table, name: str) -> int:
+    return next((info.value for info in table if info.name == name), -1)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float | None:
+    total = int(a.sum() + b.sum())
+    return round(2.0 * float(np.logical_and(a, b).sum()) / total, 3) if total else None
+
+
 def run_demo(output: Path, preset: str = "deformable fast", device: str = "auto") -> dict:
     """Builds the demo scene and writes it into ``output``; returns what was written and how long each step took."""
     from .jobs import InProcessWorker
     from .logic import DeepSegLogic
+    from .models.store import DEFAULT_MODEL_ID, ModelStore
     from .preview import write_checkerboard
 
     output = Path(output)
@@ -98,12 +110,17 @@ def run_demo(output: Path, preset: str = "deformable fast", device: str = "auto"
     )
     lap("template tissue segments")
 
-    outcome = DeepSegLogic(context, InProcessWorker()).register(
-        subject, template, preset=preset, moving_segmentation=template_tissues, device=device
-    )
+    logic = DeepSegLogic(context, InProcessWorker())
+    outcome = logic.register(subject, template, preset=preset, moving_segmentation=template_tissues, device=device)
     subject_tissues = outcome.nodes["segmentation"]
     subject_tissues.SetName("subject tissues (from the template)")
     lap("register template to subject")
+
+    model_path = ModelStore().verify(DEFAULT_MODEL_ID).model_path  # checksums of the shipped files
+    segmented = logic.segment(subject, str(model_path), device=device)
+    model_tissues = segmented.nodes["segmentation"]
+    model_tissues.SetName(f"subject tissues ({DEFAULT_MODEL_ID} model)")
+    lap(f"segment subject with the {DEFAULT_MODEL_ID} model")
 
     subject_array, subject_grid = nodes.volume_to_array(subject)
     subject_labels = outcome.data["propagated_labels"]
@@ -114,6 +131,7 @@ def run_demo(output: Path, preset: str = "deformable fast", device: str = "auto"
         "transform": storage.save_node(context, outcome.nodes["transform"], output / "MNI152_to_subject.h5"),
         "registered template": storage.save_node(context, outcome.nodes["volume"], output / "MNI152_on_subject.nrrd"),
         "subject segmentation": storage.save_node(context, subject_tissues, output / "subject_tissues.seg.nrrd"),
+        "model segmentation": storage.save_node(context, model_tissues, output / "subject_tissues_model.seg.nrrd"),
         "scene": output / "deepseg-demo.mrb",
     }
     storage.save_scene_bundle(context, written["scene"])
@@ -122,6 +140,11 @@ def run_demo(output: Path, preset: str = "deformable fast", device: str = "auto"
     written["preview"] = write_preview(
         output / "preview.png", subject_array, subject_grid, subject_labels, table,
         title="Subject T1 with tissue segments carried over from the MNI152 template",
+    )
+    model_labels, model_table = segmented.data["labels"], segmented.data["label_table"]
+    written["segmentation preview"] = write_preview(
+        output / "segmentation.png", subject_array, subject_grid, model_labels, model_table,
+        title=f"Subject T1 segmented by DeepSeg's bundled {DEFAULT_MODEL_ID} model",
     )
     registered, _ = nodes.volume_to_array(outcome.nodes["volume"])
     written["registration preview"] = write_checkerboard(
@@ -136,6 +159,15 @@ def run_demo(output: Path, preset: str = "deformable fast", device: str = "auto"
         "inputs": {"subject": str(subject_t1_file()), "template": str(files["t1"])},
         "preset": preset,
         "subject_segments_ml": {info.name: round(float((subject_labels == info.value).sum() * voxel_ml), 1) for info in table},
+        "model": str(model_path),
+        "model_segments_ml": {
+            info.name: round(float((model_labels == info.value).sum() * voxel_ml), 1) for info in model_table
+        },
+        # How well the model's tissues agree with the template's, carried over by the registration.
+        "agreement_dice": {
+            info.name: _dice(subject_labels == info.value, model_labels == _value_of(model_table, info.name))
+            for info in table
+        },
         "folding_percent": quality.get("folding_percent"),
         "device": outcome.report.get("device"),
         "files": {kind: str(path) for kind, path in written.items()},

@@ -178,7 +178,7 @@ class DeepSegLogic:
     def start_segment(
         self,
         input_volumes: Any | Sequence[Any],
-        model: str,
+        model: str | None = None,
         *,
         output_segmentation: Any = None,
         labels: Sequence[str] | None = None,
@@ -189,7 +189,11 @@ class DeepSegLogic:
         on_event: Callable[[JobEvent], None] | None = None,
     ) -> Run:
         """Starts segmenting ``input_volumes`` (one volume node per model input) with ``model`` (a path, or the name
-        of a model in the local model store)."""
+        of a model in the local model store; None: the default model that ships with DeepSeg)."""
+        if model is None:
+            from .models.store import DEFAULT_MODEL_ID
+
+            model = DEFAULT_MODEL_ID
         volumes = list(input_volumes) if isinstance(input_volumes, (list, tuple)) else [input_volumes]
         if not volumes or any(volume is None for volume in volumes):
             raise ValueError("choose an input volume")
@@ -234,7 +238,7 @@ class DeepSegLogic:
 
         return Run(job, apply, self.context, on_event)
 
-    def segment(self, input_volumes: Any | Sequence[Any], model: str, timeout: float | None = None, **options: Any) -> Outcome:
+    def segment(self, input_volumes: Any | Sequence[Any], model: str | None = None, timeout: float | None = None, **options: Any) -> Outcome:
         """Segments and returns when the segmentation is in the scene (see :meth:`start_segment`)."""
         return self.start_segment(input_volumes, model, **options).wait(timeout)
 

@@ -129,9 +129,12 @@ def test_stored_model_ids_agree_with_the_model_store_without_importing_it(tmp_pa
 def test_segment_by_model_store_name_and_refuse_a_tampered_model(context, tmp_path, sphere_model):
     volume, truth = sphere_case(context)
     logic = DeepSegLogic(context, InProcessWorker(), model_store_root=tmp_path / "store")
-    assert logic.stored_model_ids() == []
+    from DeepSegModuleLib.models.store import ModelStore
+
+    shipped = ModelStore(tmp_path / "store").bundled_ids()  # the models that ship with DeepSeg are listed too
+    assert logic.stored_model_ids() == shipped
     name = logic.import_model(sphere_model.parent / "model.ts", model_id="bright-sphere")
-    assert name == "bright-sphere" and logic.stored_model_ids() == ["bright-sphere"]
+    assert name == "bright-sphere" and logic.stored_model_ids() == sorted([*shipped, "bright-sphere"])
 
     outcome = logic.segment(volume, "bright-sphere", device="cpu")
     labels, _, table = nodes.segmentation_to_labels(context, outcome.nodes["segmentation"], volume)

@@ -24,7 +24,7 @@ from DeepSegModuleLib.training.data import (
 )
 from DeepSegModuleLib.training.synth import BrainSynth, SynthSettings
 from DeepSegModuleLib.training.publish import publish
-from DeepSegModuleLib.training.train import train
+from DeepSegModuleLib.training.train import train, train_recipe
 
 torch.set_num_threads(2)
 
@@ -114,6 +114,40 @@ def test_smoke_training_run_exports_a_model_the_normal_pipeline_runs(template, t
         store.remove("smoke-brain")
     with pytest.raises(FileExistsError, match="ships with DeepSeg"):
         store.import_model(tmp_path / "deepseg-brain.ts", model_id="smoke-brain")
+
+
+def test_recipe_runs_its_stages_in_turn_and_exports_the_last(template, tmp_path):
+    recipe = (
+        {"name": "plain", "iterations": 2, "seed": 0, "learning_rate": 1e-3},
+        {"name": "layered", "iterations": 1, "seed": 1, "learning_rate": 1e-3, "layered_head_probability": 1.0},
+    )
+    result = train_recipe(tmp_path, recipe, crop=(32, 32, 32), template=template)
+    assert result["training"]["iterations"] == 3
+    assert "initial_weights=" + str(tmp_path / "plain" / "checkpoint.pt") in (tmp_path / "layered" / "train.log").read_text()
+    rows = (tmp_path / "loss.csv").read_text().splitlines()
+    assert rows[0].startswith("stage,iteration") and [row.split(",")[:2] for row in rows[1:]] == [
+        ["plain", "1"], ["plain", "2"], ["layered", "1"]
+    ]
+    card = json.loads((tmp_path / "deepseg.json").read_text())
+    assert "layered_head_probability" in card["description"]
+    # The exported network is the last stage's, not the first's.
+    exported = dict(torch.jit.load(str(tmp_path / "deepseg-brain.ts")).state_dict())
+    final = torch.load(tmp_path / "layered" / "checkpoint.pt", weights_only=True)
+    first = torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=True)
+    changed = [name for name, value in final.items() if not torch.equal(value, first[name])]
+    assert changed and all(torch.equal(exported[name], final[name]) for name in changed)
+
+
+def test_layered_heads_paint_marrow_and_muscle_and_plain_heads_draw_as_before(template):
+    plain = BrainSynth(template, SynthSettings(crop=(48, 48, 48)), seed=3)
+    again = BrainSynth(template, SynthSettings(crop=(48, 48, 48), layered_head_probability=0.0), seed=3)
+    torch.testing.assert_close(plain.sample()[0], again.sample()[0])
+    layered = BrainSynth(template, SynthSettings(crop=(96, 112, 96), layered_head_probability=1.0), seed=3)
+    labels, distance = layered._sample_geometry()
+    head = layered._paint_head(labels, distance)
+    # Other-tissue classes now also sit inside the head shells (marrow, muscle), not only beyond the scalp.
+    near = (distance > 0) & (distance < 8)
+    assert torch.isin(head[near], torch.tensor([7, 8])).any()
 
 
 def test_publish_refuses_a_card_that_describes_other_weights(template, tmp_path):

@@ -67,6 +67,11 @@ class SynthSettings:
     noise_probability: float = 0.8
     noise_std: float = 0.05
     gamma_probability: float = 0.5
+    #: Share of heads painted in layers as real ones are: a thicker outer CSF / meninges layer, a skull whose
+    #: middle is marrow (diploe) between inner and outer tables, a scalp of muscle under fat. 0 paints the plain
+    #: three shells (the first stage of the default recipe).
+    layered_head_probability: float = 0.0
+    layered_outer_csf_mm: tuple[float, float] = (0.5, 6.0)
 
 
 class BrainSynth:
@@ -146,10 +151,20 @@ class BrainSynth:
             return labels
         size = tuple(labels.shape)
         variation = 1.0 + self._smooth_field(1, 0.25, 4, size)[0].clamp(-0.6, 0.6)
-        outer = self.rng.uniform(0.5, 3.0) * variation
+        # No draw at all when layering is off, so the plain recipe's random sequence stays as it was.
+        layered = self.settings.layered_head_probability > 0 and self.rng.random() < self.settings.layered_head_probability
+        outer = self.rng.uniform(*(self.settings.layered_outer_csf_mm if layered else (0.5, 3.0))) * variation
         skull = outer + self.rng.uniform(3.0, 9.0) * variation
         scalp = skull + self.rng.uniform(3.0, 12.0) * variation
         shell = torch.where(distance_mm <= skull, torch.where(distance_mm <= outer, OUTER_CSF, SKULL), SCALP)
+        if layered:
+            # Each layer takes one of the two "other tissue" classes, so its intensity is drawn independently.
+            inner_table = outer + self.rng.uniform(0.2, 0.4) * (skull - outer)
+            outer_table = skull - self.rng.uniform(0.2, 0.4) * (skull - outer)
+            marrow = (distance_mm > inner_table) & (distance_mm < outer_table)
+            shell = torch.where(marrow, OTHER_TISSUE[int(self.rng.integers(2))], shell)
+            muscle = (distance_mm > skull) & (distance_mm <= skull + self.rng.uniform(0.3, 0.7) * (scalp - skull))
+            shell = torch.where(muscle, OTHER_TISSUE[int(self.rng.integers(2))], shell)
         head = torch.where((labels == 0) & (distance_mm <= scalp), shell, labels)
         if self.rng.random() < self.settings.other_tissue_probability:
             reach = scalp + self.rng.uniform(*self.settings.other_tissue_mm) * variation

@@ -1,42 +1,84 @@
-"""A tiny nnU-Net v2 trained-model folder, built and briefly trained by the tests themselves."""
+"""nnU-Net v2 trained-model folders built from parameterised plans: the tests' tiny network (trained briefly
+by the tests themselves) and, for the benchmark, nnU-Net's default 3d_fullres network with untrained weights."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ARCHITECTURE = {
-    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-    "arch_kwargs": {
-        "n_stages": 3,
-        "features_per_stage": [8, 16, 32],
-        "conv_op": "torch.nn.modules.conv.Conv3d",
-        "kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 3, 3]],
-        "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2]],
-        "n_conv_per_stage": [2, 2, 2],
-        "n_conv_per_stage_decoder": [2, 2],
-        "conv_bias": True,
-        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-        "dropout_op": None,
-        "dropout_op_kwargs": None,
-        "nonlin": "torch.nn.LeakyReLU",
-        "nonlin_kwargs": {"inplace": True},
-    },
-    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
-}
+
+def plain_unet_architecture(
+    features: Sequence[int] = (8, 16, 32),
+    kernel_sizes: Sequence[Sequence[int]] | None = None,
+    strides: Sequence[Sequence[int]] | None = None,
+) -> dict:
+    """A plans ``architecture`` entry for dynamic_network_architectures' PlainConvUNet, as nnU-Net writes it.
+
+    Defaults per stage: 3x3x3 kernels, stride 1 in the first stage and 2 after it, two convolutions per
+    stage. ``features=(32, 64, 128, 256, 320, 320)`` with a 128^3 patch is nnU-Net's own 3d_fullres
+    network for a CT at 1.5 mm (about 31M parameters).
+    """
+    stages = len(features)
+    return {
+        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+        "arch_kwargs": {
+            "n_stages": stages,
+            "features_per_stage": [int(f) for f in features],
+            "conv_op": "torch.nn.modules.conv.Conv3d",
+            "kernel_sizes": [list(k) for k in kernel_sizes] if kernel_sizes else [[3, 3, 3]] * stages,
+            "strides": [list(s) for s in strides] if strides else [[1, 1, 1]] + [[2, 2, 2]] * (stages - 1),
+            "n_conv_per_stage": [2] * stages,
+            "n_conv_per_stage_decoder": [2] * (stages - 1),
+            "conv_bias": True,
+            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+            "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+            "dropout_op": None,
+            "dropout_op_kwargs": None,
+            "nonlin": "torch.nn.LeakyReLU",
+            "nonlin_kwargs": {"inplace": True},
+        },
+        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+    }
 
 
-def plans(spacing_zyx=(3.0, 1.0, 1.0), patch_size=(16, 32, 32), normalization="CTNormalization") -> dict:
+# The tests' tiny network: three stages, in-plane-only first stage for 3 x 1 x 1 mm voxels.
+ARCHITECTURE = plain_unet_architecture(
+    (8, 16, 32), kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3]], strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2]]
+)
+
+PHANTOM_INTENSITIES = {
+    "max": 400.0, "mean": 180.0, "median": 180.0, "min": -50.0,
+    "percentile_00_5": -40.0, "percentile_99_5": 360.0, "std": 110.0,
+}  # fmt: skip
+
+# Foreground statistics of a typical abdominal CT (HU), for CTNormalization.
+CT_INTENSITIES = {
+    "max": 3000.0, "mean": 60.0, "median": 50.0, "min": -1024.0,
+    "percentile_00_5": -990.0, "percentile_99_5": 1500.0, "std": 250.0,
+}  # fmt: skip
+
+
+def plans(
+    spacing_zyx=(3.0, 1.0, 1.0),
+    patch_size=(16, 32, 32),
+    normalization="CTNormalization",
+    *,
+    architecture: dict | None = None,
+    intensities: dict | None = None,
+    dataset_name: str = "Dataset999_Spheres",
+    median_shape_zyx=(32, 64, 64),
+) -> dict:
+    """An nnU-Net v2 ``plans.json`` with one 3d_fullres configuration (the tests' tiny network by default)."""
     resampling = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
     return {
-        "dataset_name": "Dataset999_Spheres",
+        "dataset_name": dataset_name,
         "plans_name": "nnUNetPlans",
         "original_median_spacing_after_transp": list(spacing_zyx),
-        "original_median_shape_after_transp": [32, 64, 64],
+        "original_median_shape_after_transp": list(median_shape_zyx),
         "image_reader_writer": "SimpleITKIO",
         "transpose_forward": [0, 1, 2],
         "transpose_backward": [0, 1, 2],
@@ -46,7 +88,7 @@ def plans(spacing_zyx=(3.0, 1.0, 1.0), patch_size=(16, 32, 32), normalization="C
                 "preprocessor_name": "DefaultPreprocessor",
                 "batch_size": 2,
                 "patch_size": list(patch_size),
-                "median_image_size_in_voxels": [32, 64, 64],
+                "median_image_size_in_voxels": list(median_shape_zyx),
                 "spacing": list(spacing_zyx),
                 "normalization_schemes": [normalization],
                 "use_mask_for_norm": [False],
@@ -56,32 +98,39 @@ def plans(spacing_zyx=(3.0, 1.0, 1.0), patch_size=(16, 32, 32), normalization="C
                 "resampling_fn_seg_kwargs": {**resampling, "is_seg": True, "order": 1},
                 "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
                 "resampling_fn_probabilities_kwargs": {**resampling, "order": 1},
-                "architecture": ARCHITECTURE,
+                "architecture": architecture or ARCHITECTURE,
                 "batch_dice": True,
             }
         },
         "experiment_planner_used": "ExperimentPlanner",
         "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": {
-            "0": {
-                "max": 400.0,
-                "mean": 180.0,
-                "median": 180.0,
-                "min": -50.0,
-                "percentile_00_5": -40.0,
-                "percentile_99_5": 360.0,
-                "std": 110.0,
-            }
-        },
+        "foreground_intensity_properties_per_channel": {"0": dict(intensities or PHANTOM_INTENSITIES)},
     }
 
 
-DATASET = {
-    "channel_names": {"0": "CT"},
-    "labels": {"background": 0, "bright": 1, "dim": 2},
-    "numTraining": 8,
-    "file_ending": ".nii.gz",
-}
+def dataset_json(labels: dict[str, int] | int, channel: str = "CT", training_cases: int = 8) -> dict:
+    """An nnU-Net v2 ``dataset.json``; ``labels`` as nnU-Net writes them, or a class count (background + N-1)."""
+    if isinstance(labels, int):
+        labels = {"background": 0, **{f"structure {value}": value for value in range(1, labels)}}
+    return {
+        "channel_names": {"0": channel},
+        "labels": dict(labels),
+        "numTraining": training_cases,
+        "file_ending": ".nii.gz",
+    }
+
+
+DATASET = dataset_json({"background": 0, "bright": 1, "dim": 2})
+
+
+def network_from_plans(plan: dict, classes: int, seed: int = 0) -> torch.nn.Module:
+    """The 3d_fullres network of ``plan`` with (untrained, seeded) weights, as nnU-Net builds it for inference."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    torch.manual_seed(seed)
+    kwargs = dict(plan["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"])
+    kwargs.update(conv_op=torch.nn.Conv3d, norm_op=torch.nn.InstanceNorm3d, nonlin=torch.nn.LeakyReLU)
+    return PlainConvUNet(input_channels=1, num_classes=classes, deep_supervision=False, **kwargs).eval()
 
 
 def phantom_patch(generator: np.random.Generator, shape=(16, 32, 32)) -> tuple[np.ndarray, np.ndarray]:
@@ -100,13 +149,8 @@ def phantom_patch(generator: np.random.Generator, shape=(16, 32, 32)) -> tuple[n
 
 
 def train_tiny_network(steps: int = 50) -> torch.nn.Module:
-    from dynamic_network_architectures.architectures.unet import PlainConvUNet
-
-    torch.manual_seed(0)
+    network = network_from_plans(plans(), classes=3).train()
     generator = np.random.default_rng(0)
-    kwargs = dict(ARCHITECTURE["arch_kwargs"])
-    kwargs.update(conv_op=torch.nn.Conv3d, norm_op=torch.nn.InstanceNorm3d, nonlin=torch.nn.LeakyReLU)
-    network = PlainConvUNet(input_channels=1, num_classes=3, deep_supervision=False, **kwargs)
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-2)
     properties = plans()["foreground_intensity_properties_per_channel"]["0"]
     for _ in range(steps):
@@ -121,14 +165,18 @@ def train_tiny_network(steps: int = 50) -> torch.nn.Module:
 
 
 def write_nnunet_folder(
-    root: Path, network: torch.nn.Module, folds=("0",), plans_overrides: dict | None = None
+    root: Path, network: torch.nn.Module, folds=("0",), plans_overrides: dict | None = None, dataset: dict | None = None
 ) -> Path:
-    """Writes <root>/Dataset999_Spheres/nnUNetTrainer__nnUNetPlans__3d_fullres as nnU-Net would."""
-    folder = root / "Dataset999_Spheres" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
-    folder.mkdir(parents=True, exist_ok=True)
+    """Writes <root>/<dataset name>/nnUNetTrainer__nnUNetPlans__3d_fullres as nnU-Net would.
+
+    ``plans_overrides`` are :func:`plans` arguments; ``dataset`` replaces the tests' :data:`DATASET`.
+    """
     plan = plans(**(plans_overrides or {}))
+    dataset = dataset or DATASET
+    folder = root / plan["dataset_name"] / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "plans.json").write_text(json.dumps(plan, indent=1))
-    (folder / "dataset.json").write_text(json.dumps(DATASET, indent=1))
+    (folder / "dataset.json").write_text(json.dumps(dataset, indent=1))
     for index, fold in enumerate(folds):
         (folder / f"fold_{fold}").mkdir(exist_ok=True)
         state = {k: v.clone() for k, v in network.state_dict().items()}
@@ -148,7 +196,7 @@ def write_nnunet_folder(
                 "plans": plan,
                 "configuration": "3d_fullres",
                 "fold": int(fold) if fold.isdigit() else fold,
-                "dataset_json": DATASET,
+                "dataset_json": dataset,
                 "device": "cpu",
             },
             "trainer_name": "nnUNetTrainer",

@@ -11,6 +11,12 @@ import pytest
 import torch
 from DeepSegModuleLib.models import ModelCache, ModelFileError, ModelFormat, ModelFormatError, load_model
 from DeepSegModuleLib.segmentation import SegmentationOptions, VolumeArray, segment
+from DeepSegModuleLib.segmentation.grid import resize, resized_labels
+from DeepSegModuleLib.segmentation.inference import (
+    PRECISION_ENVIRONMENT_VARIABLE,
+    cpu_has_native_bfloat16,
+    resolve_precision,
+)
 from nnunet_helpers import phantom_patch, train_tiny_network, write_nnunet_folder
 from segmentation_helpers import dice, oblique_grid
 
@@ -45,16 +51,20 @@ def _reference(folder: Path, volume: VolumeArray, folds, mirroring: bool) -> np.
     return predictor.predict_single_npy_array(volume.array[None], {"spacing": list(volume.spacing[::-1])})
 
 
-def test_two_fold_ensemble_agrees_with_nnunet_predictor(model_folder):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_two_fold_ensemble_agrees_with_nnunet_predictor(model_folder, precision):
+    # nnUNetPredictor computes in float32 on a CPU; DeepSeg's bfloat16 autocast (its default on CPUs with
+    # native bfloat16) must give the same labels. On other CPUs bf16 is emulated: slower, same answer.
     volume, truth = _case((20, 70, 60), seed=5)
-    result = segment(volume, model_folder, SegmentationOptions(device="cpu"), cache=ModelCache())
+    options = SegmentationOptions(device="cpu", precision=precision)
+    result = segment(volume, model_folder, options, cache=ModelCache())
     reference = _reference(model_folder, volume, ("0", "1"), mirroring=False)
     assert result.labels.shape == reference.shape == volume.array.shape
     assert [(i.value, i.name) for i in result.label_table] == [(1, "bright"), (2, "dim")]
     for value in (1, 2):
         assert (reference == value).any()
         agreement = dice(result.labels == value, reference == value)
-        print(f"nnU-Net label {value} Dice vs nnUNetPredictor (2 folds, no mirroring): {agreement:.4f}")
+        print(f"nnU-Net label {value} Dice vs nnUNetPredictor (2 folds, no mirroring, {precision}): {agreement:.4f}")
         assert agreement >= 0.99
     # Not noise: the bright blob is found.
     assert dice(result.labels == 1, truth == 1) > 0.5
@@ -163,3 +173,38 @@ def test_reoriented_models_segment_the_same_anatomy_whatever_the_voxel_order(mod
     shutil.copytree(model_folder, totalsegmentator_like)
     assert load_model(totalsegmentator_like, folds=["0"]).description.orientation == "RAS"
     assert load_model(model_folder, folds=["0"]).description.orientation is None
+
+
+def test_precision_names_resolve_to_what_this_machine_runs_fast(model_folder, monkeypatch):
+    monkeypatch.delenv(PRECISION_ENVIRONMENT_VARIABLE, raising=False)
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) is None
+    assert resolve_precision("bf16", cpu) == torch.bfloat16
+    assert resolve_precision("auto", cpu) == (torch.bfloat16 if cpu_has_native_bfloat16() else None)
+    assert resolve_precision("auto", torch.device("cuda")) == torch.float16
+    monkeypatch.setenv(PRECISION_ENVIRONMENT_VARIABLE, "fp32")
+    assert resolve_precision("auto", cpu) is None
+    with pytest.raises(ValueError, match="CUDA"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        segment(
+            _case((10, 40, 36), seed=1)[0], model_folder, SegmentationOptions(precision="double"), cache=ModelCache()
+        )
+
+
+@pytest.mark.parametrize("nearest_axis", [None, 2])
+def test_slab_by_slab_labels_equal_argmax_of_the_whole_resized_outputs(nearest_axis):
+    generator = torch.Generator().manual_seed(0)
+    outputs = torch.randn((4, 9, 11, 7), generator=generator)
+    outputs = torch.nn.functional.avg_pool3d(outputs[None], 3, stride=1, padding=1)[0]  # smooth, like logits
+    shape = (20, 17, 23)
+    if nearest_axis is None:
+        whole = resize(outputs, shape).argmax(0)
+    else:  # nnU-Net's anisotropic rule: linear in-plane, nearest along the low-resolution axis
+        in_plane = resize(outputs, (shape[0], shape[1], outputs.shape[3]))
+        index = torch.clamp(torch.floor((torch.arange(shape[2]) + 0.5) * (7 / shape[2]) - 0.5 + 0.5), 0, 6).long()
+        whole = in_plane[..., index].argmax(0)
+    for slab_bytes in (1, 10**9):  # one slice per slab, and everything at once
+        slabs = resized_labels(outputs, shape, lambda planes: planes.argmax(1), nearest_axis, slab_bytes=slab_bytes)
+        assert slabs.shape == shape
+        assert (slabs == whole).float().mean() >= 0.999  # float rounding may split an exact tie

@@ -214,7 +214,7 @@ class BundleWorkflow:
                 overlap=overlap,
                 sw_batch_size=max(sw_batch, 1),
                 mirror_axes=self.description.mirror_axes if options.mirroring else (),
-                mixed_precision=options.mixed_precision,
+                precision=options.precision,
                 progress=progress,
                 cancel=cancel,
                 log=log,

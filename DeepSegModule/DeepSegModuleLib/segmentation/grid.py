@@ -13,6 +13,7 @@ the same mapping inverted.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,3 +147,68 @@ def resize(channels: torch.Tensor, shape: tuple[int, ...], mode: str = "trilinea
     kwargs = {"align_corners": False} if mode in ("trilinear", "linear") else {}
     resized = F.interpolate(source[None], size=tuple(int(s) for s in shape), mode=mode, **kwargs)[0]
     return resized if dtype.is_floating_point else resized.to(dtype)
+
+
+def _source_positions(old: int, new: int, linear: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each of ``new`` output positions along an axis of ``old`` samples: the lower and upper source
+    index and the weight of the upper one, as ``F.interpolate(align_corners=False)`` computes them (linear)
+    or as nnU-Net's nearest-neighbour rule along a low-resolution axis picks one index (weight 0)."""
+    coords = (torch.arange(new, dtype=torch.float64) + 0.5) * (old / new) - 0.5
+    if not linear:
+        index = torch.clamp(torch.floor(coords + 0.5), 0, old - 1).to(torch.int64)
+        return index, index, torch.zeros(new, dtype=torch.float32)
+    coords = coords.clamp(min=0.0)
+    lower = coords.floor().to(torch.int64).clamp(max=old - 1)
+    upper = (lower + 1).clamp(max=old - 1)
+    return lower, upper, (coords - lower).to(torch.float32)
+
+
+def resized_labels(
+    channels: torch.Tensor,
+    shape: tuple[int, int, int],
+    to_labels: Callable[[torch.Tensor], torch.Tensor],
+    nearest_axis: int | None = None,
+    slab_bytes: int = 128 * 2**20,
+) -> torch.Tensor:
+    """Resizes ``(C, X, Y, Z)`` network outputs to ``shape`` and reduces them to a label map, a slab at a time.
+
+    Equal to ``to_labels`` applied to :func:`resize` (trilinear, edges kept) of the whole stack, but the
+    resized outputs never exist at once: slabs of output slices along one axis are interpolated (linear
+    along that axis, bilinear across it: trilinear is separable) and reduced right away. Memory stays at
+    ``slab_bytes`` beyond the label map whatever the number of labels, and the work is cache-sized.
+
+    Args:
+        channels: outputs on the model grid.
+        shape: the output grid's size.
+        to_labels: ``(n, C, Y', Z')`` resized outputs of ``n`` slices -> ``(n, Y', Z')`` labels.
+        nearest_axis: an axis resized with nnU-Net's nearest-neighbour rule instead of linearly (its
+            low-resolution axis of an anisotropic grid); slabs run along it.
+        slab_bytes: about how many bytes of resized outputs to hold at a time.
+    """
+    axis = 0 if nearest_axis is None else int(nearest_axis)
+    source = channels.movedim(1 + axis, 1)  # a view: (C, A, B, D) with A the slab axis
+    out_shape = [int(s) for s in shape]
+    slab_length = out_shape[axis]
+    plane = [s for a, s in enumerate(out_shape) if a != axis]
+    lower, upper, weight = _source_positions(source.shape[1], slab_length, linear=nearest_axis is None)
+    lower, upper, weight = lower.to(source.device), upper.to(source.device), weight.to(source.device)
+    per_slice = max(channels.shape[0] * plane[0] * plane[1] * 4, 1)
+    step = max(1, int(slab_bytes) // per_slice)
+    labels = None
+    for start in range(0, slab_length, step):
+        stop = min(start + step, slab_length)
+        slab = source.index_select(1, lower[start:stop])
+        if bool((weight[start:stop] > 0).any()):
+            above = source.index_select(1, upper[start:stop])
+            slab = torch.lerp(slab.float(), above.float(), weight[start:stop].view(1, -1, 1, 1))
+            del above
+        slab = slab.float().transpose(0, 1)  # (n, C, B, D)
+        if list(slab.shape[2:]) != plane:
+            slab = F.interpolate(slab, size=plane, mode="bilinear", align_corners=False)
+        reduced = to_labels(slab)
+        del slab
+        if labels is None:
+            labels = torch.empty((slab_length, *plane), dtype=reduced.dtype, device=reduced.device)
+        labels[start:stop] = reduced
+    assert labels is not None
+    return labels.movedim(0, axis)

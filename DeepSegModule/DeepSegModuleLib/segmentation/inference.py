@@ -6,6 +6,7 @@ import functools
 import itertools
 import logging
 import math
+import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
@@ -27,12 +28,91 @@ class SegmentationCancelled(Exception):
     """The user cancelled the run; nothing was written."""
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISION_ENVIRONMENT_VARIABLE = "DEEPSEG_PRECISION"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bfloat16() -> bool:
+    """True when this CPU computes bfloat16 convolutions natively (AVX512-BF16 or AMX) through oneDNN.
+
+    Without such instructions torch emulates bfloat16 on the CPU, which is slower than float32
+    (the reason nnU-Net never autocasts on CPUs), so ``"auto"`` precision stays float32 there.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return False
+    checks = (
+        lambda: torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+        lambda: torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported(),
+    )
+    for check in checks:
+        try:
+            return bool(check())
+        except (AttributeError, RuntimeError):
+            continue
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype the network runs in on ``device``, or None for plain float32.
+
+    ``"auto"`` takes ``$DEEPSEG_PRECISION`` when set, else float16 on CUDA, bfloat16 on CPUs with native
+    bfloat16 (about 2x faster than float32 there) and float32 elsewhere. ``"fp32"`` is exact float32
+    everywhere; ``"bf16"``/``"fp16"`` force that autocast dtype (``"fp16"`` only on CUDA).
+
+    Raises:
+        ValueError: an unknown precision name, or ``"fp16"`` on the CPU.
+    """
+    name = str(precision).lower()
+    if name == "auto":
+        name = os.environ.get(PRECISION_ENVIRONMENT_VARIABLE, "auto").strip().lower() or "auto"
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        if device.type == "cpu" and cpu_has_native_bfloat16():
+            return torch.bfloat16
+        return None
+    if name == "fp32":
+        return None
+    if name == "fp16" and device.type != "cuda":
+        raise ValueError("precision 'fp16' needs a CUDA GPU; use 'bf16' or 'fp32' on the CPU")
+    return torch.bfloat16 if name == "bf16" else torch.float16
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """True for CUDA and CPU allocation failures (which torch reports as different exception types)."""
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
     text = str(error).lower()
     return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _float32_forward(forward: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(args[0].device.type, enabled=False):
+        return forward(*(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args))
+
+
+def keep_float32_ends(network: torch.nn.Module, input_channels: int, output_channels: int) -> None:
+    """Makes the network's first convolution(s) and its 1x1x1 segmentation head(s) ignore autocast (in place).
+
+    Under bfloat16 autocast these two layers cost the most accuracy and the least time: the first one
+    rounds the image itself to 8 significant bits, the head rounds the logits whose argmax is the answer
+    (a logit of 10 by +-0.04). Keeping them in float32 brings the labels back to those of float32 (Dice
+    1.0 instead of 0.98 on a small structure in the nnU-Net test) for a few percent of the speed-up.
+    Idempotent; harmless without autocast.
+    """
+    for module in network.modules():
+        if getattr(module, "_deepseg_float32_ends", False) or not isinstance(module, torch.nn.modules.conv._ConvNd):
+            continue
+        if isinstance(module, torch.nn.modules.conv._ConvTransposeNd):
+            continue
+        first = module.in_channels == input_channels
+        head = module.out_channels == output_channels and all(int(k) == 1 for k in module.kernel_size)
+        if first or head:
+            module.forward = functools.partial(_float32_forward, module.forward)
+            module._deepseg_float32_ends = True
 
 
 def nnunet_steps(image_shape: Sequence[int], patch: Sequence[int], step_fraction: float) -> list[list[int]]:
@@ -133,7 +213,8 @@ def nnunet_tiled_inference(
         if logits is None:
             logits = torch.zeros((outputs.shape[1], *padded_shape), dtype=torch.float32, device=stitch_device)
         for output, region in zip(outputs, regions):
-            logits[(slice(None), *region)] += output * weights
+            # In place: no window-sized temporary (5x faster than `+= output * weights` on a CPU).
+            logits[(slice(None), *region)].addcmul_(output, weights)
             weight_sum[region] += weights
     logits /= weight_sum
     crop = tuple(slice(b, b + s) for b, s in zip(below, spatial))
@@ -199,14 +280,14 @@ class WindowPredictor:
         total_calls: int,
         progress: Callable[[str, float], None] | None,
         cancel: Callable[[], bool] | None,
-        mixed_precision: bool,
+        precision: str,
     ) -> None:
         self.model = model
         self.mirror_axes = tuple(mirror_axes)
         self.total_calls = max(total_calls, 1)
         self.progress = progress
         self.cancel = cancel
-        self.mixed_precision = mixed_precision
+        self.precision = precision
         self.calls = 0
 
     def _forward(self, windows: torch.Tensor) -> torch.Tensor:
@@ -241,11 +322,8 @@ class WindowPredictor:
     def __call__(self, windows: torch.Tensor) -> torch.Tensor:
         if self.cancel is not None and self.cancel():
             raise SegmentationCancelled("segmentation cancelled by the user")
-        autocast = (
-            torch.autocast("cuda", dtype=torch.float16)
-            if self.mixed_precision and windows.device.type == "cuda"
-            else nullcontext()
-        )
+        dtype = resolve_precision(self.precision, windows.device)
+        autocast = torch.autocast(windows.device.type, dtype=dtype) if dtype is not None else nullcontext()
         with torch.inference_mode(), autocast:
             prediction = self._forward(windows)
             combos = [
@@ -269,7 +347,7 @@ def sliding_window_predict(
     overlap: float,
     sw_batch_size: int,
     mirror_axes: Sequence[int] = (),
-    mixed_precision: bool = True,
+    precision: str = "auto",
     progress: Callable[[str, float], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     log: Callable[[str], None] | None = None,
@@ -284,7 +362,7 @@ def sliding_window_predict(
         overlap: window overlap fraction.
         sw_batch_size: windows per network call.
         mirror_axes: spatial axes to mirror for test-time augmentation (empty: none).
-        mixed_precision: float16 autocast on CUDA.
+        precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (see :func:`resolve_precision`).
         progress: ``progress("inference", fraction)``.
         cancel: returns True to stop.
         log: receives user-readable lines about fallbacks.
@@ -312,7 +390,10 @@ def sliding_window_predict(
         if attempt.window_device != model.device:
             model.move_to(attempt.window_device)
         calls = math.ceil(total / attempt.sw_batch_size)
-        predictor = WindowPredictor(model, mirror_axes, calls, progress, cancel, mixed_precision)
+        if resolve_precision(precision, attempt.window_device) is not None:
+            for network in model.networks:
+                keep_float32_ends(network, len(description.inputs), description.num_output_channels)
+        predictor = WindowPredictor(model, mirror_axes, calls, progress, cancel, precision)
         if tiling == Tiling.NNUNET:
             try:
                 with torch.inference_mode():

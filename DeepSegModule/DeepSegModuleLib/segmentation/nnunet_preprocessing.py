@@ -14,7 +14,7 @@ clipped to the input range), so results match nnU-Net's own predictor.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from DeepSegModuleLib.models.description import ModelDescription, NormalizationMode
-from DeepSegModuleLib.segmentation.grid import ModelGrid
+from DeepSegModuleLib.segmentation.grid import ModelGrid, resized_labels
 from DeepSegModuleLib.segmentation.normalization import normalize
 from DeepSegModuleLib.segmentation.volume import VolumeArray
 
@@ -72,7 +72,9 @@ def resample_like_nnunet(
     if tuple(data.shape[1:]) == tuple(new_shape):
         return data
     axis = separate_axis(current_spacing, new_spacing)
-    source = data.astype(np.float64, copy=False)
+    # float32 in, float32 out: scipy's spline filter and interpolation compute in float64 anyway, so a float64
+    # copy of the image (630 MB for a 512x512x300 CT) would change nothing but memory and time (2x).
+    source = data.astype(np.float32, copy=False)
     result = np.empty((data.shape[0], *new_shape), dtype=data.dtype)
     for channel in range(data.shape[0]):
         if axis is None:
@@ -168,6 +170,26 @@ class NnunetPreprocessor:
         for g in range(channels.shape[0]):
             full[g] = float(fill[g]) if g < len(fill) else 0.0
         full[(slice(None), *self.crop)] = channels
+        return self._back_to_input_axes(full)
+
+    def _back_to_input_axes(self, full: torch.Tensor) -> torch.Tensor:
+        """(G, *uncropped transposed grid) -> (G, i, j, k) on the first input's grid."""
         full = full.permute(0, *[t + 1 for t in self.transpose_backward])  # (G, k, j, i)
         full = full.permute(0, 3, 2, 1)
         return self.grid.unorient(full) if self.grid is not None else full
+
+    def labels_to_input_grid(
+        self, channels: torch.Tensor, to_labels: Callable[[torch.Tensor], torch.Tensor], background: int
+    ) -> torch.Tensor:
+        """Resamples ``(C, *model grid)`` outputs as :meth:`to_input_grid` does and reduces them to labels slab
+        by slab (see :func:`~DeepSegModuleLib.segmentation.grid.resized_labels`); ``background`` outside the
+        crop. Returns ``(i, j, k)``."""
+        target = self.description.spacing or tuple(self.spacing)
+        axis = separate_axis(target, self.spacing)
+        labels = resized_labels(channels, self.shape_after_crop, to_labels, nearest_axis=axis)
+        if tuple(labels.shape) == tuple(self.shape_before_crop):
+            full = labels
+        else:
+            full = torch.full(self.shape_before_crop, background, dtype=labels.dtype, device=labels.device)
+            full[self.crop] = labels
+        return self._back_to_input_axes(full[None])[0]

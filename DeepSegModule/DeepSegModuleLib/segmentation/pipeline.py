@@ -25,8 +25,13 @@ from DeepSegModuleLib.models.cache import ModelCache, default_cache
 from DeepSegModuleLib.models.description import LoadedModel, ModelDescription, ModelFormat, OutputActivation
 from DeepSegModuleLib.models.loader import resolve_device
 from DeepSegModuleLib.segmentation import postprocess
-from DeepSegModuleLib.segmentation.grid import ModelGrid
-from DeepSegModuleLib.segmentation.inference import SegmentationCancelled, is_out_of_memory, sliding_window_predict
+from DeepSegModuleLib.segmentation.grid import ModelGrid, resized_labels
+from DeepSegModuleLib.segmentation.inference import (
+    SegmentationCancelled,
+    is_out_of_memory,
+    resolve_precision,
+    sliding_window_predict,
+)
 from DeepSegModuleLib.segmentation.normalization import normalize
 from DeepSegModuleLib.segmentation.volume import VolumeArray, as_volume, resample_onto
 
@@ -45,26 +50,28 @@ class SegmentationOptions:
         overlap: sliding-window overlap; None uses the model's.
         sw_batch_size: windows per network call; None uses the model's.
         mirroring: mirroring test-time augmentation along the model's mirror axes (up to 8x slower).
-        mixed_precision: float16 autocast on CUDA.
+        precision: the network's arithmetic. ``"auto"`` (default): float16 autocast on CUDA, bfloat16
+            autocast on CPUs with native bfloat16 (AVX512-BF16/AMX; about 2x faster than float32 there,
+            labels agree with float32 at Dice >= 0.99), float32 elsewhere; ``$DEEPSEG_PRECISION``
+            overrides it. ``"fp32"``: exact float32 everywhere (what nnU-Net does on a CPU). ``"bf16"``,
+            ``"fp16"`` (CUDA only): force that autocast dtype.
         labels: label values or names to keep (None: all); others become background after the argmax.
         keep_largest_component: True for every label, or the values/names to apply it to.
         fill_holes: True for every label, or the values/names to apply it to.
         min_component_mm3: connected components smaller than this volume (mm^3) are removed.
         return_probabilities: also return a float32 probability map per kept label on the input grid.
-        channel_group_size: output channels resampled back at a time (bounds memory for many labels).
     """
 
     device: str = "auto"
     overlap: float | None = None
     sw_batch_size: int | None = None
     mirroring: bool = False
-    mixed_precision: bool = True
+    precision: str = "auto"
     labels: Sequence[int | str] | None = None
     keep_largest_component: bool | Sequence[int | str] = False
     fill_holes: bool | Sequence[int | str] = False
     min_component_mm3: float = 0.0
     return_probabilities: bool = False
-    channel_group_size: int = 4
 
 
 @dataclass
@@ -108,6 +115,13 @@ class Preprocessor(Protocol):
         """Maps ``(G, *model grid)`` outputs to ``(G, i, j, k)`` on the first input's grid; voxels the model
         never saw get ``fill[g]``."""
 
+    def labels_to_input_grid(
+        self, channels: torch.Tensor, to_labels: Callable[[torch.Tensor], torch.Tensor], background: int
+    ) -> torch.Tensor:
+        """Maps ``(C, *model grid)`` outputs to an ``(i, j, k)`` label map on the first input's grid, resampling
+        as :meth:`to_input_grid` does and reducing with ``to_labels`` (``(n, C, ...)`` -> ``(n, ...)``) slab by
+        slab; voxels the model never saw get ``background``."""
+
 
 class GridPreprocessor:
     """Reorient + resample with :class:`ModelGrid`, normalise per channel (TorchScript models)."""
@@ -131,6 +145,13 @@ class GridPreprocessor:
     def to_input_grid(self, channels: torch.Tensor, fill: Sequence[float]) -> torch.Tensor:
         assert self.grid is not None, "prepare() first"
         return self.grid.to_input(channels)
+
+    def labels_to_input_grid(
+        self, channels: torch.Tensor, to_labels: Callable[[torch.Tensor], torch.Tensor], background: int
+    ) -> torch.Tensor:
+        assert self.grid is not None, "prepare() first"
+        labels = resized_labels(channels, self.grid.oriented_shape, to_labels)
+        return self.grid.unorient(labels[None])[0]
 
 
 def _peak_rss_bytes() -> int:
@@ -192,47 +213,32 @@ def make_preprocessor(model: LoadedModel) -> Preprocessor:
 
 
 def _labels_from_outputs(
-    outputs: torch.Tensor,
-    description: ModelDescription,
-    preprocessor: Preprocessor,
-    group_size: int,
+    outputs: torch.Tensor, description: ModelDescription, preprocessor: Preprocessor
 ) -> torch.Tensor:
-    """Resamples output channels back in groups and reduces them to a label map (i, j, k) of label values."""
-    count = outputs.shape[0]
-    mapping = description.channel_to_label
+    """Resamples the output channels back (slab by slab) and reduces them to a label map (i, j, k) of label values."""
+    mapping = list(description.channel_to_label)
     # int16 label maps halve/quarter the memory of int64 ones on CT-sized grids (labels < 32768).
     small = torch.int16
     if description.activation == OutputActivation.SIGMOID:
-        labels = None
-        for start in range(0, count, group_size):
-            group = preprocessor.to_input_grid(outputs[start : start + group_size], [-1e4] * group_size)
-            if labels is None:
-                labels = torch.zeros(group.shape[1:], dtype=small, device=group.device)
-            for offset in range(group.shape[0]):
-                labels[group[offset] > 0] = mapping[start + offset]
-            del group
-        return labels
-    best = best_channel = None
-    for start in range(0, count, group_size):
-        stop = min(start + group_size, count)
-        fill = [1e4 if mapping[c] == 0 else -1e4 for c in range(start, stop)]
-        group = preprocessor.to_input_grid(outputs[start:stop], fill)
-        group_best, group_channel = group.max(dim=0)
-        del group
-        group_channel = group_channel.to(small) + start
-        if best is None:
-            best, best_channel = group_best, group_channel
-        else:
-            better = group_best > best
-            best = torch.where(better, group_best, best)
-            best_channel = torch.where(better, group_channel, best_channel)
-            del better
-        del group_best, group_channel
-    del best
-    if list(mapping) == list(range(count)):
-        return best_channel
-    lookup = torch.tensor(mapping, dtype=small, device=best_channel.device)
-    return lookup[best_channel.long()]
+
+        def overlapping_labels(planes: torch.Tensor) -> torch.Tensor:
+            labels = torch.zeros((planes.shape[0], *planes.shape[2:]), dtype=small, device=planes.device)
+            for channel, value in enumerate(mapping):  # later channels win where labels overlap
+                labels[planes[:, channel] > 0] = value
+            return labels
+
+        return preprocessor.labels_to_input_grid(outputs, overlapping_labels, 0)
+
+    def best_channel(planes: torch.Tensor) -> torch.Tensor:
+        # max(dim).indices, not argmax(dim): the same first-maximum answer, 7x faster across channels on a CPU.
+        return planes.max(dim=1).indices.to(small)
+
+    background = next((channel for channel, value in enumerate(mapping) if value == 0), 0)
+    channels = preprocessor.labels_to_input_grid(outputs, best_channel, background)
+    if mapping == list(range(len(mapping))):
+        return channels
+    lookup = torch.tensor(mapping, dtype=small, device=channels.device)
+    return lookup[channels.long()]
 
 
 def _probabilities(
@@ -291,6 +297,7 @@ def segment(
         images = [images]  # one (array, ijk_to_ras) pair
     volumes = [as_volume(image) for image in (images if isinstance(images, (list, tuple)) else [images])]
     device = resolve_device(options.device)
+    resolve_precision(options.precision, device)  # a bad name fails before any work
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -350,7 +357,7 @@ def segment(
             overlap=overlap,
             sw_batch_size=max(sw_batch, 1),
             mirror_axes=description.mirror_axes if options.mirroring else (),
-            mixed_precision=options.mixed_precision,
+            precision=options.precision,
             progress=report,
             cancel=cancel,
             log=messages.append,
@@ -359,9 +366,8 @@ def segment(
         timings["inference"] = time.perf_counter() - step
 
         step = time.perf_counter()
-        group = max(int(options.channel_group_size), 1)
         try:
-            labels_ijk = _labels_from_outputs(outputs, description, preprocessor, group)
+            labels_ijk = _labels_from_outputs(outputs, description, preprocessor)
             probabilities = (
                 _probabilities(outputs, description, preprocessor, kept) if options.return_probabilities else {}
             )
@@ -371,7 +377,7 @@ def segment(
             messages.append("Out of GPU memory while resampling the result: finishing on the CPU.")
             outputs = outputs.cpu()
             torch.cuda.empty_cache()
-            labels_ijk = _labels_from_outputs(outputs, description, preprocessor, group)
+            labels_ijk = _labels_from_outputs(outputs, description, preprocessor)
             probabilities = (
                 _probabilities(outputs, description, preprocessor, kept) if options.return_probabilities else {}
             )

@@ -17,6 +17,7 @@ from DeepSegModuleLib.segmentation.inference import (
     cpu_has_native_bfloat16,
     resolve_precision,
 )
+from DeepSegModuleLib.segmentation.nnunet_preprocessing import _resize
 from nnunet_helpers import phantom_patch, train_tiny_network, write_nnunet_folder
 from segmentation_helpers import dice, oblique_grid
 
@@ -208,3 +209,16 @@ def test_slab_by_slab_labels_equal_argmax_of_the_whole_resized_outputs(nearest_a
         slabs = resized_labels(outputs, shape, lambda planes: planes.argmax(1), nearest_axis, slab_bytes=slab_bytes)
         assert slabs.shape == shape
         assert (slabs == whole).float().mean() >= 0.999  # float rounding may split an exact tie
+
+
+def test_separable_spline_resize_is_scipys_zoom():
+    from scipy import ndimage
+
+    image = ndimage.gaussian_filter(np.random.default_rng(0).normal(size=(23, 40, 31)), 2).astype(np.float32) * 300
+    for shape in [(12, 61, 31), (40, 21, 17)]:
+        expected = ndimage.zoom(image.astype(np.float64), [n / o for n, o in zip(shape, image.shape)], order=3,
+                                mode="nearest", grid_mode=True)  # fmt: skip
+        expected = np.clip(expected, image.min(), image.max())
+        resized = _resize(image, shape, order=3)
+        assert resized.shape == shape and resized.dtype == np.float32
+        np.testing.assert_allclose(resized, expected, atol=1e-3)

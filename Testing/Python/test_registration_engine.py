@@ -8,6 +8,12 @@ checked with scipy's interpolation, independently of the engine's own warping co
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +24,7 @@ from DeepSegModuleLib.registration import (
     jacobian_determinant,
     register,
 )
+from DeepSegModuleLib.registration.geometry import integrate_velocity, kji_voxel_to_normalized, sample
 from scipy import ndimage
 
 # One thread: the CI machine's two cores are shared, and OpenMP threads that spin-wait on a busy
@@ -233,6 +240,16 @@ def test_quality_report_has_dice_landmarks_runtime_and_memory(deformable_case, m
     assert float(determinant.min()) <= quality.jacobian_min <= 1.0 <= quality.jacobian_max <= float(determinant.max())
     for stage in ("initial alignment", "rigid", "affine", "deformable", "resampling", "total"):
         assert quality.runtime_s[stage] >= 0
+    # Levels end once converged: one count per pyramid level, none above its budget, fewer in all.
+    config = result.config
+    for stage, budget in (
+        ("rigid", config.linear_iterations),
+        ("affine", config.linear_iterations),
+        ("deformable", config.deformable_iterations),
+    ):
+        assert len(quality.iterations[stage]) == len(budget)
+        assert all(0 < ran <= allowed for ran, allowed in zip(quality.iterations[stage], budget))
+        assert sum(quality.iterations[stage]) < sum(budget)
     assert quality.peak_memory_mb is not None and quality.peak_memory_mb > 0
     stages = [stage for stage, _ in case["progress"]]
     assert stages.index("rigid") < stages.index("affine") < stages.index("deformable")
@@ -299,6 +316,134 @@ def test_multimodal_preset_registers_inverted_contrast_that_ncc_warns_about(rigi
         case["brain"]
     ]
     assert np.median(error) < 1.0, f"median error {np.median(error):.2f} mm with mutual information"
+
+
+# ----------------------------------------------------------------------------------------------
+# A small real T1 with a cropped field of view
+
+
+@pytest.fixture(scope="module")
+def small_t1() -> dict[str, np.ndarray]:
+    """nibabel's test subject: a 33 x 41 x 25 T1 at 2 mm covering part of the brain, roughly in MNI space."""
+    nibabel = pytest.importorskip("nibabel")
+    path = Path(nibabel.__file__).parent / "tests" / "data" / "anatomical.nii"
+    if not path.exists():
+        pytest.skip(f"{path} is not installed")
+    image = nibabel.load(str(path))
+    return {
+        "image": np.asarray(image.get_fdata(), dtype=np.float32).transpose(2, 1, 0).copy(),
+        "ijk_to_ras": np.asarray(image.affine, dtype=np.float64),
+    }
+
+
+def test_a_small_t1_registers_to_the_template_in_few_iterations_without_a_modality_warning(small_t1, mni):
+    """Two T1 images whose centres of mass are 2 cm apart (a cropped field of view) are one modality.
+
+    The rigid and affine levels stop once converged instead of running their budgets (an affine
+    registration of this small volume once took half a minute), and the result matches the
+    template better than the header alignment does.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = register(small_t1["image"], small_t1["ijk_to_ras"], mni["image"], mni["ijk_to_ras"], "affine")
+    assert not [str(w.message) for w in caught if "modalit" in str(w.message)]
+    assert result.quality.warnings == []
+    config = result.config
+    for stage in ("rigid", "affine"):
+        ran = result.quality.iterations[stage]
+        assert ran[0] <= config.linear_iterations[0] // 2, (stage, ran)
+        assert sum(ran) <= 0.7 * sum(config.linear_iterations), (stage, ran)
+    header_aligned = register(
+        small_t1["image"],
+        small_t1["ijk_to_ras"],
+        mni["image"],
+        mni["ijk_to_ras"],
+        "rigid",
+        initial_alignment="none",
+        linear_iterations=(0, 0, 0),
+    )
+    subject = small_t1["image"]
+    foreground = subject > 0.1 * subject.max()
+
+    def correlation(resampled: np.ndarray) -> float:
+        return float(np.corrcoef(subject[foreground], resampled[foreground])[0, 1])
+
+    assert correlation(result.resampled_moving) > correlation(header_aligned.resampled_moving) + 0.03
+
+
+# ----------------------------------------------------------------------------------------------
+# Numerical building blocks
+
+
+def test_scaling_and_squaring_matches_monai_dvf2ddf():
+    """exp(v) in grid_sample units is MONAI's DVF2DDF (voxel units, border padding), the documented model."""
+    from monai.networks.blocks import DVF2DDF
+
+    # A smooth field of a few voxels on a 9 x 12 x 10 grid, (k, j, i) voxel components.
+    shape = (9, 12, 10)
+    coarse = np.random.default_rng(0).normal(size=(3, 3, 4, 4))
+    velocity_voxels = torch.as_tensor(
+        np.stack(
+            [
+                ndimage.zoom(coarse[c], np.array(shape) / np.array(coarse.shape[1:]), order=1)[:9, :12, :10]
+                for c in range(3)
+            ]
+        )
+        * 2.0
+    )[None].float()
+    assert tuple(velocity_voxels.shape[2:]) == shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI notes that it falls back to torch's grid_sample
+        expected = DVF2DDF(num_steps=7, mode="bilinear", padding_mode="border")(velocity_voxels)
+    to_normalized = torch.as_tensor(kji_voxel_to_normalized(shape), dtype=torch.float32)
+    velocity = torch.einsum("ab,nbdhw->nadhw", to_normalized, velocity_voxels)
+    displacement = torch.einsum("ab,nbdhw->nadhw", torch.linalg.inv(to_normalized), integrate_velocity(velocity, 7))
+    assert float(expected.abs().max()) > 1.0  # a displacement of voxels, not a trivial one
+    np.testing.assert_allclose(displacement.numpy(), expected.numpy(), atol=1e-4)
+
+
+def test_sampling_split_across_threads_matches_grid_sample():
+    """With several threads the points are split into batch items; values and gradients stay grid_sample's."""
+    volume = torch.rand(1, 2, 11, 13, 12)
+    points = (torch.rand(1, 30, 40, 41, 3) * 2.2 - 1.1).requires_grad_(True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        split = sample(volume, points)
+        (split_gradient,) = torch.autograd.grad((split * split).sum(), points)
+    finally:
+        torch.set_num_threads(threads)
+    expected = torch.nn.functional.grid_sample(
+        volume, points, mode="bilinear", padding_mode="zeros", align_corners=True
+    )
+    (expected_gradient,) = torch.autograd.grad((expected * expected).sum(), points)
+    assert split.shape == expected.shape
+    torch.testing.assert_close(split, expected)
+    torch.testing.assert_close(split_gradient, expected_gradient)
+
+
+def test_a_registration_imports_neither_monai_nor_torch_dynamo():
+    """Importing either takes seconds, longer than registering a 2 mm brain; NCC presets need neither."""
+    script = (
+        "import sys, numpy as np\n"
+        "from DeepSegModuleLib.registration import register\n"
+        "rng = np.random.default_rng(0)\n"
+        "image = np.zeros((24, 24, 24), np.float32); image[6:18, 5:19, 7:17] = 1\n"
+        "image += 0.1 * rng.random(image.shape).astype(np.float32)\n"
+        "register(image, np.eye(4), np.roll(image, 1, axis=0), np.eye(4), 'deformable fast', device='cpu',\n"
+        "         linear_iterations=(5, 5, 5), deformable_iterations=(5, 5))\n"
+        "print(sorted(m for m in ('monai', 'torch._dynamo') if m in sys.modules))\n"
+    )
+    library = Path(__file__).resolve().parents[2] / "DeepSegModule"
+    completed = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=library,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert completed.stdout.strip().splitlines()[-1] == "[]", completed.stdout + completed.stderr
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,9 +2,11 @@
 
 Stages (each optional, chained): initial alignment (centres of mass or geometric centres), rigid,
 affine, and a diffeomorphic deformable stage (stationary velocity field integrated by scaling and
-squaring, MONAI ``DVF2DDF``), each over a multi-resolution pyramid, optimised with Adam in the
-spirit of ConvexAdam. Pure torch/MONAI/numpy: no MRML; images cross the boundary as Slicer-ordered
-(k, j, i) arrays plus a 4x4 ``ijk_to_ras``.
+squaring), each over a multi-resolution pyramid: the linear stages by resilient propagation
+(Rprop) on one fixed sample of each level, the deformable stage by Adam in the spirit of
+ConvexAdam. Each pyramid level ends once it has converged (see ``_Rprop`` and ``_Schedule``), so
+easy problems and small images take few iterations. Pure torch/MONAI/numpy: no MRML; images cross the
+boundary as Slicer-ordered (k, j, i) arrays plus a 4x4 ``ijk_to_ras``.
 """
 
 from __future__ import annotations
@@ -24,11 +26,17 @@ import torch.nn.functional as F
 from .geometry import (
     Grid,
     NormalizedFrame,
+    apply_along_axes,
     apply_matrix,
-    gaussian_smooth,
+    gaussian_matrices,
     grid_points,
+    identity_grid,
+    integrate_velocity,
+    interpolation_matrices,
+    kji_voxel_to_normalized,
     resample_to_grid,
     rotation_matrix,
+    sample,
 )
 from .presets import RegistrationConfig, get_preset, with_overrides
 from .quality import (
@@ -45,15 +53,20 @@ from .similarity import (
     bending_energy,
     diffusion_energy,
     weighted_ncc_loss,
-    weighted_pearson,
 )
 
 ProgressCallback = Callable[[str, float], None]
 CancelCheck = Callable[[], bool]
 
-# Below this Pearson correlation (inside both foregrounds, after initial alignment) two images
-# are unlikely to share a modality, and NCC would pull them apart rather than together.
+# Below this Pearson correlation (inside both foregrounds, at the best shift around the initial
+# alignment) two images are unlikely to share a modality, and NCC would pull them apart rather than
+# together. See _Run.modality_correlations.
 _MODALITY_CORRELATION_THRESHOLD = 0.2
+# Shifts searched by the modality check: up to this many voxels of the coarsest level along each
+# axis, five steps per axis (+-3 voxels of 8 mm cover the offset of a centre-of-mass alignment
+# between a cropped and a whole head); and the most foreground samples it correlates per shift.
+_MODALITY_SEARCH_VOXELS = 3.0
+_MODALITY_SAMPLES = 2000
 # Least share of the fixed foreground that must land inside the moving image before optimising.
 _MIN_OVERLAP_FRACTION = 0.05
 # Voxels per slab when resampling at full resolution (bounds memory on 512^3 grids).
@@ -332,12 +345,13 @@ def register(
     linear_uses_ncc = config.linear_similarity == "ncc" and bool({"rigid", "affine"} & set(config.stages))
     deformable_uses_ncc = config.deformable_similarity == "lncc" and "deformable" in config.stages
     if linear_uses_ncc or deformable_uses_ncc:
-        correlation = run.foreground_correlation(matrix_u, translation_u)
-        if correlation < _MODALITY_CORRELATION_THRESHOLD:
+        highest, lowest = run.modality_correlations(matrix_u, translation_u)
+        if highest < _MODALITY_CORRELATION_THRESHOLD or -lowest > highest:
             message = (
-                f"the fixed and moving images look like different modalities (intensity correlation "
-                f"{correlation:.2f} after initial alignment) but the similarity is cross-correlation; "
-                f"use the 'multimodal' preset (mutual information) for e.g. CT to MR or T1 to T2/FLAIR"
+                f"the fixed and moving images look like different modalities (intensity correlation at "
+                f"most {highest:.2f}, and {lowest:.2f} at worst, near the initial alignment) but the "
+                f"similarity is cross-correlation; use the 'multimodal' preset (mutual information) for "
+                f"e.g. CT to MR or T1 to T2/FLAIR"
             )
             warnings.warn(message, UserWarning, stacklevel=2)
             report.warnings.append(message)
@@ -429,6 +443,7 @@ def register(
     if fixed_landmarks_ras is not None and moving_landmarks_ras is not None:
         mapped = result.transform_points_ras(np.asarray(fixed_landmarks_ras, dtype=np.float64))
         report.landmark_error_mm = landmark_errors(fixed_landmarks_ras, moving_landmarks_ras, mapped)
+    report.iterations = run.iterations
     report.runtime_s["quality"] = time.perf_counter() - stage_start
     report.runtime_s["total"] = time.perf_counter() - started
     report.peak_memory_mb, report.peak_memory_kind = peak_memory(torch_device)
@@ -449,6 +464,142 @@ class _Level:
     moving: torch.Tensor
     moving_mask: torch.Tensor | None
     moving_grid: Grid
+    # The linear stages' sample of this level: fixed points (u), intensities, weights.
+    linear_samples: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+class _Adam:
+    """Adam (Kingma and Ba), the same update as ``torch.optim.Adam`` with its defaults.
+
+    Written out because constructing a ``torch.optim`` optimiser imports ``torch._dynamo``, which
+    took longer (about 2 s) than a whole registration of a 2 mm brain.
+    """
+
+    def __init__(self, parameters: list[torch.Tensor], lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+        self.parameters = parameters
+        self.lr = lr
+        self.betas = betas
+        self.eps = eps
+        self.steps = 0
+        self.first = [torch.zeros_like(p) for p in parameters]
+        self.second = [torch.zeros_like(p) for p in parameters]
+
+    def zero_grad(self) -> None:
+        for parameter in self.parameters:
+            parameter.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        beta1, beta2 = self.betas
+        step_size = self.lr / (1 - beta1**self.steps)
+        correction2 = math.sqrt(1 - beta2**self.steps)
+        for parameter, first, second in zip(self.parameters, self.first, self.second):
+            if parameter.grad is None:
+                continue
+            gradient = parameter.grad
+            first.lerp_(gradient, 1 - beta1)
+            second.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
+            parameter.addcdiv_(first, (second.sqrt() / correction2).add_(self.eps), value=-step_size)
+
+
+class _Rprop:
+    """Resilient propagation (iRprop-, Igel and Huesken 2000) for the few parameters of a linear stage.
+
+    Each parameter has its own step, which grows while its gradient keeps its sign and halves when
+    the sign flips (the optimum was crossed); only the sign of the gradient is used. On the fixed
+    sample set of a level the objective is deterministic, so the steps shrink geometrically around
+    the optimum, and their size says how precisely it is known: the level ends once every step is
+    below ``precision`` (see :meth:`converged`), usually long before its iteration budget.
+    """
+
+    def __init__(self, parameters: list[torch.Tensor], step: float, precision: float) -> None:
+        self.parameters = parameters
+        self.precision = precision
+        self.largest = 50.0 * step
+        self.steps = [torch.full_like(p, step) for p in parameters]
+        self.previous = [torch.zeros_like(p) for p in parameters]
+
+    def zero_grad(self) -> None:
+        for parameter in self.parameters:
+            parameter.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for parameter, step, previous in zip(self.parameters, self.steps, self.previous):
+            if parameter.grad is None:
+                continue
+            gradient = parameter.grad
+            agreement = gradient * previous
+            step.mul_(torch.where(agreement > 0, 1.2, torch.where(agreement < 0, 0.5, 1.0)))
+            step.clamp_(min=self.precision * 1e-3, max=self.largest)
+            # After a sign flip, no move this time (iRprop-): the next gradient decides the direction.
+            gradient = torch.where(agreement < 0, torch.zeros_like(gradient), gradient)
+            parameter.sub_(gradient.sign() * step)
+            previous.copy_(gradient)
+
+    def converged(self) -> bool:
+        """Every parameter's step is below the precision."""
+        return all(float(step.max()) < self.precision for step in self.steps)
+
+
+class _Schedule:
+    """Learning rate of one pyramid level, and when the level has converged.
+
+    The rate follows a cosine from ``base_rate`` down to ``final_fraction * base_rate`` over the
+    level's iteration budget. Every ``window`` iterations the mean loss of the last window is
+    compared with the window before; once it improves by less than ``tolerance`` (relative to the
+    loss' magnitude, at least 0.1), the rest of the decay is compressed into ``window`` more
+    iterations and the level ends -- the optimiser settles with small steps instead of running the
+    whole budget on a plateau (ANTs ends a level the same way, on the slope of its energy).
+    """
+
+    def __init__(self, base_rate: float, budget: int, final_fraction: float, window: int, tolerance: float) -> None:
+        self.base_rate = base_rate
+        self.budget = budget
+        self.final_fraction = final_fraction
+        self.window = window
+        self.tolerance = tolerance
+        self.losses: list[float] = []
+        self.settle_from: int | None = None
+        self.stop_at = budget
+
+    def rate(self, iteration: int) -> float:
+        if self.settle_from is None:
+            progress = iteration / max(self.budget, 1)
+            start_fraction = 1.0
+        else:
+            # Continue from the rate reached on the plateau, down to the same final rate.
+            progress = (iteration - self.settle_from) / max(self.stop_at - self.settle_from, 1)
+            start_fraction = self._cosine(self.settle_from / max(self.budget, 1))
+        cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        fraction = self.final_fraction + (start_fraction - self.final_fraction) * cosine
+        return self.base_rate * fraction
+
+    def _cosine(self, progress: float) -> float:
+        return self.final_fraction + (1 - self.final_fraction) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    def converged(self, iteration: int, loss: float) -> bool:
+        """Record the loss of ``iteration``; True once the level should end after it."""
+        self.losses.append(loss)
+        if iteration + 1 >= self.stop_at:
+            return True
+        window = self.window
+        if self.settle_from is None and len(self.losses) >= 2 * window and len(self.losses) % window == 0:
+            recent = sum(self.losses[-window:]) / window
+            before = sum(self.losses[-2 * window : -window]) / window
+            if before - recent < self.tolerance * max(abs(recent), 0.1):
+                self.settle_from = iteration + 1
+                self.stop_at = min(self.budget, iteration + 1 + window)
+        return iteration + 1 >= self.stop_at
+
+
+# Iterations per convergence window, and the relative improvement per window below which a
+# deformable level settles and ends (see _Schedule).
+# A linear level ends once every Rprop step is below this fraction of the level's voxel (see _Rprop).
+_LINEAR_PRECISION_VOXELS = 0.005
+_DEFORMABLE_WINDOW = 5
+_DEFORMABLE_TOLERANCE = 5e-3
 
 
 class _Run:
@@ -480,6 +631,10 @@ class _Run:
         self.frame = NormalizedFrame(fixed_grid.center_ras, fixed_grid.half_extent_mm)
         self._levels: dict[float, _Level] = {}
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        # Iterations run per stage and pyramid level (levels can end early, see _Schedule).
+        self.iterations: dict[str, list[int]] = {}
+        # (stage, level index, loss) of every iteration, for diagnosing convergence.
+        self.trace: list[tuple[str, int, float]] = []
 
     # -- bookkeeping
 
@@ -490,28 +645,43 @@ class _Run:
             self.progress(stage, float(min(max(fraction, 0.0), 1.0)))
 
     def level(self, spacing_mm: float) -> _Level:
-        """The pyramid level at ``spacing_mm``, built once."""
+        """The pyramid level at ``spacing_mm``, built once.
+
+        A level is smoothed and resampled from the level at half its spacing when that is still
+        coarser than the images (rather than from the full images), so that the wide Gaussians of
+        coarse levels run over an eighth of the voxels; the smoothing adds up to about the same.
+        """
         if spacing_mm not in self._levels:
-            fixed_grid, fixed_factors = self.fixed_grid.coarsened(spacing_mm)
-            moving_grid, moving_factors = self.moving_grid.coarsened(spacing_mm)
-            fixed_weight = (
-                resample_to_grid(self.fixed_mask, self.fixed_grid, fixed_grid, fixed_factors, smooth=False)
-                if self.fixed_mask is not None
-                else torch.ones((1, 1, *fixed_grid.shape), device=self.device)
-            )
-            moving_mask = (
-                resample_to_grid(self.moving_mask, self.moving_grid, moving_grid, moving_factors, smooth=False)
-                if self.moving_mask is not None
-                else None
-            )
-            self._levels[spacing_mm] = _Level(
-                fixed=resample_to_grid(self.fixed, self.fixed_grid, fixed_grid, fixed_factors),
-                fixed_weight=fixed_weight,
-                fixed_grid=fixed_grid,
-                moving=resample_to_grid(self.moving, self.moving_grid, moving_grid, moving_factors),
-                moving_mask=moving_mask,
-                moving_grid=moving_grid,
-            )
+            finest = min(float(self.fixed_grid.spacing.min()), float(self.moving_grid.spacing.min()))
+            source = self.level(spacing_mm / 2) if spacing_mm / 2 >= 1.5 * finest else None
+            with torch.no_grad():
+                fixed_grid, _ = self.fixed_grid.coarsened(spacing_mm)
+                moving_grid, _ = self.moving_grid.coarsened(spacing_mm)
+                if source is None:
+                    fixed, fixed_source_grid, fixed_mask = self.fixed, self.fixed_grid, self.fixed_mask
+                    moving, moving_source_grid, moving_mask = self.moving, self.moving_grid, self.moving_mask
+                else:
+                    fixed, fixed_source_grid = source.fixed, source.fixed_grid
+                    fixed_mask = source.fixed_weight if self.fixed_mask is not None else None
+                    moving, moving_source_grid, moving_mask = source.moving, source.moving_grid, source.moving_mask
+                fixed_factors = _coarsening_factors(fixed_source_grid, fixed_grid)
+                moving_factors = _coarsening_factors(moving_source_grid, moving_grid)
+                self._levels[spacing_mm] = _Level(
+                    fixed=resample_to_grid(fixed, fixed_source_grid, fixed_grid, fixed_factors),
+                    fixed_weight=(
+                        resample_to_grid(fixed_mask, fixed_source_grid, fixed_grid, fixed_factors, smooth=False)
+                        if fixed_mask is not None
+                        else torch.ones((1, 1, *fixed_grid.shape), device=self.device)
+                    ),
+                    fixed_grid=fixed_grid,
+                    moving=resample_to_grid(moving, moving_source_grid, moving_grid, moving_factors),
+                    moving_mask=(
+                        resample_to_grid(moving_mask, moving_source_grid, moving_grid, moving_factors, smooth=False)
+                        if moving_mask is not None
+                        else None
+                    ),
+                    moving_grid=moving_grid,
+                )
         return self._levels[spacing_mm]
 
     def _u_to_moving_normalized(self, level: _Level) -> torch.Tensor:
@@ -520,14 +690,12 @@ class _Run:
 
     def _sample_moving(self, level: _Level, normalized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Moving intensities at normalised points ``(1, D, H, W, 3)`` and their validity weight."""
-        values = F.grid_sample(level.moving, normalized, mode="bilinear", padding_mode="zeros", align_corners=True)
-        inside = (normalized.abs() <= 1.0).all(dim=-1)[:, None].to(values.dtype)
-        if level.moving_mask is not None:
-            # A selection of samples, not something to optimise: no gradient pulls points into the mask.
-            with torch.no_grad():
-                inside = inside * F.grid_sample(
-                    level.moving_mask, normalized, mode="bilinear", padding_mode="zeros", align_corners=True
-                )
+        values = sample(level.moving, normalized)
+        # A selection of samples, not something to optimise: no gradient pulls points into the image or mask.
+        with torch.no_grad():
+            inside = (normalized.abs().amax(dim=-1) <= 1.0)[:, None].to(values.dtype)
+            if level.moving_mask is not None:
+                inside = inside * sample(level.moving_mask, normalized)
         return values, inside
 
     def _coarsest_level(self) -> _Level:
@@ -544,7 +712,8 @@ class _Run:
             points, torch.as_tensor(np.c_[matrix_u, translation_u], dtype=torch.float32, device=self.device)
         )
         normalized = apply_matrix(mapped, self._u_to_moving_normalized(level))
-        moving_values, inside = self._sample_moving(level, normalized)
+        with torch.no_grad():
+            moving_values, inside = self._sample_moving(level, normalized)
         return moving_values, inside
 
     # -- initialisation and checks
@@ -592,24 +761,100 @@ class _Run:
                 f"initial_fixed_to_moving_ras, or check that both volumes carry the right geometry"
             )
 
-    def foreground_correlation(self, matrix_u: np.ndarray, translation_u: np.ndarray) -> float:
-        """Pearson correlation inside both foregrounds, away from their edges, after initial alignment.
+    def modality_correlations(self, matrix_u: np.ndarray, translation_u: np.ndarray) -> tuple[float, float]:
+        """Highest and lowest foreground correlation over shifts around the initial alignment.
 
-        The foreground edge is left out (eroded) because every modality drops to background
-        there, which correlates even when the contrasts inside are opposite.
+        Before registration the images can be centimetres apart (a centre-of-mass alignment of a
+        cropped field of view is off by the crop), where even two T1 images correlate at about
+        zero. So the Pearson correlation inside both foregrounds, away from their edges (every
+        modality drops to background there, which correlates even when the contrasts inside are
+        opposite), is taken on the coarsest level at shifts of up to ``_MODALITY_SEARCH_VOXELS``
+        voxels along each axis. Images of one modality reach a clearly
+        positive peak; inverted contrasts reach a deeper negative one; unrelated contrasts neither.
+
+        Returns:
+            ``(highest, lowest)`` correlation over the shifts.
         """
-        spacings = [self.config.linear_spacings_mm[-1]] if {"rigid", "affine"} & set(self.config.stages) else []
-        if "deformable" in self.config.stages:
-            spacings.append(self.config.deformable_spacings_mm[0])
-        level = self.level(min(spacings))
-        moving_values, inside = self._linear_samples(level, matrix_u, translation_u)
-        foreground = inside * level.fixed_weight * (level.fixed > 0.05) * (moving_values > 0.05)
-        interior = -F.max_pool3d(-foreground.to(level.fixed.dtype), kernel_size=5, stride=1, padding=2)
-        if float(interior.sum()) < 64:
-            interior = foreground.to(level.fixed.dtype)
-        return weighted_pearson(level.fixed, moving_values, interior)
+        level = self._coarsest_level()
+        with torch.no_grad():
+            fixed_foreground = level.fixed_weight * (level.fixed > 0.05).to(level.fixed.dtype)
+            fixed_interior = _erode(fixed_foreground)
+            if float(fixed_interior.sum()) < 64:
+                fixed_interior = fixed_foreground
+            moving_foreground = (level.moving > 0.05).to(level.moving.dtype)
+            if level.moving_mask is not None:
+                moving_foreground = moving_foreground * (level.moving_mask > 0.5)
+            moving_interior = _erode(moving_foreground)
+            if float(moving_interior.sum()) < 64:
+                moving_interior = moving_foreground
+            selected = fixed_interior.reshape(-1) > 0
+            points = grid_points(level.fixed_grid, self.frame.ras_to_u(), self.device).reshape(-1, 3)[selected]
+            fixed_values = level.fixed.reshape(-1)[selected]
+            stride = max(1, len(points) // _MODALITY_SAMPLES)
+            points, fixed_values = points[::stride], fixed_values[::stride]
+            # Shifts along the fixed level grid's axes, in u.
+            steps_u = torch.as_tensor(
+                (self.frame.ras_to_u()[:3, :3] @ level.fixed_grid.ijk_to_ras[:3, :3]).T, dtype=torch.float32
+            ).to(self.device)
+            offsets = torch.linspace(
+                -_MODALITY_SEARCH_VOXELS, _MODALITY_SEARCH_VOXELS, 5, dtype=torch.float32, device=self.device
+            )
+            shifts = torch.cartesian_prod(offsets, offsets, offsets) @ steps_u  # (S, 3) in u
+            linear = torch.as_tensor(np.c_[matrix_u, translation_u], dtype=torch.float32, device=self.device)
+            to_normalized = self._u_to_moving_normalized(level)
+            mapped = apply_matrix(points[None] + shifts[:, None], linear)
+            normalized = apply_matrix(mapped, to_normalized)
+            channels = torch.cat((level.moving, moving_interior), dim=1)
+            sampled = sample(channels, normalized[None])[0]
+            moving_values, moving_inside = sampled[0], sampled[1]
+            inside = (normalized.abs().amax(dim=-1) <= 1.0).to(moving_values.dtype)
+            weight = inside * (moving_inside > 0.5).to(moving_values.dtype)
+            total = weight.sum(dim=1).clamp_min(1e-6)
+            fixed_mean = (weight * fixed_values).sum(dim=1, keepdim=True) / total[:, None]
+            moving_mean = (weight * moving_values).sum(dim=1, keepdim=True) / total[:, None]
+            fixed_centred = fixed_values - fixed_mean
+            moving_centred = moving_values - moving_mean
+            covariance = (weight * fixed_centred * moving_centred).sum(dim=1)
+            variance = (weight * fixed_centred**2).sum(dim=1) * (weight * moving_centred**2).sum(dim=1)
+            correlation = covariance / variance.clamp_min(1e-12).sqrt()
+            # Shifts that keep too few samples say nothing.
+            usable = total >= max(32.0, 0.25 * float(total.max()))
+            correlation = correlation[usable]
+        if correlation.numel() == 0:
+            return 0.0, 0.0
+        return float(correlation.max()), float(correlation.min())
 
     # -- linear stages
+
+    def _linear_samples_of(self, level: _Level) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fixed points (u), intensities and weights the linear stages compare at this level.
+
+        One random sample of at most ``linear_max_points`` voxels per level, shared by the rigid and
+        affine stages and kept for all their iterations (ANTs also samples once per level): the
+        objective is then deterministic, which lets a level stop when it has converged (see
+        :class:`_Rprop`), and no gathering happens per iteration. With tens of thousands of points
+        the sampling bias is negligible.
+        """
+        if level.linear_samples is None:
+            with torch.no_grad():
+                fixed_weight = level.fixed_weight.reshape(-1)
+                keep = torch.nonzero(fixed_weight > 0).reshape(-1)
+                if len(keep) > self.config.linear_max_points:
+                    # Drawn with replacement and deduplicated: a full permutation of a 1 mm volume's
+                    # millions of voxels cost more than the iterations that use the sample.
+                    drawn = torch.randint(len(keep), (self.config.linear_max_points,), generator=self.generator)
+                    keep = keep[torch.unique(drawn).to(keep.device)]
+                height, width = level.fixed_grid.shape[1:]
+                ijk = torch.stack((keep % width, (keep // width) % height, keep // (height * width)), dim=1)
+                to_u = torch.as_tensor(
+                    self.frame.ras_to_u() @ level.fixed_grid.ijk_to_ras, dtype=torch.float32, device=self.device
+                )
+                level.linear_samples = (
+                    apply_matrix(ijk.to(torch.float32), to_u).contiguous(),
+                    level.fixed.reshape(-1)[keep].contiguous(),
+                    fixed_weight[keep].contiguous(),
+                )
+        return level.linear_samples
 
     def optimise_linear(
         self, stage: str, matrix_u: np.ndarray, translation_u: np.ndarray
@@ -638,45 +883,43 @@ class _Run:
         total_iterations = max(sum(config.linear_iterations), 1)
         done = 0
         loss_value = float("nan")
+        self.iterations[stage] = []
         for level_index, (spacing, iterations) in enumerate(zip(config.linear_spacings_mm, config.linear_iterations)):
             level = self.level(spacing)
-            points = grid_points(level.fixed_grid, self.frame.ras_to_u(), self.device).reshape(-1, 3)
-            fixed_values = level.fixed.reshape(-1)
-            fixed_weight = level.fixed_weight.reshape(-1)
-            keep = fixed_weight > 0
-            # Point, intensity and weight in one (N, 5) table: one gather per iteration instead of three.
-            samples = torch.cat((points[keep], fixed_values[keep, None], fixed_weight[keep, None]), dim=1)
+            level_points, level_fixed, level_weight = self._linear_samples_of(level)
             to_normalized = self._u_to_moving_normalized(level)
             base_rate = config.linear_learning_rate * 0.5**level_index
-            optimizer = torch.optim.Adam(parameters, lr=base_rate)
+            # Parameters are in u (mm / frame scale; radians for rotations, which move the points
+            # within the frame by as much): precision of a fraction of this level's voxel.
+            precision = _LINEAR_PRECISION_VOXELS * float(level.fixed_grid.spacing.min()) / self.frame.scale
+            optimizer = _Rprop(parameters, step=base_rate, precision=min(precision, base_rate))
+            ran = 0
             for iteration in range(iterations):
-                # Cosine decay inside a level: large steps to travel, small ones to settle.
-                for group in optimizer.param_groups:
-                    group["lr"] = base_rate * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * iteration / iterations)))
-                batch = samples
-                if len(samples) > config.linear_max_points:
-                    # Sampling with replacement: randperm of millions of points every iteration costs more
-                    # than the similarity itself.
-                    chosen = torch.randint(len(samples), (config.linear_max_points,), generator=self.generator)
-                    batch = samples[chosen.to(self.device)]
-                batch_points, batch_fixed, batch_weight = batch[:, :3], batch[:, 3], batch[:, 4]
-                optimizer.zero_grad(set_to_none=True)
-                mapped = batch_points @ current_matrix().T + translation
-                normalized = apply_matrix(mapped, to_normalized).reshape(1, -1, 1, 1, 3)
+                optimizer.zero_grad()
+                # Fixed point -> moving sampling coordinates as one 3x4 matrix, one product per point.
+                to_moving = to_normalized[:3, :3] @ current_matrix()
+                offset = to_normalized[:3, :3] @ translation + to_normalized[:3, 3]
+                normalized = torch.addmm(offset, level_points, to_moving.T).reshape(1, -1, 1, 1, 3)
                 moving_values, inside = self._sample_moving(level, normalized)
-                weight = batch_weight * inside.reshape(-1)
+                weight = level_weight * inside.reshape(-1)
                 if float(weight.sum()) < 1.0:
                     raise ValueError(
                         f"the {stage} registration lost all overlap between the images; check the input "
                         f"geometry or start from a better initial transform"
                     )
-                loss = similarity(batch_fixed, moving_values.reshape(-1), weight)
+                loss = similarity(level_fixed, moving_values.reshape(-1), weight)
                 loss.backward()
                 optimizer.step()
                 loss_value = float(loss.detach())
+                self.trace.append((stage, level_index, loss_value))
                 done += 1
+                ran += 1
                 if iteration % 10 == 0:
                     self.report_progress(stage, done / total_iterations)
+                if optimizer.converged():
+                    break
+            done += iterations - ran
+            self.iterations[stage].append(ran)
         self.report_progress(stage, 1.0)
         with torch.no_grad():
             final_matrix = current_matrix().double().cpu().numpy()
@@ -690,21 +933,15 @@ class _Run:
         The velocity lives on a *control grid* ``velocity_grid_factor`` times coarser than the
         level's image grid (integration is the costly part and the field is smooth anyway); the
         displacement is interpolated to the image grid to warp the moving image. Its components
-        are in the u frame, so it survives changes of level unchanged; they are converted to
-        control-grid voxels in (k, j, i) channel order (MONAI's convention) for integration by
-        scaling and squaring (``DVF2DDF``) and for the regulariser.
+        are in the u frame, so it survives changes of level unchanged; for integration by scaling
+        and squaring they are converted to the control grid's normalised units, and for the
+        regulariser to control-grid voxels.
 
         Returns:
             The smoothed velocity (u-frame components) on the finest control grid, that grid, and
             the final similarity.
         """
         config = self.config
-        from monai.networks.blocks import DVF2DDF
-
-        with warnings.catch_warnings():
-            # MONAI warns that it falls back to torch's grid_sample; that is what we want.
-            warnings.simplefilter("ignore")
-            integrate = DVF2DDF(num_steps=config.integration_steps, mode="bilinear", padding_mode="border")
         regularizer = bending_energy if config.regularization == "bending" else diffusion_energy
         similarity = (
             WeightedMutualInformationLoss(config.mi_bins)
@@ -717,16 +954,47 @@ class _Run:
         velocity: torch.Tensor | None = None
         loss_value = float("nan")
         control_grid: Grid | None = None
-        for spacing, iterations in zip(config.deformable_spacings_mm, config.deformable_iterations):
+        self.iterations["deformable"] = []
+        for level_index, (spacing, iterations) in enumerate(
+            zip(config.deformable_spacings_mm, config.deformable_iterations)
+        ):
             level = self.level(spacing)
             control_grid, _ = level.fixed_grid.coarsened(spacing * config.velocity_grid_factor, min_size=4)
             u_to_voxel, voxel_to_u = _velocity_conversions(control_grid, self.frame.scale, self.device)
-            points = grid_points(level.fixed_grid, self.frame.ras_to_u(), self.device)[None]
+            voxel_to_control = torch.as_tensor(
+                kji_voxel_to_normalized(control_grid.shape), dtype=torch.float32, device=self.device
+            )
             to_normalized = self._u_to_moving_normalized(level)
             # One matrix from displaced fixed points (u) to the moving image's sampling coordinates.
             linear_to_normalized = to_normalized[:3, :3] @ linear
             linear_to_normalized[:, 3] += to_normalized[:3, 3]
+            with torch.no_grad():
+                points = grid_points(level.fixed_grid, self.frame.ras_to_u(), self.device)[None]
+                # Where the linear part alone samples the moving image; the displacement adds to it.
+                linear_normalized = apply_matrix(points, linear_to_normalized).contiguous()
+            u_to_control = voxel_to_control @ u_to_voxel
+            # Control-grid normalised displacement -> moving sampling coordinates (the linear part's matrix).
+            control_to_moving = linear_to_normalized[:, :3] @ voxel_to_u @ torch.linalg.inv(voxel_to_control)
+            identity = identity_grid(control_grid.shape, self.device)
             image_shape = level.fixed_grid.shape
+            # Local NCC is zero where the fixed image is empty: only the box around its foreground
+            # (plus the window) is compared. Mutual information keeps the background, which shapes
+            # its joint histogram.
+            box = (
+                _foreground_box(level, self.config.lncc_kernel_size // 2 + 2)
+                if config.deformable_similarity == "lncc"
+                else (slice(None),) * 3
+            )
+            fixed_box = level.fixed[(Ellipsis, *box)]
+            weight_box = level.fixed_weight[(Ellipsis, *box)]
+            linear_box = linear_normalized[(slice(None), *box)]
+            # The mean over the box, rescaled to the mean over the whole grid (whose background adds
+            # zeros): the balance with the regulariser stays what regularization_weight says.
+            box_share = float(weight_box.sum() / level.fixed_weight.sum().clamp_min(1e-6))
+            upsample = [m.to(self.device) for m in interpolation_matrices(control_grid.shape, image_shape, box)]
+            half_sizes = torch.tensor([(n - 1) / 2 for n in control_grid.shape[::-1]], device=self.device).reshape(
+                1, 3, 1, 1, 1
+            )
             if velocity is None:
                 velocity = torch.zeros((1, 3, *control_grid.shape), device=self.device)
                 if config.initializer is not None:
@@ -737,30 +1005,48 @@ class _Run:
                 )
             velocity.requires_grad_(True)
             base_rate = config.deformable_learning_rate_mm / self.frame.scale
-            optimizer = torch.optim.Adam([velocity], lr=base_rate)
-            sigma = (config.velocity_smoothing_vox,) * 3
+            schedule = _Schedule(base_rate, iterations, 0.1, _DEFORMABLE_WINDOW, _DEFORMABLE_TOLERANCE)
+            optimizer = _Adam([velocity], lr=base_rate)
+            smoothing = gaussian_matrices(control_grid.shape, (config.velocity_smoothing_vox,) * 3, self.device)
+            ran = 0
             for iteration in range(iterations):
-                for group in optimizer.param_groups:
-                    group["lr"] = base_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * iteration / iterations)))
-                optimizer.zero_grad(set_to_none=True)
-                velocity_voxel = _change_components(gaussian_smooth(velocity, sigma), u_to_voxel)
-                displacement_u = _change_components(integrate(velocity_voxel), voxel_to_u)
-                # Control and image grids share their corner voxel centres: align_corners is exact.
-                displacement_u = F.interpolate(displacement_u, size=image_shape, mode="trilinear", align_corners=True)
-                normalized = apply_matrix(points + displacement_u.permute(0, 2, 3, 4, 1), linear_to_normalized)
+                optimizer.lr = schedule.rate(iteration)
+                optimizer.zero_grad()
+                smoothed = apply_along_axes(velocity, smoothing)
+                velocity_control = _change_components(smoothed, u_to_control)
+                with torch.no_grad():
+                    displacement = integrate_velocity(
+                        velocity_control, _squaring_steps(velocity_control, half_sizes, config), identity
+                    )
+                # The derivative of exp(v) is taken as the identity, as log-domain demons do: the
+                # squaring steps run without autograd (their backward pass cost as much as the rest
+                # of an iteration) and the registration ends within 0.01 mm of the exact gradient's.
+                displacement = velocity_control + (displacement - velocity_control.detach())
+                # Control and image grids share their corner voxel centres: linear interpolation
+                # (align_corners) is exact in space.
+                displacement = apply_along_axes(_change_components(displacement, control_to_moving), upsample)
+                normalized = linear_box + displacement.movedim(1, -1)
                 moving_values, inside = self._sample_moving(level, normalized)
-                loss_similarity = similarity(level.fixed, moving_values, level.fixed_weight * inside)
-                loss = loss_similarity + config.regularization_weight * regularizer(velocity_voxel)
+                loss_similarity = box_share * similarity(fixed_box, moving_values, weight_box * inside)
+                loss = loss_similarity + config.regularization_weight * regularizer(
+                    _change_components(smoothed, u_to_voxel)
+                )
                 loss.backward()
                 optimizer.step()
                 loss_value = float(loss_similarity.detach())
+                self.trace.append(("deformable", level_index, float(loss.detach())))
                 done += 1
+                ran += 1
                 if iteration % 5 == 0:
                     self.report_progress("deformable", done / total_iterations)
+                if schedule.converged(iteration, float(loss.detach())):
+                    break
+            done += iterations - ran
+            self.iterations["deformable"].append(ran)
         assert velocity is not None and control_grid is not None
         self.report_progress("deformable", 1.0)
         with torch.no_grad():
-            smoothed = gaussian_smooth(velocity.detach(), (config.velocity_smoothing_vox,) * 3)
+            smoothed = apply_along_axes(velocity.detach(), smoothing)
         return smoothed, control_grid, loss_value
 
     def _initial_velocity(
@@ -880,19 +1166,64 @@ def _velocity_conversions(grid: Grid, frame_scale: float, device: torch.device) 
 
 def _change_components(field: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """Apply a 3x3 matrix to the vector channel of a ``(N, 3, D, H, W)`` field."""
-    return torch.einsum("ab,nbdhw->nadhw", matrix, field)
+    # One (3, 3) x (3, voxels) product per batch item: einsum permuted and copied the field.
+    return torch.matmul(matrix, field.reshape(field.shape[0], 3, -1)).reshape(field.shape)
 
 
 def _integrate_velocity_ras(velocity_ras: torch.Tensor, grid: Grid, steps: int) -> torch.Tensor:
     """exp(v) by scaling and squaring for a ``(1, 3, D, H, W)`` RAS-mm velocity; returns RAS-mm displacement."""
-    from monai.networks.blocks import DVF2DDF
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        integrate = DVF2DDF(num_steps=steps, mode="bilinear", padding_mode="border")
     ras_to_voxel, voxel_to_ras = _velocity_conversions(grid, 1.0, velocity_ras.device)
+    voxel_to_normalized = torch.as_tensor(
+        kji_voxel_to_normalized(grid.shape), dtype=torch.float32, device=velocity_ras.device
+    )
     with torch.no_grad():
-        return _change_components(integrate(_change_components(velocity_ras.float(), ras_to_voxel)), voxel_to_ras)
+        velocity = _change_components(velocity_ras.float(), voxel_to_normalized @ ras_to_voxel)
+        displacement = integrate_velocity(velocity, steps)
+        return _change_components(displacement, voxel_to_ras @ torch.linalg.inv(voxel_to_normalized))
+
+
+def _coarsening_factors(source: Grid, target: Grid) -> np.ndarray:
+    """Per-axis (i, j, k) ratio of ``target``'s voxel size to ``source``'s, for grids with the same corners."""
+    source_sizes, target_sizes = source.size_ijk, target.size_ijk
+    return np.where(target_sizes > 1, (source_sizes - 1) / np.maximum(target_sizes - 1, 1), 1.0)
+
+
+def _squaring_steps(velocity: torch.Tensor, half_sizes: torch.Tensor, config: RegistrationConfig) -> int:
+    """Squaring steps while optimising: enough that each scaled velocity stays under 1/8 control voxel.
+
+    Adaptive scaling and squaring (Arsigny et al. 2006): a field that moves by a fraction of a
+    voxel needs fewer squarings than ``config.integration_steps``, which the result itself uses.
+    On the benchmark pair the two integrations differ by 0.05 mm at most (0.001 mm in the median),
+    and small fields (the first iterations) cost one or two grid samplings instead of seven.
+    """
+    with torch.no_grad():
+        in_voxels = velocity * half_sizes
+        peak_voxels = math.sqrt(float((in_voxels * in_voxels).sum(dim=1).max()))
+    needed = math.ceil(math.log2(max(peak_voxels * 8.0, 1.0)))
+    return int(min(max(needed, 1), config.integration_steps))
+
+
+def _foreground_box(level: _Level, margin: int) -> tuple[slice, slice, slice]:
+    """(k, j, i) slices of the fixed level grid around its weighted foreground, ``margin`` voxels wider."""
+    foreground = ((level.fixed_weight > 0) & (level.fixed > 0.05))[0, 0]
+    if not bool(foreground.any()):
+        return (slice(None),) * 3
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        present = torch.nonzero(foreground.any(dim=other[1]).any(dim=other[0])).reshape(-1)
+        start = max(int(present[0]) - margin, 0)
+        stop = min(int(present[-1]) + 1 + margin, foreground.shape[axis])
+        box.append(slice(start, stop))
+    return tuple(box)  # type: ignore[return-value]
+
+
+def _erode(mask: torch.Tensor) -> torch.Tensor:
+    """A ``(1, 1, D, H, W)`` 0/1 mask shrunk by one voxel (3x3x3 minimum, one axis at a time)."""
+    for kernel in ((3, 1, 1), (1, 3, 1), (1, 1, 3)):
+        padding = tuple(size // 2 for size in kernel)
+        mask = -F.max_pool3d(-mask, kernel_size=kernel, stride=1, padding=padding)
+    return mask
 
 
 def _field_to_grid(field_ras: torch.Tensor, source: Grid, target: Grid) -> np.ndarray:
@@ -923,7 +1254,7 @@ def _resample_full(
             points = points + displacement_ras[k_start:k_stop].to(device)
         normalized = apply_matrix(points, to_normalized)[None]
         with torch.no_grad():
-            values = F.grid_sample(moving, normalized, mode=mode, padding_mode="zeros", align_corners=True)
+            values = sample(moving, normalized, mode)
         output[k_start:k_stop] = values[0, 0].cpu().numpy()
     return output
 

@@ -37,6 +37,8 @@ class QualityReport:
         peak_memory_mb: Peak CUDA memory allocated on a GPU, or the process' peak resident set on CPU.
         peak_memory_kind: ``"cuda_max_memory_allocated"`` or ``"process_peak_rss"``.
         final_similarity: Last loss value of each stage (lower is better).
+        iterations: Optimiser iterations run per stage, one count per pyramid level (a level ends
+            before its budget once its loss stops improving).
         warnings: Problems a user must know about (heavy folding, weak modality match).
     """
 
@@ -52,6 +54,7 @@ class QualityReport:
     peak_memory_mb: float | None = None
     peak_memory_kind: str = ""
     final_similarity: dict[str, float] = field(default_factory=dict)
+    iterations: dict[str, list[int]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:

@@ -668,7 +668,7 @@ def demo(
     """Register two real brain MRIs shipped with packages, segment one with the bundled model; write a Slicer scene.
 
     Offline: the MNI152 template (nilearn) is registered to a subject T1 (nibabel's test data) and carries its
-    tissues over; the bundled deepseg-brain model segments the subject; both results, the transform, pictures
+    tissues over; the bundled deepseg-brain model segments the template; both results, the transform, pictures
     and a .mrb scene are written.
 
     Example: deepseg demo --output ~/deepseg-demo  (then open deepseg-demo/deepseg-demo.mrb in 3D Slicer)
@@ -677,11 +677,11 @@ def demo(
 
     with _reported(as_json):
         summary = run_demo(output)
-        lines = [f"  {step:<40s} {seconds:6.2f} s" for step, seconds in summary["timings_s"].items()]
+        lines = [f"  {step:<52s} {seconds:6.2f} s" for step, seconds in summary["timings_s"].items()]
+        lines += [f"  subject {name:<22s} {volume:8.1f} ml" for name, volume in summary["subject_segments_ml"].items()]
         lines += [
-            f"  {name:<20s} model {summary['model_segments_ml'].get(name, 0.0):7.1f} ml, from the template "
-            f"{volume:7.1f} ml, agreement Dice {summary['agreement_dice'][name]}"
-            for name, volume in summary["subject_segments_ml"].items()
+            f"  {summary['model'].rstrip('/').split('/')[-1]} on the template: {name} Dice {dice} against the template's maps"
+            for name, dice in summary["agreement_dice"].items()
         ]
         lines += [f"  wrote {kind:<22s} {path}" for kind, path in summary["files"].items()]
         lines.append(f"Open {summary['files']['scene']} in 3D Slicer (File > Open Data).")

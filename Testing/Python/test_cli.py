@@ -84,7 +84,9 @@ def test_models_import_list_info_remove_and_segment_by_name(tmp_path, capsys, mo
     code, out, err = run(capsys, "models", "import", sphere_model.parent, "--name", "sphere")
     assert code == 0, err and "imported sphere" in out
     code, out, _ = run(capsys, "models", "list", "--json")
-    assert [entry["id"] for entry in json.loads(out)["models"]] == ["sphere"]
+    listed = {entry["id"]: entry for entry in json.loads(out)["models"]}
+    assert set(listed) == {"sphere", "deepseg-brain"}  # the user's model and the one DeepSeg ships
+    assert not listed["sphere"]["bundled"] and listed["deepseg-brain"]["bundled"]
     code, out, _ = run(capsys, "models", "info", "sphere", "--json")
     info = json.loads(out)
     assert info["checksums"] == "ok" and info["format"] == "torchscript"

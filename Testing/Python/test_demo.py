@@ -62,6 +62,27 @@ def test_demo_files_are_slicer_files(demo_output):
     np.testing.assert_allclose(nodes.volume_to_array(registered)[1], nodes.volume_to_array(subject)[1], atol=1e-5)
 
 
+def test_demo_segments_the_template_with_the_bundled_model_where_its_own_maps_put_the_brain(demo_output):
+    context = SceneContext.headless()
+    added = storage.load_scene_bundle(context, demo_output / "deepseg-demo.mrb")
+    by_name = {node.GetName(): node for node in added if node.IsA("vtkMRMLStorableNode")}
+    template = by_name["MNI152 T1"]
+    labels, _, table = nodes.segmentation_to_labels(context, by_name["MNI152 tissues (deepseg-brain model)"], template)
+    assert [info.name for info in table] == ["cerebrospinal fluid", "grey matter", "white matter"]
+    assert all("SCT^" in info.terminology for info in table)
+    # The same file, read on its own, has the segments too.
+    segmentation = storage.load_segmentation(context, demo_output / "MNI152_tissues_model.seg.nrrd")
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 3
+    # The brain mask is where the template's own grey/white matter maps put the brain, and on this T1 the
+    # model's white matter is brighter than its grey matter, its grey matter brighter than its CSF.
+    reference, _, _ = nodes.segmentation_to_labels(context, by_name["MNI152 tissues"], template)
+    brain, model_brain = reference > 0, labels > 0
+    assert 2.0 * (brain & model_brain).sum() / (brain.sum() + model_brain.sum()) > 0.85
+    t1, _ = nodes.volume_to_array(template)
+    csf, grey, white = (np.median(t1[labels == value]) for value in (1, 2, 3))
+    assert white > grey > csf
+
+
 def test_demo_pictures_show_the_segments(demo_output):
     from PIL import Image
 
@@ -73,6 +94,7 @@ def test_demo_pictures_show_the_segments(demo_output):
     assert anatomy.mean() > 0.15
     assert (tinted & anatomy).sum() > 0.3 * anatomy.sum()
     assert (demo_output / "registration.png").stat().st_size > 10_000
+    assert (demo_output / "segmentation.png").stat().st_size > 10_000
 
 
 def test_demo_reports_json_and_fails_in_one_line(tmp_path, capsys):

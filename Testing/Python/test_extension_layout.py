@@ -1015,13 +1015,14 @@ def test_panel_segments_shows_cancel_while_running_and_shows_the_result(panel, c
     card = write_torchscript_model(tmp_path / "model", Thresholder())
     assert widget.logic.importModel(str(card.parent / "model.ts")) == "model"
     widget._refreshStoredModels()
-    assert widget.ui.modelComboBox.items == ["model"]
+    # The models that ship with DeepSeg are offered too, before the user's own.
+    assert widget.ui.modelComboBox.items == ["deepseg-brain", "model"]
     grid = ((20, 24, 22), np.diag([1.5, 1.5, 1.5, 1.0]))
     volume, _ = sphere_volume(np.array([16.0, 18.0, 15.0]), 8.0, grid)
     parameters = widget._parameterNode
     parameters.inputVolume = nodes.array_to_volume(context, volume.array, volume.ijk_to_ras, name="CT")
     assert widget.ui.segmentButton.enabled is False  # no model yet
-    widget.onStoredModelChosen(0)
+    widget.onStoredModelChosen(1)
     assert parameters.modelName == "model"
     widget._updateButtons()
     assert widget.ui.segmentButton.enabled and widget.ui.registerButton.enabled is False

@@ -58,7 +58,7 @@ def test_zip_bomb_is_refused(tmp_path):
 def test_store_imports_verifies_and_detects_tampering(tmp_path):
     model_folder = tmp_path / "source"
     write_torchscript_model(model_folder, Thresholder())
-    store = ModelStore(tmp_path / "store")
+    store = ModelStore(tmp_path / "store", include_bundled=False)
     stored = store.import_model(model_folder / "model.ts", model_id="sphere-1.0")
     assert store.list_ids() == ["sphere-1.0"]
     assert stored.files["model.ts"] == sha256_of_file(model_folder / "model.ts")

@@ -231,13 +231,12 @@ class RegistrationResult:
         mode = {"linear": "bilinear", "nearest": "nearest"}[interpolation]
         moving_tensor = torch.as_tensor(moving_array.astype(np.float32))[None, None]
         displacement = None if self.displacement_ras is None else torch.as_tensor(self.displacement_ras)
-        warped = _resample_full(
-            moving_tensor,
+        (warped,) = _resample_full(
+            [(moving_tensor, mode)],
             Grid(self.moving_shape, self.moving_ijk_to_ras),
             Grid(self.fixed_shape, self.fixed_ijk_to_ras),
             self.fixed_to_moving_ras,
             displacement,
-            mode,
         )
         return warped.astype(moving_array.dtype) if interpolation == "nearest" else warped
 
@@ -384,25 +383,12 @@ def register(
     stage_start = time.perf_counter()
     run.report_progress("resampling", 0.0)
     displacement_tensor = None if displacement_ras is None else torch.as_tensor(displacement_ras).to(torch_device)
-    resampled = _resample_full(
-        torch.as_tensor(np.asarray(moving, dtype=np.float32))[None, None].to(torch_device),
-        moving_grid,
-        fixed_grid,
-        fixed_to_moving_ras,
-        displacement_tensor,
-        "bilinear",
-    )
-    propagated = None
+    to_resample = [(torch.as_tensor(np.asarray(moving, dtype=np.float32))[None, None].to(torch_device), "bilinear")]
     if moving_labels is not None:
         labels = np.asarray(moving_labels)
-        propagated = _resample_full(
-            torch.as_tensor(labels.astype(np.float32))[None, None].to(torch_device),
-            moving_grid,
-            fixed_grid,
-            fixed_to_moving_ras,
-            displacement_tensor,
-            "nearest",
-        ).astype(labels.dtype)
+        to_resample.append((torch.as_tensor(labels.astype(np.float32))[None, None].to(torch_device), "nearest"))
+    resampled, *rest = _resample_full(to_resample, moving_grid, fixed_grid, fixed_to_moving_ras, displacement_tensor)
+    propagated = rest[0].astype(labels.dtype) if moving_labels is not None else None
     run.report_progress("resampling", 1.0)
     report.runtime_s["resampling"] = time.perf_counter() - stage_start
 
@@ -890,8 +876,10 @@ class _Run:
             to_normalized = self._u_to_moving_normalized(level)
             base_rate = config.linear_learning_rate * 0.5**level_index
             # Parameters are in u (mm / frame scale; radians for rotations, which move the points
-            # within the frame by as much): precision of a fraction of this level's voxel.
-            precision = _LINEAR_PRECISION_VOXELS * float(level.fixed_grid.spacing.min()) / self.frame.scale
+            # within the frame by as much): precision of a fraction of this level's voxel, coarser
+            # on the levels that a finer one refines.
+            fraction = _LINEAR_PRECISION_VOXELS * (1 if level_index == len(config.linear_spacings_mm) - 1 else 4)
+            precision = fraction * float(level.fixed_grid.spacing.min()) / self.frame.scale
             optimizer = _Rprop(parameters, step=base_rate, precision=min(precision, base_rate))
             ran = 0
             for iteration in range(iterations):
@@ -1235,28 +1223,33 @@ def _field_to_grid(field_ras: torch.Tensor, source: Grid, target: Grid) -> np.nd
 
 
 def _resample_full(
-    moving: torch.Tensor,
+    volumes: list[tuple[torch.Tensor, str]],
     moving_grid: Grid,
     fixed_grid: Grid,
     fixed_to_moving_ras: np.ndarray,
     displacement_ras: torch.Tensor | None,
-    mode: str,
-) -> np.ndarray:
-    """Sample ``moving`` at ``A @ (p + d(p))`` for every fixed voxel ``p``, slab by slab."""
-    device = moving.device
-    to_normalized = torch.as_tensor(
-        moving_grid.ras_to_normalized() @ fixed_to_moving_ras, dtype=torch.float32, device=device
-    )
-    output = np.empty(fixed_grid.shape, dtype=np.float32)
+) -> list[np.ndarray]:
+    """Sample each ``(volume, mode)`` of the moving grid at ``A @ (p + d(p))`` for every fixed voxel ``p``.
+
+    Slab by slab; the sampling points are computed once per slab for all volumes (the image and
+    its labels).
+    """
+    device = volumes[0][0].device
+    ras_to_normalized = moving_grid.ras_to_normalized() @ fixed_to_moving_ras
+    to_normalized = torch.as_tensor(ras_to_normalized, dtype=torch.float32, device=device)
+    outputs = [np.empty(fixed_grid.shape, dtype=np.float32) for _ in volumes]
     for k_start, k_stop in _slabs(fixed_grid):
-        points = grid_points(fixed_grid, np.eye(4), device, (k_start, k_stop))
-        if displacement_ras is not None:
-            points = points + displacement_ras[k_start:k_stop].to(device)
-        normalized = apply_matrix(points, to_normalized)[None]
         with torch.no_grad():
-            values = sample(moving, normalized, mode)
-        output[k_start:k_stop] = values[0, 0].cpu().numpy()
-    return output
+            if displacement_ras is None:
+                # Voxel -> sampling coordinates as one matrix.
+                normalized = grid_points(fixed_grid, ras_to_normalized, device, (k_start, k_stop))[None]
+            else:
+                points = grid_points(fixed_grid, np.eye(4), device, (k_start, k_stop))
+                points = points + displacement_ras[k_start:k_stop].to(device)
+                normalized = apply_matrix(points, to_normalized)[None]
+            for (volume, mode), output in zip(volumes, outputs):
+                output[k_start:k_stop] = sample(volume, normalized, mode)[0, 0].cpu().numpy()
+    return outputs
 
 
 def _slabs(grid: Grid) -> list[tuple[int, int]]:

@@ -33,14 +33,20 @@ class RegistrationConfig:
         linear_similarity: ``"ncc"`` (global normalised cross-correlation, same modality) or
             ``"mi"`` (global mutual information, different modalities).
         linear_spacings_mm: Pyramid of the rigid and affine stages, coarse to fine.
-        linear_iterations: Adam iterations per linear level.
-        linear_learning_rate: Adam step: radians for rotation, matrix entries for affine, and
-            fractions of the fixed image's half extent for translation.
-        linear_max_points: Fixed voxels sampled (afresh) per iteration by the global measures;
-            elastix's default is a few thousand, 20k fill a 32 x 32 joint histogram well.
-        deformable_similarity: ``"lncc"`` (local NCC, MONAI) or ``"mi"`` (global MI, MONAI).
+        linear_iterations: Most iterations per linear level. The linear stages use resilient
+            propagation (Rprop), and a level ends earlier once every parameter's step is below
+            a small fraction of the level's voxel.
+        linear_learning_rate: First step of each parameter on the first level (halved per level):
+            radians for rotation, matrix entries for affine, and fractions of the fixed image's
+            half extent for translation.
+        linear_max_points: Fixed voxels sampled by the global measures, drawn once per level and
+            shared by the rigid and affine stages; elastix's default is a few thousand, 20k fill a
+            32 x 32 joint histogram well.
+        deformable_similarity: ``"lncc"`` (local NCC, compared on the box around the fixed
+            foreground) or ``"mi"`` (global MI, MONAI).
         deformable_spacings_mm: Pyramid of the deformable stage, coarse to fine.
-        deformable_iterations: Adam iterations per deformable level.
+        deformable_iterations: Most Adam iterations per deformable level; a level settles and ends
+            earlier once its loss stops improving.
         deformable_learning_rate_mm: Adam step of the velocity field, in mm.
         lncc_kernel_size: Window of the local NCC, in voxels of the level grid.
         mi_bins: Histogram bins of the mutual information.
@@ -52,7 +58,9 @@ class RegistrationConfig:
         velocity_grid_factor: The velocity field's control grid is this many times coarser than
             the level's image grid (1 = same grid; 2 = eight times fewer unknowns, same accuracy
             for smooth anatomy-scale deformations).
-        integration_steps: Scaling-and-squaring steps of the stationary velocity field.
+        integration_steps: Scaling-and-squaring steps of the stationary velocity field (for the
+            result; while optimising, only as many as keep each scaled velocity under an eighth
+            of a control-grid voxel).
         initializer: Optional TorchScript network (path or loaded module) mapping
             ``(fixed, moving)``, each ``(1, 1, D, H, W)`` in [0, 1] on the first deformable level grid,
             to a displacement ``(1, 3, D, H, W)`` in voxels, channels in (k, j, i) order (MONAI's

@@ -502,7 +502,7 @@ class _Rprop:
     def __init__(self, parameters: list[torch.Tensor], step: float, precision: float) -> None:
         self.parameters = parameters
         self.precision = precision
-        self.largest = 50.0 * step
+        self.largest = _RPROP_GROWTH_LIMIT * step
         self.steps = [torch.full_like(p, step) for p in parameters]
         self.previous = [torch.zeros_like(p) for p in parameters]
 
@@ -582,8 +582,11 @@ class _Schedule:
 
 # Iterations per convergence window, and the relative improvement per window below which a
 # deformable level settles and ends (see _Schedule).
-# A linear level ends once every Rprop step is below this fraction of the level's voxel (see _Rprop).
+# A linear level ends once every Rprop step is below this fraction of the level's voxel (see _Rprop);
+# steps grow to at most this many times the first one (a flat or degenerate objective must not
+# send the transform away).
 _LINEAR_PRECISION_VOXELS = 0.005
+_RPROP_GROWTH_LIMIT = 4.0
 _DEFORMABLE_WINDOW = 5
 _DEFORMABLE_TOLERANCE = 5e-3
 
@@ -776,6 +779,8 @@ class _Run:
             selected = fixed_interior.reshape(-1) > 0
             points = grid_points(level.fixed_grid, self.frame.ras_to_u(), self.device).reshape(-1, 3)[selected]
             fixed_values = level.fixed.reshape(-1)[selected]
+            if len(points) == 0:
+                return 1.0, 1.0  # no foreground to judge by: no evidence of a mismatch
             stride = max(1, len(points) // _MODALITY_SAMPLES)
             points, fixed_values = points[::stride], fixed_values[::stride]
             # Shifts along the fixed level grid's axes, in u.
@@ -880,7 +885,8 @@ class _Run:
             # on the levels that a finer one refines.
             fraction = _LINEAR_PRECISION_VOXELS * (1 if level_index == len(config.linear_spacings_mm) - 1 else 4)
             precision = fraction * float(level.fixed_grid.spacing.min()) / self.frame.scale
-            optimizer = _Rprop(parameters, step=base_rate, precision=min(precision, base_rate))
+            # At least two halvings of the first step (tiny images have tiny frames, large precisions).
+            optimizer = _Rprop(parameters, step=base_rate, precision=min(precision, 0.25 * base_rate))
             ran = 0
             for iteration in range(iterations):
                 optimizer.zero_grad()

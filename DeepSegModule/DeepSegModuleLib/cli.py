@@ -223,6 +223,9 @@ def segment(
     labels: str | None = typer.Option(None, help="Comma-separated label names to keep (default: all)."),
     probabilities: Path | None = typer.Option(None, help="Folder for one probability map (.nii.gz) per label."),
     tta: bool = typer.Option(False, "--tta", help="Mirroring test-time augmentation (slower, a little better)."),
+    precision: str = typer.Option(
+        "auto", help="Network arithmetic: auto (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32), fp32, bf16, fp16."
+    ),
     overlap: float | None = typer.Option(None, help="Sliding-window overlap, 0..1 (default: the model's)."),
     preview: Path | None = typer.Option(None, help="Also write a PNG with three slices and the segments."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
@@ -236,6 +239,8 @@ def segment(
             raise CommandError(f"--device must be auto, cpu or cuda, not {device!r}")
         if overlap is not None and not 0.0 <= overlap < 1.0:
             raise CommandError("--overlap must be in 0..1 (e.g. 0.5)")
+        if precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise CommandError(f"--precision must be auto, fp32, bf16 or fp16, not {precision!r}")
         _check_output(output, (SEGMENTATION_SUFFIX, *LABEL_MAP_SUFFIXES), "--output")
         _check_output(preview, (".png",), "--preview")
         for path in inputs:
@@ -245,7 +250,7 @@ def segment(
         with _progress_bar(as_json) as on_event:
             summary = segment_files(
                 _logic(), inputs, output, model_path, device=device, labels=labels, probabilities=probabilities,
-                tta=tta, overlap=overlap, preview=preview, on_event=on_event,
+                tta=tta, overlap=overlap, preview=preview, on_event=on_event, precision=precision,
             )
         lines = [f"  {name:<30s} {volume:10.2f} ml" for name, volume in summary["segments_ml"].items()]
         lines += [f"  {stage:<30s} {seconds:8.2f} s" for stage, seconds in summary.get("timings_s", {}).items()]
@@ -257,7 +262,7 @@ def segment(
 def segment_files(
     logic_factory, inputs: list[Path], output: Path, model_path: Path, *, device: str = "auto",
     labels: str | None = None, probabilities: Path | None = None, tta: bool = False, overlap: float | None = None,
-    preview: Path | None = None, on_event=None,
+    preview: Path | None = None, on_event=None, precision: str = "auto",
 ) -> dict[str, Any]:
     """One case: reads ``inputs``, segments with ``model_path``, writes ``output`` (and the extras); all or nothing.
 
@@ -271,7 +276,7 @@ def segment_files(
     keep = [name.strip() for name in labels.split(",") if name.strip()] if labels else None
     run = logic_factory(context).start_segment(
         volumes, str(model_path), labels=keep, probabilities=probabilities is not None, device=device,
-        overlap=overlap, mirroring=tta, on_event=on_event,
+        overlap=overlap, mirroring=tta, on_event=on_event, precision=precision,
     )
     outcome = run.wait()
     data = outcome.data

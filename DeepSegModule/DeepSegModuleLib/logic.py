@@ -186,6 +186,7 @@ class DeepSegLogic:
         device: str = "auto",
         overlap: float | None = None,
         mirroring: bool = False,
+        precision: str = "auto",
         on_event: Callable[[JobEvent], None] | None = None,
     ) -> Run:
         """Starts segmenting ``input_volumes`` (one volume node per model input) with ``model`` (a path, or the name
@@ -205,7 +206,10 @@ class DeepSegLogic:
             grids.append(grid)
         if output_segmentation is not None and not output_segmentation.IsA("vtkMRMLSegmentationNode"):
             raise ValueError("the output must be a segmentation node (or None to create one)")
-        options = {"device": device, "overlap": overlap, "mirroring": mirroring, "return_probabilities": probabilities}
+        options = {
+            "device": device, "overlap": overlap, "mirroring": mirroring, "return_probabilities": probabilities,
+            "precision": precision,
+        }
         if labels:
             options["labels"] = list(labels)
         job = self.worker.submit(

@@ -70,8 +70,12 @@ def test_segment_writes_a_seg_nrrd_and_a_label_map_on_the_input_grid(tmp_path, c
     assert dice(nodes.reorder_to_grid(labels, reference_grid, truth.shape, grid) == 1, truth) > 0.9
     assert (tmp_path / "p" / "Sphere.nii.gz").exists() and (tmp_path / "sphere.png").stat().st_size > 1000
 
-    code, _, err = run(capsys, "segment", "-m", sphere_model.parent, "-i", image, "-o", tmp_path / "sphere.nii.gz")
+    code, _, err = run(capsys, "segment", "-m", sphere_model.parent, "-i", image, "-o", tmp_path / "sphere.nii.gz",
+                       "--precision", "fp32")
     assert code == 0, err
+    code, _, err = run(capsys, "segment", "-m", sphere_model.parent, "-i", image, "-o", tmp_path / "x.nii.gz",
+                       "--precision", "fp64")
+    assert code == 1 and "--precision must be" in err and not (tmp_path / "x.nii.gz").exists()
     written = nibabel.load(str(tmp_path / "sphere.nii.gz"))
     assert np.abs(written.affine - grid).max() < 1e-4  # the input's grid, as nibabel reads it
     label_map = np.asarray(written.dataobj).transpose(2, 1, 0)

@@ -36,12 +36,6 @@ def weighted_ncc_loss(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.T
     return -covariance / variance.sqrt()
 
 
-def weighted_pearson(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor) -> float:
-    """Weighted Pearson correlation as a float (used to sanity-check the modality choice)."""
-    with torch.no_grad():
-        return float(-weighted_ncc_loss(fixed, moving, weight))
-
-
 class WeightedMutualInformationLoss:
     """MONAI's Parzen-window global mutual information, restricted to samples with weight > 0.5.
 

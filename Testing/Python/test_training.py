@@ -18,7 +18,9 @@ from DeepSegModuleLib.training.data import (
     CSF,
     GENERATION_CLASSES,
     GREY_MATTER,
+    OUTER_CSF,
     WHITE_MATTER,
+    brain_hull,
     generation_to_target,
     template_labels,
 )
@@ -148,6 +150,47 @@ def test_layered_heads_paint_marrow_and_muscle_and_plain_heads_draw_as_before(te
     # Other-tissue classes now also sit inside the head shells (marrow, muscle), not only beyond the scalp.
     near = (distance > 0) & (distance < 8)
     assert torch.isin(head[near], torch.tensor([7, 8])).any()
+
+
+def test_hull_brain_ends_at_the_brain_surface_and_keeps_the_inner_csf(template):
+    hull = template_labels(spacing=2, brain="hull")
+    intracranial_brain = (template.labels >= CSF) & (template.labels <= WHITE_MATTER)
+    hull_brain = (hull.labels >= CSF) & (hull.labels <= WHITE_MATTER)
+    # Same head, same grid; the hull's brain is inside the intracranial one, the difference is outer CSF.
+    assert hull.labels.shape == template.labels.shape and np.allclose(hull.ijk_to_ras, template.ijk_to_ras)
+    assert not (hull_brain & ~intracranial_brain).any()
+    outer = hull.labels == OUTER_CSF
+    assert outer.any() and not (outer & ~intracranial_brain).any() and not (template.labels[outer] > CSF).all()
+    lost_ml = float((intracranial_brain & ~hull_brain).sum() * 8 / 1000)
+    assert 20 < lost_ml < 150, lost_ml  # a thin shell of a 1.9 litre brain
+    # Grey matter is where it was (2 mm blocks split between CSF and outer CSF may vote differently at the
+    # edge); the inner CSF stays CSF, the ventricles included.
+    same_grey = (hull.labels == GREY_MATTER) & (template.labels == GREY_MATTER)
+    assert same_grey.sum() > 0.97 * (template.labels == GREY_MATTER).sum()
+    assert (hull.labels == CSF).sum() > 0.4 * (template.labels == CSF).sum()
+    ras_to_ijk = np.linalg.inv(hull.ijk_to_ras)
+    ventricles = [int(hull.labels[tuple(np.round(ras_to_ijk @ np.array([x, -5.0, 18.0, 1.0]))[:3].astype(int))]) for x in (-8.0, 8.0)]
+    assert CSF in ventricles
+    # The distance map (where the skull is painted) still starts at the intracranial surface.
+    assert hull.outside_mm[outer].max() == 0
+    assert set(np.unique(generation_to_target(hull.labels))) == {0, 1, 2, 3}
+    # The hull bridges a gap narrower than the closing and fills an enclosed cavity.
+    tissue = np.zeros((30, 30, 30), bool)
+    tissue[5:25, 5:25, 5:13] = tissue[5:25, 5:25, 15:25] = True  # a 2-voxel cleft
+    tissue[12:18, 12:18, 18:22] = False  # a cavity
+    closed = brain_hull(tissue, closing_mm=3.0)
+    assert closed[15, 15, 13:15].all() and closed[15, 15, 18:22].all() and not closed[2, 2, 2]
+    with pytest.raises(ValueError, match="brain must be one of"):
+        template_labels(spacing=2, brain="skull")
+
+
+def test_outer_csf_takes_the_csf_intensity_when_tied(template):
+    always = BrainSynth(template, SynthSettings(crop=(32, 32, 32), outer_csf_like_csf_probability=1.0), seed=7)
+    never = BrainSynth(template, SynthSettings(crop=(32, 32, 32)), seed=7)
+    tied = [always._class_intensities() for _ in range(20)]
+    free = [never._class_intensities() for _ in range(20)]
+    assert all(abs(means[OUTER_CSF] - means[CSF]) < 0.1 for means, _ in tied)
+    assert max(abs(means[OUTER_CSF] - means[CSF]) for means, _ in free) > 0.2
 
 
 def test_publish_refuses_a_card_that_describes_other_weights(template, tmp_path):

@@ -10,6 +10,13 @@ are derived here, at the template's 1 mm, before going to 2 mm:
    holes filled in 3D.
 3. **Grey / white matter**: intracranial voxels with ``gm + wm >= 0.5``, whichever map is larger. **CSF**:
    the rest of the intracranial region (ventricles, sulci, cisterns; dark on the T1).
+
+   With ``brain="hull"`` (the last stage of the shipped recipe) the brain ends at the brain's own surface, as
+   the brain masks of skull-stripping tools and of our held-out references do: the **brain hull** is the grey
+   and white matter closed with a ``hull_closing_mm`` ball (sulci narrower than twice that are bridged) with
+   holes filled (ventricles), and the intracranial CSF outside it (the subarachnoid space between the brain and
+   the skull, 1 to 3 mm on the template) becomes outer CSF, a generation label that is not brain. With
+   ``brain="intracranial"`` (the earlier stages) the whole intracranial region is brain.
 4. To 2 mm: the one-hot class maps are averaged over 2x2x2 blocks (the 1 mm grid is padded by one voxel where
    its size is odd) and each 2 mm voxel takes the class with the largest share. The 2 mm grid is then padded
    by ``margin`` voxels of air on every side.
@@ -77,14 +84,36 @@ def _ball(radius: int) -> np.ndarray:
     return (grid**2).sum(axis=0) <= radius * radius
 
 
-def derive_labels_1mm(t1: np.ndarray, gm: np.ndarray, wm: np.ndarray) -> np.ndarray:
-    """Brain labels (0 outside, 1 CSF, 2 grey, 3 white matter) at the template's resolution (module docstring)."""
+#: What the network learns as brain (module docstring, step 3).
+BRAIN_DEFINITIONS = ("intracranial", "hull")
+
+
+def brain_hull(tissue: np.ndarray, closing_mm: float, spacing_mm: float = 1.0) -> np.ndarray:
+    """Grey and white matter closed with a ball of ``closing_mm`` and with holes filled: the brain's surface
+    drawn over the sulci, the ventricles inside."""
+    radius = max(1, int(round(closing_mm / spacing_mm)))
+    # Padded so that the closing does not stick to the array's border.
+    padded = np.pad(tissue, radius + 1)
+    closed = ndimage.binary_closing(padded, structure=_ball(radius))
+    inner = tuple(slice(radius + 1, radius + 1 + n) for n in tissue.shape)
+    return ndimage.binary_fill_holes(closed[inner] | tissue)
+
+
+def derive_labels_1mm(
+    t1: np.ndarray, gm: np.ndarray, wm: np.ndarray, brain: str = "intracranial", hull_closing_mm: float = 3.0
+) -> np.ndarray:
+    """Generation labels (0 outside, 1 CSF, 2 grey, 3 white matter, 4 outer CSF with ``brain="hull"``) at the
+    template's resolution (module docstring)."""
+    if brain not in BRAIN_DEFINITIONS:
+        raise ValueError(f"brain must be one of {BRAIN_DEFINITIONS}, not {brain!r}")
     tissue = gm + wm
     extracted = ndimage.binary_opening(t1 > 0, structure=_ball(1))
     intracranial = ndimage.binary_fill_holes(extracted | (tissue >= 0.5))
     brain_tissue = intracranial & (tissue >= 0.5)
     labels = np.zeros(t1.shape, dtype=np.uint8)
     labels[intracranial] = CSF
+    if brain == "hull":
+        labels[intracranial & ~brain_hull(brain_tissue, hull_closing_mm)] = OUTER_CSF
     labels[brain_tissue & (gm >= wm)] = GREY_MATTER
     labels[brain_tissue & (wm > gm)] = WHITE_MATTER
     return labels
@@ -111,13 +140,21 @@ def _downsample_image(image: np.ndarray, factor: int) -> np.ndarray:
     return padded.reshape(blocks[0], factor, blocks[1], factor, blocks[2], factor).mean(axis=(1, 3, 5))
 
 
-def template_labels(spacing: int = 2, margin: int = 10, files: dict[str, Path] | None = None) -> TemplateLabels:
+def template_labels(
+    spacing: int = 2,
+    margin: int = 10,
+    files: dict[str, Path] | None = None,
+    brain: str = "intracranial",
+    hull_closing_mm: float = 3.0,
+) -> TemplateLabels:
     """The MNI152 2009 brain labels at ``spacing`` mm (an integer multiple of the template's 1 mm).
 
     Args:
         spacing: output voxel size in mm.
         margin: voxels of air added on every side (room for the synthetic head and for deformations).
         files: ``{"t1", "grey matter", "white matter"}`` paths; defaults to nilearn's copies.
+        brain: ``"intracranial"`` or ``"hull"``, what counts as brain (module docstring, step 3).
+        hull_closing_mm: closing radius of the brain hull.
     """
     import nibabel
 
@@ -131,9 +168,9 @@ def template_labels(spacing: int = 2, margin: int = 10, files: dict[str, Path] |
     affine = np.asarray(t1_image.affine, dtype=np.float64)
     if not np.allclose(affine[:3, :3], np.diag(np.diag(affine[:3, :3]))) or np.any(np.diag(affine)[:3] <= 0):
         raise ValueError("expected the MNI152 template on a RAS-aligned grid")
-    labels = derive_labels_1mm(t1, gm, wm)
+    labels = derive_labels_1mm(t1, gm, wm, brain=brain, hull_closing_mm=hull_closing_mm)
     if spacing != 1:
-        labels = downsample_labels(labels, spacing, TARGET_CLASSES)
+        labels = downsample_labels(labels, spacing, OUTER_CSF + 1)
         t1 = _downsample_image(t1, spacing)
         # Block (0, 0, 0) covers 1 mm voxels 0..spacing-1: its centre is (spacing - 1) / 2 voxels further.
         ijk_to_ras = affine @ np.diag([spacing, spacing, spacing, 1.0])

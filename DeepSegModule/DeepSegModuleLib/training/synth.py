@@ -31,7 +31,15 @@ import torch
 import torch.nn.functional as F
 from monai.transforms import GaussianSmooth, RandAdjustContrast, RandBiasField, RandGaussianNoise, RandGaussianSmooth
 
-from DeepSegModuleLib.training.data import GENERATION_CLASSES, OTHER_TISSUE, OUTER_CSF, SCALP, SKULL, TemplateLabels
+from DeepSegModuleLib.training.data import (
+    CSF,
+    GENERATION_CLASSES,
+    OTHER_TISSUE,
+    OUTER_CSF,
+    SCALP,
+    SKULL,
+    TemplateLabels,
+)
 
 # Means of air, CSF, grey matter, white matter, outer CSF, skull, scalp, muscle-like and fat-like other
 # tissue, on a 0..1 scale.
@@ -72,6 +80,10 @@ class SynthSettings:
     #: three shells (the first stage of the default recipe).
     layered_head_probability: float = 0.0
     layered_outer_csf_mm: tuple[float, float] = (0.5, 6.0)
+    #: Share of samples whose outer CSF (between the brain and the skull) takes the CSF's intensity, as it does
+    #: in a real scan (it is the same fluid), so that only the brain's surface tells brain from outer CSF. 0
+    #: draws them independently with no extra random draw (the first stages of the default recipe).
+    outer_csf_like_csf_probability: float = 0.0
 
 
 class BrainSynth:
@@ -183,6 +195,10 @@ class BrainSynth:
             preset = list(CONTRAST_PRESETS.values())[self.rng.integers(len(CONTRAST_PRESETS))]
             means = np.clip(np.array(preset) + self.rng.normal(0.0, 0.06, size=GENERATION_CLASSES), 0.0, 1.0)
         stds = self.rng.uniform(0.0, 0.06, size=GENERATION_CLASSES)
+        tie = self.settings.outer_csf_like_csf_probability
+        if tie > 0 and self.rng.random() < tie:
+            means[OUTER_CSF] = np.clip(means[CSF] + self.rng.normal(0.0, 0.02), 0.0, 1.0)
+            stds[OUTER_CSF] = stds[CSF]
         return means, stds
 
     def _low_resolution(self, image: torch.Tensor) -> torch.Tensor:

@@ -166,6 +166,8 @@ def train(
     random_contrast_probability: float = 0.5,
     precision: str = "fp32",
     layered_head_probability: float = 0.0,
+    brain: str = "intracranial",
+    outer_csf_like_csf_probability: float = 0.0,
 ) -> dict:
     """Runs the training loop and exports the model; returns a summary (iterations, time, last losses).
 
@@ -187,6 +189,9 @@ def train(
             jittered T1, T2, FLAIR, PD and CT-like presets).
         layered_head_probability: share of synthetic heads painted in layers (meninges, skull tables and
             marrow, muscle and fat; see :class:`.synth.SynthSettings`).
+        brain: what the network learns as brain: ``"intracranial"`` (everything inside the skull) or ``"hull"``
+            (the brain up to its own surface; the CSF between it and the skull is not brain), see :mod:`.data`.
+        outer_csf_like_csf_probability: share of samples whose outer CSF has the CSF's intensity.
         precision: ``fp32``, or ``bf16`` for mixed precision (bfloat16 autocast of the network on CPU or CUDA,
             loss and weights in float32): on a CPU with AVX-512 BF16 it nearly halves the time of an iteration.
     """
@@ -200,11 +205,12 @@ def train(
     np.random.seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
-    template = template or template_labels(spacing=int(SPACING_MM))
+    template = template or template_labels(spacing=int(SPACING_MM), brain=brain)
     settings = SynthSettings(
         crop=tuple(crop),
         random_contrast_probability=random_contrast_probability,
         layered_head_probability=layered_head_probability,
+        outer_csf_like_csf_probability=outer_csf_like_csf_probability,
     )
     generator = BrainSynth(template, settings, seed=seed)
     network = build_network().to(device)
@@ -219,7 +225,8 @@ def train(
     log.write(
         f"seed={seed} iterations={iterations} minutes={minutes} crop={list(crop)} lr={learning_rate} "
         f"random_contrast_probability={random_contrast_probability} initial_weights={initial_weights} "
-        f"layered_head_probability={layered_head_probability} "
+        f"layered_head_probability={layered_head_probability} brain={brain} "
+        f"outer_csf_like_csf_probability={outer_csf_like_csf_probability} "
         f"precision={precision} parameters={parameters} device={device} threads={torch.get_num_threads()}\n"
     )
     log.flush()
@@ -363,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--random-contrast-probability", type=float, default=0.5)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: mixed precision")
     parser.add_argument("--layered-head-probability", type=float, default=0.0)
+    parser.add_argument("--brain", choices=("intracranial", "hull"), default="intracranial", help="what is brain")
+    parser.add_argument("--outer-csf-like-csf-probability", type=float, default=0.0)
     parser.add_argument(
         "--recipe", choices=("default",), default=None,
         help="run the shipped model's whole recipe (DEFAULT_RECIPE, bf16, one thread); other options ignored",
@@ -385,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         random_contrast_probability=arguments.random_contrast_probability,
         precision=arguments.precision,
         layered_head_probability=arguments.layered_head_probability,
+        brain=arguments.brain,
+        outer_csf_like_csf_probability=arguments.outer_csf_like_csf_probability,
     )
     print(json.dumps(summary, indent=2))
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -10,15 +12,25 @@ import numpy as np
 import pytest
 import torch
 from DeepSegModuleLib.models import ModelCache, ModelFileError, ModelFormat, ModelFormatError, load_model
-from DeepSegModuleLib.segmentation import SegmentationOptions, VolumeArray, segment
+from DeepSegModuleLib.segmentation import SegmentationOptions, VolumeArray, inference, segment
 from DeepSegModuleLib.segmentation.grid import resize, resized_labels
 from DeepSegModuleLib.segmentation.inference import (
     PRECISION_ENVIRONMENT_VARIABLE,
     cpu_has_native_bfloat16,
+    nnunet_gaussian,
+    nnunet_steps,
+    nnunet_tiled_inference,
     resolve_precision,
 )
 from DeepSegModuleLib.segmentation.nnunet_preprocessing import _resize
-from nnunet_helpers import phantom_patch, train_tiny_network, write_nnunet_folder
+from nnunet_helpers import (
+    dataset_json,
+    network_from_plans,
+    phantom_patch,
+    plans,
+    train_tiny_network,
+    write_nnunet_folder,
+)
 from segmentation_helpers import dice, oblique_grid
 
 pytest.importorskip("dynamic_network_architectures")
@@ -222,3 +234,94 @@ def test_separable_spline_resize_is_scipys_zoom():
         resized = _resize(image, shape, order=3)
         assert resized.shape == shape and resized.dtype == np.float32
         np.testing.assert_allclose(resized, expected, atol=1e-3)
+
+
+class _WindowNetwork:
+    """100 output channels from a fixed random convolution of each window, plus a term from the window's mean:
+    zero padding at window edges and the mean make overlapping windows disagree, so the blend matters."""
+
+    def __init__(self, channels: int = 100, scale: float = 1.0) -> None:
+        generator = torch.Generator().manual_seed(3)
+        self.kernel = torch.randn((channels, 1, 3, 3, 3), generator=generator) * scale
+        self.offset = torch.randn(channels, generator=generator) * scale
+
+    def __call__(self, windows: torch.Tensor) -> torch.Tensor:
+        logits = torch.nn.functional.conv3d(windows, self.kernel, padding=1)
+        return logits + windows.mean(dim=(1, 2, 3, 4)).view(-1, 1, 1, 1, 1) * self.offset.view(1, -1, 1, 1, 1)
+
+
+def _blend_in_float64(image: torch.Tensor, predictor, patch, step: float) -> torch.Tensor:
+    """The gaussian-weighted average of every window's outputs, written out plainly in float64."""
+    weights = nnunet_gaussian(tuple(patch)).double()
+    total, weight_sum = None, torch.zeros(image.shape[2:], dtype=torch.float64)
+    for origin in itertools.product(*nnunet_steps(image.shape[2:], patch, step)):
+        region = tuple(slice(o, o + p) for o, p in zip(origin, patch))
+        output = predictor(image[(slice(None), slice(None), *region)])[0].double()
+        if total is None:
+            total = torch.zeros((output.shape[0], *image.shape[2:]), dtype=torch.float64)
+        total[(slice(None), *region)] += output * weights
+        weight_sum[region] += weights
+    return total / weight_sum
+
+
+def _tiled(image, predictor, patch, dtype) -> torch.Tensor:
+    cpu = torch.device("cpu")
+    return nnunet_tiled_inference(image, predictor, patch, 0.5, 2, cpu, cpu, accumulation_dtype=dtype)[0]
+
+
+def test_float16_window_blending_gives_float32_labels_for_100_labels_at_half_the_memory():
+    smooth = torch.nn.functional.avg_pool3d(
+        torch.randn((1, 1, 32, 28, 24), generator=torch.Generator().manual_seed(0)), 5, stride=1, padding=2
+    )
+    image, patch = smooth * 10, (16, 16, 16)
+    network = _WindowNetwork()
+    exact = _blend_in_float64(image, network, patch, 0.5)
+    full = _tiled(image, network, patch, torch.float32)
+    half = _tiled(image, network, patch, torch.float16)
+    assert full.dtype == torch.float32 and half.dtype == torch.float16 and half.shape == exact.shape
+    assert half.element_size() * 2 == full.element_size()
+    assert torch.allclose(full.double(), exact, atol=1e-4)
+    # float16's rounding is relative: 2^-11 of the logits' size, nothing more (no overflow, no lost windows).
+    assert (half.double() - exact).abs().max() <= 2e-3 * exact.abs().max()
+    labels_full, labels_half = full.argmax(0), half.float().argmax(0)
+    assert len(labels_full.unique()) >= 30
+    assert (labels_full == labels_half).float().mean() >= 0.99
+    for value in labels_full.unique():
+        if (labels_full == value).sum() >= 200:
+            assert dice((labels_half == value).numpy(), (labels_full == value).numpy()) >= 0.99
+
+
+def test_logits_beyond_float16_range_are_blended_in_float32():
+    image = (
+        torch.nn.functional.avg_pool3d(
+            torch.randn((1, 1, 24, 20, 20), generator=torch.Generator().manual_seed(1)), 3, stride=1, padding=1
+        )
+        * 10
+    )
+    network = _WindowNetwork(channels=4, scale=3e4)
+    blended = _tiled(image, network, (16, 16, 16), torch.float16)
+    assert blended.dtype == torch.float32 and torch.isfinite(blended).all()
+    exact = _blend_in_float64(image, network, (16, 16, 16), 0.5)
+    assert torch.allclose(blended.double(), exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
+
+
+def test_hundred_label_model_gives_the_labels_of_float32_blending(tmp_path, monkeypatch):
+    folder = write_nnunet_folder(tmp_path, network_from_plans(plans(), classes=100), dataset=dataset_json(100))
+    volume, _ = _case((12, 40, 36), seed=5)
+    options = SegmentationOptions(device="cpu", precision="fp32", return_probabilities=True)
+    half = segment(volume, folder, options, cache=ModelCache())
+    monkeypatch.setattr(
+        inference, "nnunet_tiled_inference",
+        functools.partial(inference.nnunet_tiled_inference, accumulation_dtype=torch.float32),
+    )  # fmt: skip
+    full = segment(volume, folder, options, cache=ModelCache())
+    found = np.unique(full.labels)
+    assert len(found) >= 5
+    assert (half.labels == full.labels).mean() >= 0.99
+    for value in found:
+        if (full.labels == value).sum() >= 200:
+            assert dice(half.labels == value, full.labels == value) >= 0.99
+    assert len(half.probabilities) == len(full.probabilities) == 99
+    for value in found[found > 0]:
+        assert half.probabilities[value].dtype == np.float32
+        np.testing.assert_allclose(half.probabilities[value], full.probabilities[value], atol=2e-3)

@@ -244,16 +244,23 @@ def _labels_from_outputs(
 def _probabilities(
     outputs: torch.Tensor, description: ModelDescription, preprocessor: Preprocessor, values: list[int]
 ) -> dict[int, np.ndarray]:
-    if description.activation == OutputActivation.SOFTMAX:
-        probabilities = torch.softmax(outputs, dim=0)
-    elif description.activation == OutputActivation.SIGMOID:
-        probabilities = torch.sigmoid(outputs)
-    else:
-        probabilities = outputs
+    """float32 probability maps of the kept labels on the input grid, one channel at a time: a softmax over
+    all channels needs only a per-voxel maximum and sum, so no all-channel float copy of ``outputs`` is made."""
+    softmax = description.activation == OutputActivation.SOFTMAX
+    if softmax and values:
+        peak = outputs.amax(dim=0).float()
+        total = torch.zeros_like(peak)
+        for channel in range(outputs.shape[0]):
+            total += torch.exp(outputs[channel].float() - peak)
     maps = {}
     for value in values:
         channel = description.channel_to_label.index(value)
-        on_input = preprocessor.to_input_grid(probabilities[channel : channel + 1], [0.0])[0]
+        plane = outputs[channel].float()
+        if softmax:
+            plane = torch.exp(plane - peak) / total
+        elif description.activation == OutputActivation.SIGMOID:
+            plane = torch.sigmoid(plane)
+        on_input = preprocessor.to_input_grid(plane[None], [0.0])[0]
         maps[value] = np.ascontiguousarray(on_input.clamp(0, 1).permute(2, 1, 0).cpu().numpy().astype(np.float32))
     return maps
 

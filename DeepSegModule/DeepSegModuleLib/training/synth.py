@@ -80,6 +80,8 @@ class SynthSettings:
     #: three shells (the first stage of the default recipe).
     layered_head_probability: float = 0.0
     layered_outer_csf_mm: tuple[float, float] = (0.5, 6.0)
+    #: Thickness range of the outer CSF / meninges shell of plain (not layered) heads.
+    outer_csf_mm: tuple[float, float] = (0.5, 3.0)
     #: Share of samples whose outer CSF (between the brain and the skull) takes the CSF's intensity, as it does
     #: in a real scan (it is the same fluid), so that only the brain's surface tells brain from outer CSF. 0
     #: draws them independently with no extra random draw (the first stages of the default recipe).
@@ -165,7 +167,7 @@ class BrainSynth:
         variation = 1.0 + self._smooth_field(1, 0.25, 4, size)[0].clamp(-0.6, 0.6)
         # No draw at all when layering is off, so the plain recipe's random sequence stays as it was.
         layered = self.settings.layered_head_probability > 0 and self.rng.random() < self.settings.layered_head_probability
-        outer = self.rng.uniform(*(self.settings.layered_outer_csf_mm if layered else (0.5, 3.0))) * variation
+        outer = self.rng.uniform(*(self.settings.layered_outer_csf_mm if layered else self.settings.outer_csf_mm)) * variation
         skull = outer + self.rng.uniform(3.0, 9.0) * variation
         scalp = skull + self.rng.uniform(3.0, 12.0) * variation
         shell = torch.where(distance_mm <= skull, torch.where(distance_mm <= outer, OUTER_CSF, SKULL), SCALP)

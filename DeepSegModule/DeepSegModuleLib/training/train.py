@@ -9,11 +9,11 @@ then measure it on held-out real scans, write the figures into its card, and shi
     python -m DeepSegModuleLib.training.evaluate --model ../build/deepseg-brain --record
     python -m DeepSegModuleLib.training.publish --model ../build/deepseg-brain
 
-The recipe (:data:`DEFAULT_RECIPE`) is two stages of this module's :func:`train`, each a plain single run that
-can also be started on its own (``--iterations``, ``--seed``, ``--initial-weights``, ...). Cost on our 2-core
-AMD EPYC (AVX-512 BF16), one thread, bf16 mixed precision: about 0.7 s per iteration (a 96x112x96 sample:
-0.2 s to generate, 0.5 s forward and backward), so 4200 + 1600 iterations take about 70 minutes; float32
-takes 0.9 s for the network alone. A GPU takes a fraction of that.
+The recipe (:data:`DEFAULT_RECIPE`) is three stages of this module's :func:`train`, each a plain single run that
+can also be started on its own (``--iterations``, ``--seed``, ``--initial-weights``, ``--brain``, ...). Cost on
+our 2-core AMD EPYC (AVX-512 BF16), one thread, bf16 mixed precision: about 0.7 s per iteration (a 96x112x96
+sample: 0.2 s to generate, 0.5 s forward and backward), so 4200 + 1600 + 1800 iterations take about 95
+minutes; float32 takes 0.9 s for the network alone. A GPU takes a fraction of that.
 
 Every iteration draws a new synthetic scan (:mod:`.synth`) and takes one optimiser step; the loss of every
 iteration goes to ``<output>/loss.csv`` and a summary line every ``--log-every`` iterations to
@@ -91,8 +91,9 @@ def model_card(weights_name: str, sha256: str, figures: dict | None, training: d
     measured = "; ".join(f"{name}: {value}" for name, value in figures.items()) if figures else "not measured yet"
     description = (
         "Brain tissue segmentation of a head scan of any contrast (T1, T2, FLAIR, PD; CT-like contrasts seen in "
-        "training) at 2 mm: cerebrospinal fluid, grey matter and white matter. The brain mask is the union of the "
-        "three labels. Research demo, not for clinical use. "
+        "training) at 2 mm: cerebrospinal fluid (ventricles, sulci and cisterns within the brain's surface, not the "
+        "CSF between the brain and the skull), grey matter and white matter. The brain mask is the union of the "
+        "three labels and ends at the brain's surface. Research demo, not for clinical use. "
         "Trained by DeepSeg (DeepSegModuleLib.training.train) only on synthetic scans generated from the "
         "MNI ICBM152 2009a nonlinear symmetric template and its grey/white matter maps as shipped by nilearn "
         "(CSF and the head derived from them, see DeepSegModuleLib/training/data.py); no patient data. "
@@ -168,6 +169,7 @@ def train(
     layered_head_probability: float = 0.0,
     brain: str = "intracranial",
     outer_csf_like_csf_probability: float = 0.0,
+    outer_csf_mm: tuple[float, float] | None = None,
 ) -> dict:
     """Runs the training loop and exports the model; returns a summary (iterations, time, last losses).
 
@@ -192,6 +194,8 @@ def train(
         brain: what the network learns as brain: ``"intracranial"`` (everything inside the skull) or ``"hull"``
             (the brain up to its own surface; the CSF between it and the skull is not brain), see :mod:`.data`.
         outer_csf_like_csf_probability: share of samples whose outer CSF has the CSF's intensity.
+        outer_csf_mm: thickness range (mm) of the painted outer CSF shell, plain and layered heads alike (None:
+            the generator's defaults, thinner for plain heads); a wide range stands for atrophied brains.
         precision: ``fp32``, or ``bf16`` for mixed precision (bfloat16 autocast of the network on CPU or CUDA,
             loss and weights in float32): on a CPU with AVX-512 BF16 it nearly halves the time of an iteration.
     """
@@ -212,6 +216,8 @@ def train(
         layered_head_probability=layered_head_probability,
         outer_csf_like_csf_probability=outer_csf_like_csf_probability,
     )
+    if outer_csf_mm is not None:
+        settings.outer_csf_mm = settings.layered_outer_csf_mm = tuple(float(v) for v in outer_csf_mm)
     generator = BrainSynth(template, settings, seed=seed)
     network = build_network().to(device)
     if initial_weights is not None:
@@ -226,7 +232,7 @@ def train(
         f"seed={seed} iterations={iterations} minutes={minutes} crop={list(crop)} lr={learning_rate} "
         f"random_contrast_probability={random_contrast_probability} initial_weights={initial_weights} "
         f"layered_head_probability={layered_head_probability} brain={brain} "
-        f"outer_csf_like_csf_probability={outer_csf_like_csf_probability} "
+        f"outer_csf_like_csf_probability={outer_csf_like_csf_probability} outer_csf_mm={outer_csf_mm} "
         f"precision={precision} parameters={parameters} device={device} threads={torch.get_num_threads()}\n"
     )
     log.flush()
@@ -299,14 +305,24 @@ def train(
     return summary
 
 
-#: The recipe of the shipped default model: a stage from random weights on the plain synthetic heads, then a
-#: shorter stage that continues from its weights with half of the heads painted in layers (real T1s with bright
-#: meninges and marrow made the first stage's network take the skull for brain). Single-threaded, so the run
-#: is the same on any CPU with bf16; about 50 + 20 minutes on one core of our 2-core machine.
+#: The recipe of the shipped default model, three stages, each continuing from the previous one's weights:
+#:
+#: 1. from random weights, on the plain synthetic heads;
+#: 2. half of the heads painted in layers (real T1s with bright meninges and marrow made the first stage's
+#:    network take the skull for brain);
+#: 3. the brain ends at its own surface (``brain="hull"``): the CSF between the brain and the skull, which the
+#:    earlier stages counted as brain, is outer CSF, and mostly as bright or dark as the inner CSF (the second
+#:    stage's network labelled a 5 mm band of it as grey matter on the seg3d T1, whose brain mask, like the
+#:    stroke scans', ends at the brain's surface).
+#:
+#: Single-threaded, so the run is the same on any CPU with bf16; about 50 + 20 + 25 minutes on one core of our
+#: 2-core machine.
 DEFAULT_RECIPE = (
     {"name": "stage1-plain-heads", "iterations": 4200, "seed": 0, "learning_rate": 2e-3},
     {"name": "stage2-layered-heads", "iterations": 1600, "seed": 1, "learning_rate": 1e-3,
      "layered_head_probability": 0.5},
+    {"name": "stage3-tight-brain", "iterations": 1800, "seed": 2, "learning_rate": 1e-3,
+     "layered_head_probability": 0.5, "brain": "hull", "outer_csf_like_csf_probability": 0.8},
 )  # fmt: skip
 
 
@@ -372,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layered-head-probability", type=float, default=0.0)
     parser.add_argument("--brain", choices=("intracranial", "hull"), default="intracranial", help="what is brain")
     parser.add_argument("--outer-csf-like-csf-probability", type=float, default=0.0)
+    parser.add_argument("--outer-csf-mm", type=float, nargs=2, default=None, help="outer CSF thickness range")
     parser.add_argument(
         "--recipe", choices=("default",), default=None,
         help="run the shipped model's whole recipe (DEFAULT_RECIPE, bf16, one thread); other options ignored",
@@ -396,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         layered_head_probability=arguments.layered_head_probability,
         brain=arguments.brain,
         outer_csf_like_csf_probability=arguments.outer_csf_like_csf_probability,
+        outer_csf_mm=arguments.outer_csf_mm,
     )
     print(json.dumps(summary, indent=2))
     return 0

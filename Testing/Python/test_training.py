@@ -193,6 +193,17 @@ def test_outer_csf_takes_the_csf_intensity_when_tied(template):
     assert max(abs(means[OUTER_CSF] - means[CSF]) for means, _ in free) > 0.2
 
 
+def test_outer_csf_thickness_follows_its_setting(template):
+    def outer_csf_voxels(thickness_mm: float) -> int:
+        settings = SynthSettings(crop=(64, 64, 64), outer_csf_mm=(thickness_mm, thickness_mm), no_head_probability=0.0)
+        synth = BrainSynth(template, settings, seed=11)
+        labels, distance = synth._sample_geometry()
+        return int((synth._paint_head(labels, distance) == OUTER_CSF).sum())
+
+    thin, thick = outer_csf_voxels(1.0), outer_csf_voxels(6.0)
+    assert thin > 0 and thick > 3 * thin, (thin, thick)
+
+
 def test_publish_refuses_a_card_that_describes_other_weights(template, tmp_path):
     train(tmp_path / "model", iterations=1, crop=(32, 32, 32), seed=0, template=template)
     card_path = tmp_path / "model" / "deepseg.json"

@@ -12,8 +12,8 @@ then measure it on held-out real scans, write the figures into its card, and shi
 The recipe (:data:`DEFAULT_RECIPE`) is three stages of this module's :func:`train`, each a plain single run that
 can also be started on its own (``--iterations``, ``--seed``, ``--initial-weights``, ``--brain``, ...). Cost on
 our 2-core AMD EPYC (AVX-512 BF16), one thread, bf16 mixed precision: about 0.7 s per iteration (a 96x112x96
-sample: 0.2 s to generate, 0.5 s forward and backward), so 4200 + 1600 + 1800 iterations take about 95
-minutes; float32 takes 0.9 s for the network alone. A GPU takes a fraction of that.
+sample: 0.2 s to generate, 0.5 s forward and backward), so 4200 + 1600 + 1800 + 2000 iterations take about two
+hours; float32 takes 0.9 s for the network alone. A GPU takes a fraction of that.
 
 Every iteration draws a new synthetic scan (:mod:`.synth`) and takes one optimiser step; the loss of every
 iteration goes to ``<output>/loss.csv`` and a summary line every ``--log-every`` iterations to
@@ -313,16 +313,22 @@ def train(
 #: 3. the brain ends at its own surface (``brain="hull"``): the CSF between the brain and the skull, which the
 #:    earlier stages counted as brain, is outer CSF, and mostly as bright or dark as the inner CSF (the second
 #:    stage's network labelled a 5 mm band of it as grey matter on the seg3d T1, whose brain mask, like the
-#:    stroke scans', ends at the brain's surface).
+#:    stroke scans', ends at the brain's surface);
+#: 4. the outer CSF of every head 0.5 to 8 mm thick (times a smooth variation), as in atrophied brains, so that
+#:    the distance to the skull does not tell where the brain ends (after the third stage the network still
+#:    took a 3 mm band of the seg3d T1's wide outer CSF for grey matter).
 #:
-#: Single-threaded, so the run is the same on any CPU with bf16; about 50 + 20 + 25 minutes on one core of our
-#: 2-core machine.
+#: Single-threaded, so the run is the same on any CPU with bf16; about 50 + 20 + 25 + 30 minutes on one core of
+#: our 2-core machine.
 DEFAULT_RECIPE = (
     {"name": "stage1-plain-heads", "iterations": 4200, "seed": 0, "learning_rate": 2e-3},
     {"name": "stage2-layered-heads", "iterations": 1600, "seed": 1, "learning_rate": 1e-3,
      "layered_head_probability": 0.5},
     {"name": "stage3-tight-brain", "iterations": 1800, "seed": 2, "learning_rate": 1e-3,
      "layered_head_probability": 0.5, "brain": "hull", "outer_csf_like_csf_probability": 0.8},
+    {"name": "stage4-wide-csf", "iterations": 2000, "seed": 3, "learning_rate": 5e-4,
+     "layered_head_probability": 0.5, "brain": "hull", "outer_csf_like_csf_probability": 0.8,
+     "outer_csf_mm": (0.5, 8.0)},
 )  # fmt: skip
 
 

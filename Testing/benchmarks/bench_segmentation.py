@@ -38,9 +38,9 @@ nnunet_npy (and bf16 against fp32). DeepSeg's file figures add its NIfTI read an
 What a run costs on 2 cores of an AVX512-BF16 CPU (minutes, per tool and case, one repeat):
 the default 512x512x300 CT: deepseg_bf16 ~3, deepseg_fp32 ~5, nnunet_npy ~5, nnunet_files ~5, monai ~5;
 ``--ct-shape 256 256 150`` (4 windows): under 1 each; the real CTs: abdomen 9 windows, head 1 window.
-``--labels 100`` adds the resampling of 100 channels back to the input grid (minutes for nnU-Net, whose
-float copies of 100 channels at 512x512x300 need about 30 GB: run it on a smaller case or let
-``--memory-limit-gb`` stop it).
+``--labels 100`` adds the resampling of 100 channels back to the input grid (DeepSeg: 1.5-2 minutes on the
+default CT; minutes for nnU-Net, whose float copies of 100 channels at 512x512x300 need about 30 GB: run it
+on a smaller case such as ``--ct-shape 256 256 150`` or let ``--memory-limit-gb`` stop it).
 """
 
 from __future__ import annotations
@@ -238,13 +238,23 @@ def dice_per_label(a: np.ndarray, b: np.ndarray) -> dict[int, float]:
     return scores
 
 
-def _summary(scores: dict[int, float]) -> str:
+def _summary(scores: dict[int, float], a: np.ndarray | None = None, b: np.ndarray | None = None) -> str:
+    """Dice per label; past 6 labels their mean and minimum, and with the label maps ``a`` and ``b`` also the
+    minimum over labels of at least 1000 voxels in ``b`` and the fraction of equal voxels (with many labels,
+    untrained logits are close and labels of a few voxels flip whole)."""
     if not scores:
         return "-"
     values = list(scores.values())
     if len(values) <= 6:
         return " ".join(f"{v:.3f}" for v in values)
-    return f"mean {np.mean(values):.3f} min {min(values):.3f} ({len(values)} labels)"
+    text = f"mean {np.mean(values):.3f} min {min(values):.3f} ({len(values)} labels)"
+    if a is not None and b is not None:
+        counts = np.bincount(b.ravel().astype(np.int64))
+        large = [v for k, v in scores.items() if k < len(counts) and counts[k] >= 1000]
+        if large:
+            text += f"; min {min(large):.3f} over the {len(large)} labels of >= 1000 voxels"
+        text += f"; voxels equal {float((a == b).mean()):.4f}"
+    return text
 
 
 def run_case(volume: Path, model: Path, root: Path, args: argparse.Namespace) -> None:
@@ -277,17 +287,19 @@ def run_case(volume: Path, model: Path, root: Path, args: argparse.Namespace) ->
     header = f"{'tool':14s} {'warm s':>8s} {'CPU s':>8s} {'load s':>7s} {'peak RSS MB':>12s}"
     print(f"\n{header}  Dice per label vs {reference_tool}")
     for tool, figures in results.items():
-        scores = dice_per_label(np.load(out / f"{tool}.npy"), reference)
+        labels = np.load(out / f"{tool}.npy")
+        scores = dice_per_label(labels, reference)
         seconds, cpu, load = figures["seconds"], figures["cpu_seconds"], figures.get("seconds_load", 0.0)
-        print(f"{tool:14s} {seconds:8.1f} {cpu:8.1f} {load:7.1f} {figures['peak_rss_mb']:12.0f}  {_summary(scores)}")
+        summary = _summary(scores, labels, reference)
+        print(f"{tool:14s} {seconds:8.1f} {cpu:8.1f} {load:7.1f} {figures['peak_rss_mb']:12.0f}  {summary}")
     for tool in ("deepseg_bf16", "deepseg_fp32"):
         if tool in results:
             figures = results[tool]
             from_file = figures["seconds"] + figures["seconds_read_file"] + figures["seconds_write_file"]
             print(f"{tool} file in -> file out: {from_file:.1f} s; stages {figures['stages']}")
     if {"deepseg_bf16", "deepseg_fp32"} <= set(results):
-        scores = dice_per_label(np.load(out / "deepseg_bf16.npy"), np.load(out / "deepseg_fp32.npy"))
-        print(f"Dice deepseg_bf16 vs deepseg_fp32: {_summary(scores)}")
+        bf16, fp32 = np.load(out / "deepseg_bf16.npy"), np.load(out / "deepseg_fp32.npy")
+        print(f"Dice deepseg_bf16 vs deepseg_fp32: {_summary(dice_per_label(bf16, fp32), bf16, fp32)}")
     print("\nratios, tool / DeepSeg (warm seconds; CPU seconds):")
     for base in ("deepseg_bf16", "deepseg_fp32"):
         if base in results:

@@ -456,13 +456,46 @@ def test_slice_stack_samples_as_grid_sample(shape, padding_mode):
 
 
 def test_grid_points_are_the_voxel_centres_in_the_frame():
-    grid = Grid((5, 6, 7), np.array([[0.9, 0.1, 0.0, 3.0], [0.0, 1.1, 0.2, -4.0], [0.1, 0.0, 2.0, 5.0], [0, 0, 0, 1.0]]))
+    grid = Grid(
+        (5, 6, 7), np.array([[0.9, 0.1, 0.0, 3.0], [0.0, 1.1, 0.2, -4.0], [0.1, 0.0, 2.0, 5.0], [0, 0, 0, 1.0]])
+    )
     to_frame = np.diag([0.5, 2.0, 1.0, 1.0])
     to_frame[:3, 3] = [1.0, -2.0, 0.5]
     k, j, i = np.meshgrid(np.arange(5), np.arange(6), np.arange(7), indexing="ij")
     expected = (np.stack([i, j, k, np.ones_like(i)], axis=-1) @ (to_frame @ grid.ijk_to_ras).T)[..., :3]
     np.testing.assert_allclose(grid_points(grid, to_frame, torch.device("cpu")).numpy(), expected, atol=1e-5)
-    np.testing.assert_allclose(grid_points(grid, to_frame, torch.device("cpu"), (2, 4)).numpy(), expected[2:4], atol=1e-5)
+    np.testing.assert_allclose(
+        grid_points(grid, to_frame, torch.device("cpu"), (2, 4)).numpy(), expected[2:4], atol=1e-5
+    )
+
+
+def test_small_optimisation_loops_run_on_one_thread_and_the_setting_comes_back(monkeypatch):
+    """Loops over small tensors run single-threaded (thread wake-ups cost more than they save); the caller's count returns."""
+    rng = np.random.default_rng(0)
+    image = np.zeros((24, 24, 24), np.float32)
+    image[6:18, 5:19, 7:17] = 1
+    image += 0.1 * rng.random(image.shape).astype(np.float32)
+    counts = []
+    original = torch.set_num_threads
+    threads = torch.get_num_threads()
+    try:
+        original(2)
+        monkeypatch.setattr(torch, "set_num_threads", lambda n: (counts.append(n), original(n))[1])
+        register(
+            image,
+            np.eye(4),
+            np.roll(image, 1, axis=0),
+            np.eye(4),
+            "deformable fast",
+            device="cpu",
+            linear_iterations=(5, 5),
+            deformable_iterations=(5, 5),
+        )
+        assert torch.get_num_threads() == 2
+    finally:
+        original(threads)
+    # One thread for each linear stage and deformable level, two again after each.
+    assert counts == [1, 2] * 4, counts
 
 
 def test_a_registration_imports_neither_monai_nor_torch_dynamo():

@@ -259,9 +259,7 @@ class SliceStack:
         upper = lower + 1.0
         weight_lower = (1.0 - fraction) * ((lower >= 0) & (lower <= depth - 1)).to(z.dtype)
         weight_upper = fraction * ((upper >= 0) & (upper <= depth - 1)).to(z.dtype)
-        rows = torch.stack(
-            (lower.clamp(0, depth - 1) * (height + 1) + y, upper.clamp(0, depth - 1) * (height + 1) + y)
-        )
+        rows = torch.stack((lower.clamp(0, depth - 1) * (height + 1) + y, upper.clamp(0, depth - 1) * (height + 1) + y))
         rows_normalized = rows * (2.0 / max(self.rows - 1, 1)) - 1.0
         plane_grid = torch.stack((x.expand_as(rows_normalized), rows_normalized), dim=-1)[None]
         both = F.grid_sample(self.image, plane_grid, mode="bilinear", padding_mode="zeros", align_corners=True)

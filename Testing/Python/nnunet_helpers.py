@@ -15,6 +15,7 @@ def plain_unet_architecture(
     features: Sequence[int] = (8, 16, 32),
     kernel_sizes: Sequence[Sequence[int]] | None = None,
     strides: Sequence[Sequence[int]] | None = None,
+    dimensions: int = 3,
 ) -> dict:
     """A plans ``architecture`` entry for dynamic_network_architectures' PlainConvUNet, as nnU-Net writes it.
 
@@ -23,18 +24,19 @@ def plain_unet_architecture(
     network for a CT at 1.5 mm (about 31M parameters).
     """
     stages = len(features)
+    cube, one = [3] * dimensions, [1] * dimensions
     return {
         "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
         "arch_kwargs": {
             "n_stages": stages,
             "features_per_stage": [int(f) for f in features],
-            "conv_op": "torch.nn.modules.conv.Conv3d",
-            "kernel_sizes": [list(k) for k in kernel_sizes] if kernel_sizes else [[3, 3, 3]] * stages,
-            "strides": [list(s) for s in strides] if strides else [[1, 1, 1]] + [[2, 2, 2]] * (stages - 1),
+            "conv_op": f"torch.nn.modules.conv.Conv{dimensions}d",
+            "kernel_sizes": [list(k) for k in kernel_sizes] if kernel_sizes else [cube] * stages,
+            "strides": [list(s) for s in strides] if strides else [one] + [[2] * dimensions] * (stages - 1),
             "n_conv_per_stage": [2] * stages,
             "n_conv_per_stage_decoder": [2] * (stages - 1),
             "conv_bias": True,
-            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+            "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dimensions}d",
             "norm_op_kwargs": {"eps": 1e-05, "affine": True},
             "dropout_op": None,
             "dropout_op_kwargs": None,
@@ -108,6 +110,22 @@ def plans(
     }
 
 
+def plans_2d(in_plane_spacing=(1.0, 1.0), patch_size=(32, 32), **overrides) -> dict:
+    """:func:`plans` with a ``2d`` configuration (2D PlainConvUNet, the slice axis first) beside 3d_fullres."""
+    plan = plans(**overrides)
+    fullres = plan["configurations"]["3d_fullres"]
+    plan["configurations"]["2d"] = {
+        **fullres,
+        "data_identifier": "nnUNetPlans_2d",
+        "batch_size": 12,
+        "patch_size": list(patch_size),
+        "median_image_size_in_voxels": list(fullres["median_image_size_in_voxels"][1:]),
+        "spacing": list(in_plane_spacing),
+        "architecture": plain_unet_architecture((8, 16, 32), dimensions=2),
+    }
+    return plan
+
+
 def dataset_json(labels: dict[str, int] | int, channel: str = "CT", training_cases: int = 8) -> dict:
     """An nnU-Net v2 ``dataset.json``; ``labels`` as nnU-Net writes them, or a class count (background + N-1)."""
     if isinstance(labels, int):
@@ -123,14 +141,19 @@ def dataset_json(labels: dict[str, int] | int, channel: str = "CT", training_cas
 DATASET = dataset_json({"background": 0, "bright": 1, "dim": 2})
 
 
-def network_from_plans(plan: dict, classes: int, seed: int = 0) -> torch.nn.Module:
-    """The 3d_fullres network of ``plan`` with (untrained, seeded) weights, as nnU-Net builds it for inference."""
+def network_from_plans(
+    plan: dict, classes: int, seed: int = 0, configuration: str = "3d_fullres", input_channels: int = 1
+) -> torch.nn.Module:
+    """A configuration's network of ``plan`` with (untrained, seeded) weights, as nnU-Net builds it for inference."""
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
     torch.manual_seed(seed)
-    kwargs = dict(plan["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"])
-    kwargs.update(conv_op=torch.nn.Conv3d, norm_op=torch.nn.InstanceNorm3d, nonlin=torch.nn.LeakyReLU)
-    return PlainConvUNet(input_channels=1, num_classes=classes, deep_supervision=False, **kwargs).eval()
+    kwargs = dict(plan["configurations"][configuration]["architecture"]["arch_kwargs"])
+    if kwargs["conv_op"].endswith("2d"):
+        kwargs.update(conv_op=torch.nn.Conv2d, norm_op=torch.nn.InstanceNorm2d, nonlin=torch.nn.LeakyReLU)
+    else:
+        kwargs.update(conv_op=torch.nn.Conv3d, norm_op=torch.nn.InstanceNorm3d, nonlin=torch.nn.LeakyReLU)
+    return PlainConvUNet(input_channels=input_channels, num_classes=classes, deep_supervision=False, **kwargs).eval()
 
 
 def phantom_patch(generator: np.random.Generator, shape=(16, 32, 32)) -> tuple[np.ndarray, np.ndarray]:
@@ -164,16 +187,44 @@ def train_tiny_network(steps: int = 50) -> torch.nn.Module:
     return network.eval()
 
 
-def write_nnunet_folder(
-    root: Path, network: torch.nn.Module, folds=("0",), plans_overrides: dict | None = None, dataset: dict | None = None
-) -> Path:
-    """Writes <root>/<dataset name>/nnUNetTrainer__nnUNetPlans__3d_fullres as nnU-Net would.
+def train_tiny_2d_network(steps: int = 25) -> torch.nn.Module:
+    """The 2d configuration's network of :func:`plans_2d`, trained on slices of the phantom (about 3 s)."""
+    network = network_from_plans(plans_2d(), classes=3, configuration="2d").train()
+    generator = np.random.default_rng(1)
+    optimizer = torch.optim.Adam(network.parameters(), lr=2e-2)
+    properties = plans()["foreground_intensity_properties_per_channel"]["0"]
+    for _ in range(steps):
+        image, target = phantom_patch(generator, shape=(4, 32, 32))
+        x = np.clip(image, properties["percentile_00_5"], properties["percentile_99_5"])
+        x = torch.tensor((x - properties["mean"]) / properties["std"], dtype=torch.float32)[:, None]
+        loss = torch.nn.functional.cross_entropy(network(x), torch.tensor(target))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return network.eval()
 
-    ``plans_overrides`` are :func:`plans` arguments; ``dataset`` replaces the tests' :data:`DATASET`.
+
+def write_nnunet_folder(
+    root: Path,
+    network: torch.nn.Module,
+    folds=("0",),
+    plans_overrides: dict | None = None,
+    dataset: dict | None = None,
+    *,
+    plan: dict | None = None,
+    configuration: str = "3d_fullres",
+    mirror_axes: Sequence[int] | None = None,
+) -> Path:
+    """Writes <root>/<dataset name>/nnUNetTrainer__nnUNetPlans__<configuration> as nnU-Net would.
+
+    ``plans_overrides`` are :func:`plans` arguments (or ``plan`` is the whole plans); ``dataset`` replaces the
+    tests' :data:`DATASET`; ``mirror_axes`` are the checkpoint's (default: every spatial axis).
     """
-    plan = plans(**(plans_overrides or {}))
+    plan = plan or plans(**(plans_overrides or {}))
     dataset = dataset or DATASET
-    folder = root / plan["dataset_name"] / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    if mirror_axes is None:
+        mirror_axes = tuple(range(len(plan["configurations"][configuration]["patch_size"])))
+    folder = root / plan["dataset_name"] / f"nnUNetTrainer__nnUNetPlans__{configuration}"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "plans.json").write_text(json.dumps(plan, indent=1))
     (folder / "dataset.json").write_text(json.dumps(dataset, indent=1))
@@ -194,13 +245,13 @@ def write_nnunet_folder(
             "current_epoch": 2,
             "init_args": {
                 "plans": plan,
-                "configuration": "3d_fullres",
+                "configuration": configuration,
                 "fold": int(fold) if fold.isdigit() else fold,
                 "dataset_json": dataset,
                 "device": "cpu",
             },
             "trainer_name": "nnUNetTrainer",
-            "inference_allowed_mirroring_axes": (0, 1, 2),
+            "inference_allowed_mirroring_axes": tuple(mirror_axes),
         }
         torch.save(checkpoint, folder / f"fold_{fold}" / "checkpoint_final.pth")
     return folder

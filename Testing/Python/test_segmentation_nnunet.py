@@ -325,3 +325,97 @@ def test_hundred_label_model_gives_the_labels_of_float32_blending(tmp_path, monk
     for value in found[found > 0]:
         assert half.probabilities[value].dtype == np.float32
         np.testing.assert_allclose(half.probabilities[value], full.probabilities[value], atol=2e-3)
+
+
+# 2d configurations: every slice along the first axis predicted on its own with a 2D sliding window.
+
+
+@pytest.fixture(scope="module")
+def model_folder_2d(tmp_path_factory) -> Path:
+    from nnunet_helpers import plans_2d, train_tiny_2d_network
+
+    root = tmp_path_factory.mktemp("nnunet2d")
+    return write_nnunet_folder(root, train_tiny_2d_network(), plan=plans_2d(), configuration="2d")
+
+
+@pytest.mark.parametrize("mirroring", [False, True])
+@pytest.mark.parametrize("shape_kji", [(6, 50, 44), (1, 50, 44)], ids=["volume", "single slice"])
+def test_2d_configuration_agrees_with_nnunet_predictor(model_folder_2d, mirroring, shape_kji):
+    volume, truth = _case(shape_kji, seed=1)
+    model = load_model(model_folder_2d)
+    description = model.description
+    assert description.patch_size == (1, 32, 32) and description.spacing is None
+    assert description.mirror_axes == (1, 2)  # the checkpoint's 2D axes (0, 1), after the slice axis
+    result = segment(volume, model, SegmentationOptions(device="cpu", precision="fp32", mirroring=mirroring))
+    reference = _reference(model_folder_2d, volume, ("0",), mirroring=mirroring)
+    assert result.labels.shape == reference.shape == volume.array.shape
+    for value in (1, 2):
+        assert (reference == value).sum() >= 20
+        agreement = dice(result.labels == value, reference == value)
+        print(f"2d label {value} Dice vs nnUNetPredictor ({shape_kji}, mirroring {mirroring}): {agreement:.4f}")
+        assert agreement >= 0.99
+        assert dice(result.labels == value, truth == value) > 0.5  # not noise
+
+
+def test_2d_checkpoint_mirror_axes_are_the_in_plane_axes(model_folder_2d, tmp_path):
+    from nnunet_helpers import plans_2d
+
+    network = load_model(model_folder_2d).networks[0].network
+    folder = write_nnunet_folder(tmp_path, network, plan=plans_2d(), configuration="2d", mirror_axes=(1,))
+    model = load_model(folder)
+    assert model.description.mirror_axes == (2,)
+    volume, _ = _case((6, 40, 36), seed=2)
+    result = segment(volume, model, SegmentationOptions(device="cpu", precision="fp32", mirroring=True))
+    reference = _reference(folder, volume, ("0",), mirroring=True)
+    for value in (1, 2):
+        if (reference == value).sum() >= 20:
+            assert dice(result.labels == value, reference == value) >= 0.99
+
+
+def test_2d_window_grid_and_weights_are_nnunets():
+    sliding = pytest.importorskip("nnunetv2.inference.sliding_window_prediction")
+    for image_shape, patch in (((7, 50, 44), (32, 32)), ((3, 32, 90), (32, 40)), ((1, 200, 33), (64, 32))):
+        steps = nnunet_steps(image_shape, (1, *patch), 0.5)
+        assert steps[0] == list(range(image_shape[0]))  # every slice once
+        assert steps[1:] == sliding.compute_steps_for_sliding_window(image_shape[1:], patch, 0.5)
+        theirs = sliding.compute_gaussian(patch, 1.0 / 8, 1.0, dtype=torch.float32, device=torch.device("cpu"))
+        ours = nnunet_gaussian((1, *patch))
+        assert ours.shape == (1, *patch)
+        torch.testing.assert_close(ours[0], theirs, rtol=1e-6, atol=1e-7)
+
+
+def _cascade_folder(model_folder: Path, root: Path) -> Path:
+    """A 3d_lowres + 3d_cascade_fullres pair as nnU-Net writes them (the cascade checkpoint has 3 more inputs)."""
+    plan = json.loads((model_folder / "plans.json").read_text())
+    fullres = plan["configurations"]["3d_fullres"]
+    plan["configurations"]["3d_lowres"] = {**fullres, "data_identifier": "nnUNetPlans_3d_lowres",
+                                           "spacing": [6.0, 2.0, 2.0], "next_stage": ["3d_cascade_fullres"]}  # fmt: skip
+    plan["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    network = network_from_plans(plans(), classes=3, input_channels=3)
+    cascade = write_nnunet_folder(root, network, plan=plan, configuration="3d_cascade_fullres", mirror_axes=(0, 1, 2))
+    write_nnunet_folder(root, network_from_plans(plans(), classes=3), plan=plan, configuration="3d_lowres")
+    return cascade
+
+
+def test_cascade_is_refused_naming_the_folders_to_run(model_folder, tmp_path):
+    cascade = _cascade_folder(model_folder, tmp_path)
+    with pytest.raises(ModelFormatError, match="cascade") as error:
+        load_model(cascade)
+    message = str(error.value)
+    assert "Run the 3d_fullres or the 3d_lowres folder of this model instead" in message
+    assert str(cascade.parent / "nnUNetTrainer__nnUNetPlans__3d_lowres") in message
+    assert "does not fit" not in message
+    volume, _ = _case((10, 40, 36), seed=1)
+    with pytest.raises(ModelFormatError, match="cascade"):
+        segment(volume, cascade, SegmentationOptions(device="cpu"), cache=ModelCache())
+    # The first stage runs as it is.
+    assert load_model(cascade.parent / "nnUNetTrainer__nnUNetPlans__3d_lowres").description.spacing == (6.0, 2.0, 2.0)
+
+
+@pytest.mark.parametrize("patch_size", [[64], [8, 16, 16, 16]])
+def test_configurations_neither_2d_nor_3d_are_refused(model_folder, tmp_path, patch_size):
+    copy = tmp_path / "model"
+    shutil.copytree(model_folder, copy)
+    _edit_json(copy, "plans.json", lambda p: p["configurations"]["3d_fullres"].update(patch_size=patch_size))
+    with pytest.raises(ModelFormatError, match="2D or 3D"):
+        load_model(copy)

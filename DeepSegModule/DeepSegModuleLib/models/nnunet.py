@@ -7,6 +7,12 @@ window by window (equal to nnU-Net's average of whole-image logits, since blendi
 The preprocessing nnU-Net applies (transpose, crop to non-zero, per-channel normalisation,
 resampling with its anisotropic rule) lives in
 :mod:`DeepSegModuleLib.segmentation.nnunet_preprocessing`.
+
+``2d`` configurations run as nnU-Net runs them: every slice along the first (transposed) axis on its own.
+The 2D network is wrapped by :class:`SliceWiseNetwork` into a 3D one with windows of ``(1, px, py)``, so
+the 3D sliding window, ensembling, mirroring and resampling serve both; only the in-plane axes are
+resampled (the slice axis keeps its spacing). Cascades (``3d_cascade_fullres``, which need the
+``3d_lowres`` stage's segmentation as extra input channels) are refused with the folders to use instead.
 """
 
 from __future__ import annotations
@@ -114,6 +120,43 @@ def build_network(configuration: Mapping[str, Any], input_channels: int, output_
     return network_class(input_channels=input_channels, num_classes=output_channels, deep_supervision=False, **kwargs)
 
 
+class SliceWiseNetwork(torch.nn.Module):
+    """A 2D network run on 3D windows ``(N, C, D, X, Y)``: the D slices are folded into the batch, each is
+    predicted on its own (as nnU-Net's 2d configurations predict every slice), and the outputs are unfolded
+    to ``(N, K, D, X, Y)``."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        count, channels, depth = windows.shape[:3]
+        slices = windows.transpose(1, 2).reshape(count * depth, channels, *windows.shape[3:])
+        output = self.network(slices)
+        if isinstance(output, (tuple, list)):
+            output = output[0]
+        return output.reshape(count, depth, *output.shape[1:]).transpose(1, 2)
+
+
+def _refuse_cascade(folder: Path, plans: Mapping[str, Any], name: str, configuration: Mapping[str, Any]) -> None:
+    previous = configuration.get("previous_stage")
+    if not previous:
+        return
+    match = re.match(r"^(.*__.*__)[^_].*$", folder.name)
+    siblings = [
+        folder.parent / f"{match.group(1) if match else ''}{sibling}"
+        for sibling in ("3d_fullres", str(previous))
+        if sibling in plans.get("configurations", {})
+    ]
+    present = [str(path) for path in siblings if path.is_dir()]
+    where = f" ({', '.join(present)})" if present else ""
+    raise ModelFormatError(
+        f"{folder}: configuration {name!r} is the second stage of an nnU-Net cascade; it needs the segmentation of "
+        f"the {previous!r} stage as extra input channels, and DeepSeg does not run cascades. Run the 3d_fullres or "
+        f"the {previous} folder of this model instead{where}."
+    )
+
+
 def _normalization(
     scheme: str, use_mask: bool, properties: Mapping[str, Any] | None, channel: int
 ) -> NormalizationSpec:
@@ -213,8 +256,14 @@ def load_nnunet_model(
         match = re.search(r"__([^_].*)$", folder.name)
         configuration_name = match.group(1) if match else "3d_fullres"
     configuration = resolve_configuration(plans, configuration_name)
-    if len(configuration["patch_size"]) != 3:
-        raise ModelFormatError(f"{folder}: configuration {configuration_name!r} is 2D; only 3D configurations run")
+    _refuse_cascade(folder, plans, configuration_name, configuration)
+    dimensions = len(configuration.get("patch_size", []))
+    if dimensions not in (2, 3) or len(configuration.get("spacing", [])) != dimensions:
+        raise ModelFormatError(
+            f"{folder}: configuration {configuration_name!r} has patch_size {configuration.get('patch_size')} and "
+            f"spacing {configuration.get('spacing')}; nnU-Net configurations are 2D or 3D with one of each per axis"
+        )
+    slice_wise = dimensions == 2
     labels, channels = _labels(dataset, folder)
     channel_names = dataset.get("channel_names") or dataset.get("modality") or {"0": "image"}
     properties = plans.get("foreground_intensity_properties_per_channel", {})
@@ -233,6 +282,8 @@ def load_nnunet_model(
         for fold, checkpoint in zip(fold_names, checkpoints):
             network = build_network(configuration, len(inputs), len(channels))
             network.load_state_dict(checkpoint["network_weights"])
+            if slice_wise:
+                network = SliceWiseNetwork(network)
             networks.append(network.to(device).eval())
     except RuntimeError as error:
         raise ModelFileError(
@@ -240,6 +291,14 @@ def load_nnunet_model(
             f"({str(error).splitlines()[0]}); the checkpoint and plans belong to different trainings"
         ) from error
     mirror_axes = first.get("inference_allowed_mirroring_axes")
+    mirror_axes = tuple(int(a) for a in mirror_axes) if mirror_axes is not None else tuple(range(dimensions))
+    patch_size = tuple(int(s) for s in configuration["patch_size"])
+    spacing: tuple[float, ...] | None = tuple(float(s) for s in configuration["spacing"])
+    in_plane_spacing = None
+    if slice_wise:
+        # Windows of one slice; the 2D axes are the 3D grid's last two, so the checkpoint's mirror axes shift.
+        patch_size, mirror_axes = (1, *patch_size), tuple(a + 1 for a in mirror_axes)
+        in_plane_spacing, spacing = spacing, None  # the slice axis keeps each input's own spacing
     if orientation == "auto":
         identity = f"{folder} {dataset.get('name', '')} {plans.get('dataset_name', '')}"
         orientation = "RAS" if "totalsegmentator" in identity.lower() else None
@@ -249,13 +308,13 @@ def load_nnunet_model(
         inputs=inputs,
         labels=labels,
         channel_to_label=channels,
-        patch_size=tuple(int(s) for s in configuration["patch_size"]),
-        spacing=tuple(float(s) for s in configuration["spacing"]),
+        patch_size=patch_size,
+        spacing=spacing,
         orientation=orientation,
         overlap=0.5,
         sw_batch_size=1,
         tiling=Tiling.NNUNET,
-        mirror_axes=tuple(int(a) for a in mirror_axes) if mirror_axes is not None else (0, 1, 2),
+        mirror_axes=mirror_axes,
         source=str(folder),
         extra={
             "plans": plans,
@@ -265,6 +324,8 @@ def load_nnunet_model(
             "transpose_forward": list(plans.get("transpose_forward", [0, 1, 2])),
             "transpose_backward": list(plans.get("transpose_backward", [0, 1, 2])),
             "use_mask_for_norm": list(use_mask),
+            "slice_wise": slice_wise,
+            "in_plane_spacing": in_plane_spacing,
         },
     )
 

@@ -119,9 +119,13 @@ def keep_float32_ends(network: torch.nn.Module, input_channels: int, output_chan
 
 def nnunet_steps(image_shape: Sequence[int], patch: Sequence[int], step_fraction: float) -> list[list[int]]:
     """Window start positions per axis on nnU-Net's grid: the fewest steps of at most patch * step_fraction
-    that cover the (padded) image, spread evenly."""
+    that cover the (padded) image, spread evenly. A window one voxel deep (a 2d configuration's slice axis)
+    visits every slice once, as nnU-Net's 2D predictor does."""
     steps = []
     for size, window in zip(image_shape, patch):
+        if window == 1:
+            steps.append(list(range(size)))
+            continue
         count = int(np.ceil((size - window) / (window * step_fraction))) + 1
         stride = (size - window) / (count - 1) if count > 1 else 0.0
         steps.append([int(np.round(stride * i)) for i in range(count)])
@@ -132,17 +136,21 @@ def nnunet_steps(image_shape: Sequence[int], patch: Sequence[int], step_fraction
 def _nnunet_gaussian_array(patch: tuple[int, ...], sigma_scale: float) -> np.ndarray:
     from scipy.ndimage import gaussian_filter
 
-    delta = np.zeros(patch)
-    delta[tuple(n // 2 for n in patch)] = 1.0
-    weights = gaussian_filter(delta, [n * sigma_scale for n in patch], 0, mode="constant", cval=0)
+    # Axes one voxel deep (a 2d configuration's slice axis) are left out: nnU-Net's 2D map is over the 2D patch.
+    extent = tuple(n for n in patch if n > 1) or (1,)
+    delta = np.zeros(extent)
+    delta[tuple(n // 2 for n in extent)] = 1.0
+    weights = gaussian_filter(delta, [n * sigma_scale for n in extent], 0, mode="constant", cval=0)
     weights = (weights / weights.max()).astype(np.float32)
     weights[weights == 0] = weights[weights > 0].min()
+    weights = weights.reshape(patch)
     weights.setflags(write=False)
     return weights
 
 
 def nnunet_gaussian(patch: tuple[int, ...], sigma_scale: float = 1.0 / 8) -> torch.Tensor:
-    """nnU-Net's importance map: a blurred delta at the patch centre, max-normalised, zeros lifted to the minimum."""
+    """nnU-Net's importance map: a blurred delta at the patch centre, max-normalised, zeros lifted to the minimum
+    (over the axes longer than one voxel, so a ``(1, px, py)`` patch gets nnU-Net's 2D map)."""
     return torch.tensor(_nnunet_gaussian_array(tuple(patch), float(sigma_scale)))
 
 

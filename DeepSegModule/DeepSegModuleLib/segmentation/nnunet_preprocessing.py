@@ -10,6 +10,10 @@ come back through the same rule with first order, are placed into the uncropped 
 outside the crop) and transposed back. The spline and linear resizes follow
 ``skimage.transform.resize(mode="edge", anti_aliasing=False)`` (``scipy.ndimage.zoom`` in grid mode,
 clipped to the input range), so results match nnU-Net's own predictor.
+
+For a 2d configuration (``extra["in_plane_spacing"]``) the target spacing is the input's own spacing along
+the first transposed axis, the slice axis, followed by the configuration's two in-plane spacings, as in
+nnU-Net: slices are never resampled along that axis.
 """
 
 from __future__ import annotations
@@ -137,6 +141,13 @@ class NnunetPreprocessor:
         self.spacing: list[float] = []
         self.grid: ModelGrid | None = None
 
+    def target_spacing(self) -> tuple[float, ...]:
+        """The model grid's spacing for this run's (transposed) input spacing."""
+        in_plane = self.description.extra.get("in_plane_spacing")
+        if in_plane is not None:
+            return (self.spacing[0], *(float(s) for s in in_plane))
+        return self.description.spacing or tuple(self.spacing)
+
     def prepare(self, volumes: list[VolumeArray], device: torch.device) -> torch.Tensor:
         reference = volumes[0]
         self.grid = None
@@ -173,14 +184,14 @@ class NnunetPreprocessor:
             else:
                 values = normalize(values, spec.__class__(**{**spec.__dict__, "nonzero": False}))
             data[channel] = values.numpy()
-        target = self.description.spacing or tuple(self.spacing)
+        target = self.target_spacing()
         new_shape = [round(s / t * n) for s, t, n in zip(self.spacing, target, data.shape[1:])]
         self.shape_after_crop = tuple(data.shape[1:])
         data = resample_like_nnunet(data, new_shape, self.spacing, target, order=3)
         return torch.from_numpy(np.ascontiguousarray(data))[None].to(device)
 
     def to_input_grid(self, channels: torch.Tensor, fill: Sequence[float]) -> torch.Tensor:
-        target = self.description.spacing or tuple(self.spacing)
+        target = self.target_spacing()
         axis = separate_axis(target, self.spacing)
         size = self.shape_after_crop
         if tuple(channels.shape[1:]) != tuple(size):
@@ -213,7 +224,7 @@ class NnunetPreprocessor:
         """Resamples ``(C, *model grid)`` outputs as :meth:`to_input_grid` does and reduces them to labels slab
         by slab (see :func:`~DeepSegModuleLib.segmentation.grid.resized_labels`); ``background`` outside the
         crop. Returns ``(i, j, k)``."""
-        target = self.description.spacing or tuple(self.spacing)
+        target = self.target_spacing()
         axis = separate_axis(target, self.spacing)
         labels = resized_labels(channels, self.shape_after_crop, to_labels, nearest_axis=axis)
         if tuple(labels.shape) == tuple(self.shape_before_crop):

@@ -190,7 +190,7 @@ def check_inputs(volumes: list[VolumeArray], description: ModelDescription) -> N
             "select one volume for each input"
         )
     for index, volume in enumerate(volumes):
-        if min(volume.array.shape) < 2:
+        if min(volume.array.shape) < 2 and not description.extra.get("slice_wise"):
             raise ValueError(
                 f"input {index + 1} has shape {volume.array.shape} (k, j, i): it is a 2D image, and this model segments "
                 "3D volumes; select a 3D volume"

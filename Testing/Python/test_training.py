@@ -123,7 +123,9 @@ def test_recipe_runs_its_stages_in_turn_and_exports_the_last(template, tmp_path)
         {"name": "plain", "iterations": 2, "seed": 0, "learning_rate": 1e-3},
         {"name": "layered", "iterations": 1, "seed": 1, "learning_rate": 1e-3, "layered_head_probability": 1.0},
     )
-    result = train_recipe(tmp_path, recipe, crop=(32, 32, 32), template=template)
+    # float32: in bfloat16 a 32^3 crop (a 2^3 bottleneck) occasionally gave a NaN loss at iteration 2 on a fresh
+    # machine (the shipped recipe's 96x112x96 crops never did); this test is about chaining the stages.
+    result = train_recipe(tmp_path, recipe, crop=(32, 32, 32), template=template, precision="fp32")
     assert result["training"]["iterations"] == 3
     assert "initial_weights=" + str(tmp_path / "plain" / "checkpoint.pt") in (tmp_path / "layered" / "train.log").read_text()
     rows = (tmp_path / "loss.csv").read_text().splitlines()

@@ -11,7 +11,7 @@ are derived here, at the template's 1 mm, before going to 2 mm:
 3. **Grey / white matter**: intracranial voxels with ``gm + wm >= 0.5``, whichever map is larger. **CSF**:
    the rest of the intracranial region (ventricles, sulci, cisterns; dark on the T1).
 
-   With ``brain="hull"`` (the last stage of the shipped recipe) the brain ends at the brain's own surface, as
+   With ``brain="hull"`` (the last two stages of the shipped recipe) the brain ends at the brain's own surface, as
    the brain masks of skull-stripping tools and of our held-out references do: the **brain hull** is the grey
    and white matter closed with a ``hull_closing_mm`` ball (sulci narrower than twice that are bridged) with
    holes filled (ventricles), and the intracranial CSF outside it (the subarachnoid space between the brain and
@@ -96,7 +96,7 @@ def brain_hull(tissue: np.ndarray, closing_mm: float, spacing_mm: float = 1.0) -
     padded = np.pad(tissue, radius + 1)
     closed = ndimage.binary_closing(padded, structure=_ball(radius))
     inner = tuple(slice(radius + 1, radius + 1 + n) for n in tissue.shape)
-    return ndimage.binary_fill_holes(closed[inner] | tissue)
+    return ndimage.binary_fill_holes(closed[inner])  # a closing keeps every voxel it closes over
 
 
 def derive_labels_1mm(

@@ -160,10 +160,10 @@ def _model_brain_mask(head: np.ndarray, ijk_to_ras: np.ndarray) -> np.ndarray:
     """The brain of a head scan as DeepSeg's bundled model labels it (CSF, grey or white matter), dilated."""
     from scipy import ndimage
 
-    from DeepSegModuleLib.models.store import ModelStore
+    from DeepSegModuleLib.models.store import DEFAULT_MODEL_ID, ModelStore
     from DeepSegModuleLib.segmentation import SegmentationOptions, VolumeArray, segment
 
-    model = ModelStore().get("deepseg-brain").model_path
+    model = ModelStore().get(DEFAULT_MODEL_ID).model_path
     labels = segment(VolumeArray(head, ijk_to_ras), str(model), SegmentationOptions(device="cpu")).labels
     return ndimage.binary_dilation(labels > 0, iterations=3)
 

@@ -608,6 +608,8 @@ def qualityReportLines(quality: dict) -> list[str]:
         )
     if quality.get("peak_memory_mb") is not None:
         lines.append(_("peak memory: {megabytes:.0f} MB").format(megabytes=quality["peak_memory_mb"]))
+    for note in quality.get("notes") or []:
+        lines.append(_("note: {note}").format(note=note))
     for warning in quality.get("warnings") or []:
         lines.append(_("WARNING: {warning}").format(warning=warning))
     return lines

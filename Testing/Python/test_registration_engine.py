@@ -242,6 +242,7 @@ def test_quality_report_has_dice_landmarks_runtime_and_memory(deformable_case, m
     assert quality.landmark_error_mm["median"] < 1.5 < quality.landmark_error_mm["median_before"]
     assert quality.log_jacobian_std is not None and 0 < quality.log_jacobian_std < 0.5
     assert quality.quality_mask == "fixed foreground"
+    assert quality.notes == []  # two brain-extracted images: no automatic mask
     determinant = result.jacobian_determinant()
     assert determinant.shape == case["fixed"].shape
     assert float(determinant.min()) <= quality.jacobian_min <= 1.0 <= quality.jacobian_max <= float(determinant.max())
@@ -323,6 +324,66 @@ def test_multimodal_preset_registers_inverted_contrast_that_ncc_warns_about(rigi
         case["brain"]
     ]
     assert np.median(error) < 1.0, f"median error {np.median(error):.2f} mm with mutual information"
+
+
+# ----------------------------------------------------------------------------------------------
+# A brain-extracted template against a head with skull and scalp
+
+
+@pytest.fixture(scope="module")
+def head_case(mni):
+    """The template's brain, moved by a known affine, inside a dark skull (5 mm) and bright scalp (7 mm).
+
+    Zero outside the scalp, as many scanners and anonymisers leave the air: the head's signal is
+    half as large again as the template's, which is empty outside the brain.
+    """
+    linear = linear_about(
+        brain_centre(mni), rotation_xyz((4.0, -3.0, 5.0)) @ np.diag([1.05, 0.97, 1.03]), np.array([5.0, -4.0, 3.0])
+    )
+    case = make_known_case(mni, linear, displacement_mm=0.0, seed=0)
+    outside = ndimage.distance_transform_edt(~case["brain"], sampling=FIXED_SPACING_MM)
+    peak = float(mni["image"].max())
+    head = np.where(case["brain"], case["fixed"], 0.0)
+    head = np.where((outside > 0) & (outside <= 5), 0.05 * peak, head)
+    case["head"] = np.where((outside > 5) & (outside <= 12), 0.8 * peak, head).astype(np.float32)
+    return case
+
+
+def test_a_brain_extracted_template_registers_to_a_head_with_skull(head_case, mni):
+    """Only the template's signal is compared: the skull and scalp no longer pull its brain outwards."""
+    case = head_case
+    arguments = (case["head"], case["fixed_ijk_to_ras"], mni["image"], mni["ijk_to_ras"], "deformable fast")
+    labels = {"moving_labels": mni["brain"].astype(np.uint8), "fixed_labels": case["brain"].astype(np.uint8)}
+    result = register(*arguments, device="cpu", **labels)
+    assert len(result.quality.notes) == 1 and "automatic moving mask" in result.quality.notes[0]
+    assert result.quality.dice[1] > 0.93, result.quality.dice
+    error = np.linalg.norm(apply_4x4(result.fixed_to_moving_ras, case["points"]) - case["truth"], axis=-1)
+    assert np.median(error[case["brain"]]) < 1.5
+    # What the mask prevents: unmasked, the brain is stretched over the scalp.
+    unmasked = register(*arguments, device="cpu", automatic_masks=False, **labels)
+    assert unmasked.quality.notes == []
+    assert unmasked.quality.dice[1] < result.quality.dice[1] - 0.1
+    # A mask of the user's own is used as given.
+    given = register(*arguments, device="cpu", moving_mask=mni["image"] > 0.2 * mni["image"].max(), stages=("rigid",))
+    assert given.quality.notes == []
+
+
+def test_a_head_registers_to_a_brain_extracted_template_with_an_automatic_fixed_mask(head_case, mni):
+    case = head_case
+    result = register(
+        mni["image"],
+        mni["ijk_to_ras"],
+        case["head"],
+        case["fixed_ijk_to_ras"],
+        "deformable fast",
+        device="cpu",
+        moving_labels=case["brain"].astype(np.uint8),
+        fixed_labels=mni["brain"].astype(np.uint8),
+    )
+    assert len(result.quality.notes) == 1 and "automatic fixed mask" in result.quality.notes[0]
+    assert result.quality.quality_mask == "fixed mask"
+    # The head's brain comes from a 3 mm grid (0.82 without the mask).
+    assert result.quality.dice[1] > 0.9, result.quality.dice
 
 
 # ----------------------------------------------------------------------------------------------

@@ -69,6 +69,13 @@ _MODALITY_CORRELATION_THRESHOLD = 0.2
 # between a cropped and a whole head); and the most foreground samples it correlates per shift.
 _MODALITY_SEARCH_VOXELS = 3.0
 _MODALITY_SAMPLES = 2000
+# An image whose voxels lie within this fraction of its intensity range of its background level, over at
+# least _EMPTY_MIN_SHARE of the grid, has an empty background (zeroed outside a brain extraction).
+_EMPTY_LEVEL = 1e-3
+_EMPTY_MIN_SHARE = 0.1
+# An image with an empty background whose signal covers less than this fraction of the other
+# image's (in mm^3) is taken as extracted from it (a brain against a head: about half).
+_EXTRACTED_VOLUME_RATIO = 0.75
 # Least share of the fixed foreground that must land inside the moving image before optimising.
 _MIN_OVERLAP_FRACTION = 0.05
 # Fewest elements per tensor of an optimisation loop for which it runs on more than one thread (see _threads_for).
@@ -311,6 +318,11 @@ def register(
     moving_grid = _check_image("moving", moving, moving_ijk_to_ras)
     fixed_mask_array = _check_mask("fixed_mask", fixed_mask, fixed_grid)
     moving_mask_array = _check_mask("moving_mask", moving_mask, moving_grid)
+    notes: list[str] = []
+    if config.automatic_masks:
+        fixed_mask_array, moving_mask_array, notes = _automatic_masks(
+            fixed, fixed_grid, fixed_mask_array, moving, moving_grid, moving_mask_array
+        )
     if fixed_labels is not None and np.asarray(fixed_labels).shape != fixed_grid.shape:
         raise ValueError(f"fixed_labels must have the fixed image's shape {fixed_grid.shape}")
     if moving_labels is not None and np.asarray(moving_labels).shape != moving_grid.shape:
@@ -337,7 +349,7 @@ def register(
         progress=progress,
         cancel=cancel,
     )
-    report = QualityReport()
+    report = QualityReport(notes=notes)
 
     stage_start = time.perf_counter()
     run.report_progress("initial alignment", 0.0)
@@ -354,14 +366,7 @@ def register(
     if linear_uses_ncc or deformable_uses_ncc:
         highest, lowest = run.modality_correlations(matrix_u, translation_u)
         if highest < _MODALITY_CORRELATION_THRESHOLD or -lowest > highest:
-            message = (
-                f"the fixed and moving images look like different modalities (intensity correlation at "
-                f"most {highest:.2f}, and {lowest:.2f} at worst, near the initial alignment) but the "
-                f"similarity is cross-correlation; use the 'multimodal' preset (mutual information) for "
-                f"e.g. CT to MR or T1 to T2/FLAIR"
-            )
-            warnings.warn(message, UserWarning, stacklevel=2)
-            report.warnings.append(message)
+            _warn_modality(report, highest, lowest)
     run.report_progress("initial alignment", 1.0)
     report.runtime_s["initial alignment"] = time.perf_counter() - stage_start
 
@@ -1166,6 +1171,75 @@ def _check_mask(name: str, mask: np.ndarray | None, grid: Grid) -> np.ndarray | 
     if not mask.any():
         raise ValueError(f"{name} is empty (no voxel set); pass a mask that covers the anatomy to register, or None")
     return mask
+
+
+def _warn_modality(report: QualityReport, highest: float, lowest: float) -> None:
+    message = (
+        f"the fixed and moving images look like different modalities (intensity correlation at most "
+        f"{highest:.2f}, and {lowest:.2f} at worst, near the initial alignment) but the similarity is "
+        f"cross-correlation; use the 'multimodal' preset (mutual information) for e.g. CT to MR or T1 to T2/FLAIR"
+    )
+    warnings.warn(message, UserWarning, stacklevel=3)
+    report.warnings.append(message)
+
+
+def _signal_region(array: np.ndarray) -> np.ndarray | None:
+    """Voxels above an image's empty background, or None when it has none (noise fills an MRI's air)."""
+    values = np.asarray(array, dtype=np.float32)
+    sample = values.reshape(-1)[:: max(values.size // 1_000_000, 1)]
+    # The background's level is the commonest of the low values, not the minimum: a cubic
+    # resampling rings below zero next to the brain but leaves the far background empty.
+    low, high = (float(v) for v in np.percentile(sample, [0.1, 99.9]))
+    if not high > low:
+        return None
+    width = _EMPTY_LEVEL * (high - low)
+    low_values = sample[(sample >= low) & (sample < low + 0.2 * (high - low))]
+    if low_values.size == 0:
+        return None
+    level = low + (np.argmax(np.bincount(((low_values - low) / width).astype(np.int64))) + 0.5) * width
+    signal = np.abs(values - level) > width
+    if signal.mean() > 1.0 - _EMPTY_MIN_SHARE or not signal.any():
+        return None
+    return signal
+
+
+def _automatic_masks(
+    fixed: np.ndarray,
+    fixed_grid: Grid,
+    fixed_mask: np.ndarray | None,
+    moving: np.ndarray,
+    moving_grid: Grid,
+    moving_mask: np.ndarray | None,
+) -> tuple[np.ndarray | None, np.ndarray | None, list[str]]:
+    """Masks for an image that is empty outside an organ the other image shows with its surroundings.
+
+    A brain-extracted template registered to a head with skull is the common case: unmasked, the
+    similarity is best with the template's brain stretched over the whole head (Dice of the brain
+    0.68 on the seg3d head, for every tool we measured). Compared only inside the template's
+    signal, the skull and scalp no longer pull it outwards. Only the image with an empty
+    background and the clearly smaller signal gets a mask; two heads, or two templates, get none.
+    """
+    fixed_signal, moving_signal = _signal_region(fixed), _signal_region(moving)
+    fixed_voxel_mm3 = abs(float(np.linalg.det(fixed_grid.ijk_to_ras[:3, :3])))
+    moving_voxel_mm3 = abs(float(np.linalg.det(moving_grid.ijk_to_ras[:3, :3])))
+    fixed_volume = fixed_voxel_mm3 * (fixed_signal.sum() if fixed_signal is not None else fixed.size)
+    moving_volume = moving_voxel_mm3 * (moving_signal.sum() if moving_signal is not None else moving.size)
+    notes = []
+    for name, mask, signal, volume, other_volume in (
+        ("fixed", fixed_mask, fixed_signal, fixed_volume, moving_volume),
+        ("moving", moving_mask, moving_signal, moving_volume, fixed_volume),
+    ):
+        if mask is None and signal is not None and volume < _EXTRACTED_VOLUME_RATIO * other_volume:
+            notes.append(
+                f"the {name} image is empty outside {volume / 1e6:.2f} l of signal (brain-extracted?) and the "
+                f"other image shows {other_volume / 1e6:.2f} l: only the {name} image's signal is compared "
+                f"(an automatic {name} mask; give your own mask, or automatic_masks=False, to change this)"
+            )
+            if name == "fixed":
+                fixed_mask = signal
+            else:
+                moving_mask = signal
+    return fixed_mask, moving_mask, notes
 
 
 def _mask_tensor(mask: np.ndarray | None, device: torch.device) -> torch.Tensor | None:

@@ -66,6 +66,12 @@ class RegistrationConfig:
             to a displacement ``(1, 3, D, H, W)`` in voxels, channels in (k, j, i) order (MONAI's
             ``Warp`` convention). It seeds the velocity field, which is then refined.
         initializer_input_shape: ``(D, H, W)`` the network needs; both images are resized to it.
+        automatic_masks: When one image is empty outside an organ (a brain-extracted template: exactly
+            zero, or its minimum, outside the brain) and the other shows clearly more (a head with
+            skull and scalp), compare only inside the extracted image's signal, as a user would by
+            giving it as a mask. Otherwise every similarity measure prefers stretching the
+            extracted brain over the whole head. Only for images without a mask of their own;
+            the quality report's ``notes`` say when it happened.
         folding_warning_percent: Folding above this (percent of voxels with det(J) <= 0 inside the
             quality mask) is flagged in the quality report and warned about.
         seed: Seed of the point sampling, for reproducible runs.
@@ -91,6 +97,7 @@ class RegistrationConfig:
     integration_steps: int = 7
     initializer: str | Path | Any | None = field(default=None, compare=False)
     initializer_input_shape: tuple[int, int, int] | None = None
+    automatic_masks: bool = True
     folding_warning_percent: float = 0.5
     seed: int = 0
 

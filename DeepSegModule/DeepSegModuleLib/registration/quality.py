@@ -40,6 +40,7 @@ class QualityReport:
         iterations: Optimiser iterations run per stage, one count per pyramid level (a level ends
             before its budget once its loss stops improving).
         warnings: Problems a user must know about (heavy folding, weak modality match).
+        notes: What the engine decided on its own that changes the result (an automatic mask).
     """
 
     folding_percent: float | None = None
@@ -56,6 +57,7 @@ class QualityReport:
     final_similarity: dict[str, float] = field(default_factory=dict)
     iterations: dict[str, list[int]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict (for JSON, the panel and logs)."""

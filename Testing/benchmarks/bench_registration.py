@@ -22,6 +22,8 @@ Cases:
                   error of ``phi`` against the truth inside the brain, Dice of the brain mask.
     seg3d-to-mni  A real T1 head (../shared/data/mr_brain_seg3d, brain mask on its grid) registered to
                   the MNI template; Dice of the propagated MNI brain mask against the real one.
+                  No tool gets a mask; DeepSeg masks the brain-extracted template by itself
+                  (``automatic_masks``, on by default; its quality report says so).
                   Skipped when ../shared/data is absent. Brain.nrrd stores its voxels in the other order
                   along i and j (identity LPS directions where MR.nii.gz has -1, -1), so it is resampled
                   onto the head's grid in physical space (nearest), which puts it on the brain; taken
@@ -31,7 +33,11 @@ Cases:
     seg3d-to-mni-brain-mask  The same pair, as one registers a brain-extracted template to a head
                   with skull: every tool gets the same fixed mask, the head's brain as DeepSeg's bundled
                   deepseg-brain model finds it (not Brain.nrrd), dilated by 3 voxels. The mask is made
-                  before the timed run (about 1 s on a CPU).
+                  before the timed run (about 1 s on a CPU). ANTs gets it for every stage
+                  (``mask_all_stages``, as antsRegistration's ``-x`` does), not only for SyN.
+    seg3d-to-mni-template-mask  The same pair with the template's own brain mask as every tool's
+                  moving mask (what a user of ANTs would give for a brain-extracted template; DeepSeg's
+                  automatic mask is the template's non-empty region, nearly the same).
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ import numpy as np
 REPOSITORY = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPOSITORY.parent / "shared" / "data"
 METHODS = ("deepseg-fast", "deepseg-accurate", "ants-affine", "ants-syn", "elastix-affine-bspline")
-CASES = ("mni-known", "seg3d-to-mni", "seg3d-to-mni-brain-mask")
+CASES = ("mni-known", "seg3d-to-mni", "seg3d-to-mni-brain-mask", "seg3d-to-mni-template-mask")
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 
@@ -127,6 +133,10 @@ def load_case(name: str) -> dict:
         case = load_case("seg3d-to-mni")
         case["fixed_mask"] = _model_brain_mask(case["fixed"], case["fixed_ijk_to_ras"])
         return case
+    if name == "seg3d-to-mni-template-mask":
+        case = load_case("seg3d-to-mni")
+        case["moving_mask"] = case["moving_labels"] > 0
+        return case
     if name == "seg3d-to-mni":
         import nibabel as nib
         import SimpleITK as sitk
@@ -184,6 +194,7 @@ def run_deepseg(case: dict, preset: str, device: str) -> tuple[np.ndarray, np.nd
         device=device,
         moving_labels=case["moving_labels"],
         fixed_mask=case.get("fixed_mask"),
+        moving_mask=case.get("moving_mask"),
     )
     points = _voxel_centres_ras(case["fixed"].shape, case["fixed_ijk_to_ras"])
     extra = {"folding_percent_engine": result.quality.folding_percent, "stage_s": result.quality.runtime_s}
@@ -215,9 +226,16 @@ def run_ants(case: dict, transform_type: str) -> tuple[np.ndarray, np.ndarray, d
 
     fixed = _to_ants(case["fixed"], case["fixed_ijk_to_ras"])
     moving = _to_ants(case["moving"], case["moving_ijk_to_ras"])
-    mask = case.get("fixed_mask")
-    mask = _to_ants(mask.astype(np.float32), case["fixed_ijk_to_ras"]) if mask is not None else None
-    registration = ants.registration(fixed, moving, type_of_transform=transform_type, mask=mask)
+    masks = {}
+    if case.get("fixed_mask") is not None:
+        masks["mask"] = _to_ants(case["fixed_mask"].astype(np.float32), case["fixed_ijk_to_ras"])
+    if case.get("moving_mask") is not None:
+        masks["moving_mask"] = _to_ants(case["moving_mask"].astype(np.float32), case["moving_ijk_to_ras"])
+    # antspyx masks only the last stage unless told otherwise; antsRegistration's own -x, as
+    # antsRegistrationSyN.sh passes it, masks every stage, and the affine stage is where it matters.
+    registration = ants.registration(
+        fixed, moving, type_of_transform=transform_type, mask_all_stages=bool(masks), **masks
+    )
     transforms = registration["fwdtransforms"]
     phi = np.stack(
         [
@@ -256,8 +274,13 @@ def run_elastix(case: dict) -> tuple[np.ndarray, np.ndarray, dict]:
     parameters = itk.ParameterObject.New()
     parameters.AddParameterMap(parameters.GetDefaultParameterMap("affine"))
     parameters.AddParameterMap(parameters.GetDefaultParameterMap("bspline"))
+    masks = {}
+    for key, grid_key in (("fixed_mask", "fixed_ijk_to_ras"), ("moving_mask", "moving_ijk_to_ras")):
+        if case.get(key) is not None:
+            mask = _to_itk(case[key].astype(np.float32), case[grid_key])
+            masks[key] = itk.cast_image_filter(mask, ttype=(type(mask), itk.Image[itk.UC, 3]))
     _, transform_parameters = itk.elastix_registration_method(
-        fixed, moving, parameter_object=parameters, log_to_console=False
+        fixed, moving, parameter_object=parameters, log_to_console=False, **masks
     )
 
     def warp(array: np.ndarray, order: int) -> np.ndarray:

@@ -319,7 +319,9 @@ def register(
     fixed_mask_array = _check_mask("fixed_mask", fixed_mask, fixed_grid)
     moving_mask_array = _check_mask("moving_mask", moving_mask, moving_grid)
     notes: list[str] = []
-    if config.automatic_masks:
+    # Only when the user gave no mask at all: with the head's brain as the fixed mask, an automatic
+    # template mask on top cost 0.17 of the brain's Dice on the seg3d head.
+    if config.automatic_masks and fixed_mask_array is None and moving_mask_array is None:
         fixed_mask_array, moving_mask_array, notes = _automatic_masks(
             fixed, fixed_grid, fixed_mask_array, moving, moving_grid, moving_mask_array
         )
@@ -366,7 +368,7 @@ def register(
     if linear_uses_ncc or deformable_uses_ncc:
         highest, lowest = run.modality_correlations(matrix_u, translation_u)
         if highest < _MODALITY_CORRELATION_THRESHOLD or -lowest > highest:
-            _warn_modality(report, highest, lowest)
+            _warn_modality(report, highest, lowest, extracted=bool(notes))
     run.report_progress("initial alignment", 1.0)
     report.runtime_s["initial alignment"] = time.perf_counter() - stage_start
 
@@ -1173,12 +1175,20 @@ def _check_mask(name: str, mask: np.ndarray | None, grid: Grid) -> np.ndarray | 
     return mask
 
 
-def _warn_modality(report: QualityReport, highest: float, lowest: float) -> None:
+def _warn_modality(report: QualityReport, highest: float, lowest: float, extracted: bool) -> None:
     message = (
         f"the fixed and moving images look like different modalities (intensity correlation at most "
         f"{highest:.2f}, and {lowest:.2f} at worst, near the initial alignment) but the similarity is "
         f"cross-correlation; use the 'multimodal' preset (mutual information) for e.g. CT to MR or T1 to T2/FLAIR"
     )
+    if extracted:
+        # Before alignment a brain-extracted image lies partly over the other's skull and scalp,
+        # which lowers the correlation of two T1 images as well (0.24 and -0.47 for the MNI
+        # template against the seg3d head).
+        message += (
+            "; one image is brain-extracted, which lowers this correlation before alignment even for "
+            "one modality: if both are e.g. T1, keep the preset"
+        )
     warnings.warn(message, UserWarning, stacklevel=3)
     report.warnings.append(message)
 

@@ -9,11 +9,12 @@ then measure it on held-out real scans, write the figures into its card, and shi
     python -m DeepSegModuleLib.training.evaluate --model ../build/deepseg-brain --record
     python -m DeepSegModuleLib.training.publish --model ../build/deepseg-brain
 
-The recipe (:data:`DEFAULT_RECIPE`) is three stages of this module's :func:`train`, each a plain single run that
+The recipe (:data:`DEFAULT_RECIPE`) is four stages of this module's :func:`train`, each a plain single run that
 can also be started on its own (``--iterations``, ``--seed``, ``--initial-weights``, ``--brain``, ...). Cost on
-our 2-core AMD EPYC (AVX-512 BF16), one thread, bf16 mixed precision: about 0.7 s per iteration (a 96x112x96
-sample: 0.2 s to generate, 0.5 s forward and backward), so 4200 + 1600 + 1800 + 2000 iterations take about two
-hours; float32 takes 0.9 s for the network alone. A GPU takes a fraction of that.
+our 2-core AMD EPYC (AVX-512 BF16), bf16 mixed precision: with ``--threads 2`` about 0.45 s per iteration, so
+4200 + 1600 + 1800 + 2000 iterations took 71.5 minutes (30.7 + 12.3 + 13.4 + 15.1); on one thread about 0.7 s
+per iteration (a 96x112x96 sample: 0.2 s to generate, 0.5 s forward and backward), about two hours; float32
+takes 0.9 s for the network alone. A GPU takes a fraction of that.
 
 Every iteration draws a new synthetic scan (:mod:`.synth`) and takes one optimiser step; the loss of every
 iteration goes to ``<output>/loss.csv`` and a summary line every ``--log-every`` iterations to

@@ -70,8 +70,8 @@ class RegistrationConfig:
             zero, or its minimum, outside the brain) and the other shows clearly more (a head with
             skull and scalp), compare only inside the extracted image's signal, as a user would by
             giving it as a mask. Otherwise every similarity measure prefers stretching the
-            extracted brain over the whole head. Only for images without a mask of their own;
-            the quality report's ``notes`` say when it happened.
+            extracted brain over the whole head. Only when neither image has a mask of the
+            user's; the quality report's ``notes`` say when it happened.
         folding_warning_percent: Folding above this (percent of voxels with det(J) <= 0 inside the
             quality mask) is flagged in the quality report and warned about.
         seed: Seed of the point sampling, for reproducible runs.

@@ -272,7 +272,12 @@ def run_elastix(case: dict) -> tuple[np.ndarray, np.ndarray, dict]:
     fixed = _to_itk(case["fixed"], case["fixed_ijk_to_ras"])
     moving = _to_itk(case["moving"], case["moving_ijk_to_ras"])
     parameters = itk.ParameterObject.New()
-    parameters.AddParameterMap(parameters.GetDefaultParameterMap("affine"))
+    affine = parameters.GetDefaultParameterMap("affine")
+    # Start from the centres of gravity, as ANTs and DeepSeg do: without it the seg3d head and the
+    # template do not overlap and elastix stops with "Too many samples map outside moving image buffer".
+    affine["AutomaticTransformInitialization"] = ["true"]
+    affine["AutomaticTransformInitializationMethod"] = ["CenterOfGravity"]
+    parameters.AddParameterMap(affine)
     parameters.AddParameterMap(parameters.GetDefaultParameterMap("bspline"))
     masks = {}
     for key, grid_key in (("fixed_mask", "fixed_ijk_to_ras"), ("moving_mask", "moving_ijk_to_ras")):

@@ -1228,23 +1228,20 @@ def _automatic_masks(
     moving_voxel_mm3 = abs(float(np.linalg.det(moving_grid.ijk_to_ras[:3, :3])))
     fixed_volume = fixed_voxel_mm3 * (fixed_signal.sum() if fixed_signal is not None else fixed.size)
     moving_volume = moving_voxel_mm3 * (moving_signal.sum() if moving_signal is not None else moving.size)
-    fixed_mask = moving_mask = None
+    masks: dict[str, np.ndarray] = {}
     notes = []
     for name, signal, volume, other_volume in (
         ("fixed", fixed_signal, fixed_volume, moving_volume),
         ("moving", moving_signal, moving_volume, fixed_volume),
     ):
         if signal is not None and volume < _EXTRACTED_VOLUME_RATIO * other_volume:
+            masks[name] = signal
             notes.append(
                 f"the {name} image is empty outside {volume / 1e6:.2f} l of signal (brain-extracted?) and the "
                 f"other image shows {other_volume / 1e6:.2f} l: only the {name} image's signal is compared "
                 f"(an automatic {name} mask; give your own mask, or automatic_masks=False, to change this)"
             )
-            if name == "fixed":
-                fixed_mask = signal
-            else:
-                moving_mask = signal
-    return fixed_mask, moving_mask, notes
+    return masks.get("fixed"), masks.get("moving"), notes
 
 
 def _mask_tensor(mask: np.ndarray | None, device: torch.device) -> torch.Tensor | None:

@@ -66,8 +66,8 @@ class RegistrationConfig:
             to a displacement ``(1, 3, D, H, W)`` in voxels, channels in (k, j, i) order (MONAI's
             ``Warp`` convention). It seeds the velocity field, which is then refined.
         initializer_input_shape: ``(D, H, W)`` the network needs; both images are resized to it.
-        automatic_masks: When one image is empty outside an organ (a brain-extracted template: exactly
-            zero, or its minimum, outside the brain) and the other shows clearly more (a head with
+        automatic_masks: When one image is empty outside an organ (a brain-extracted template: one
+            constant value, usually zero, outside the brain) and the other shows clearly more (a head with
             skull and scalp), compare only inside the extracted image's signal, as a user would by
             giving it as a mask. Otherwise every similarity measure prefers stretching the
             extracted brain over the whole head. Only when neither image has a mask of the

@@ -319,10 +319,14 @@ def register(
     fixed_mask_array = _check_mask("fixed_mask", fixed_mask, fixed_grid)
     moving_mask_array = _check_mask("moving_mask", moving_mask, moving_grid)
     notes: list[str] = []
-    # Only when the user gave no mask at all: with the head's brain as the fixed mask, an automatic
-    # template mask on top cost 0.17 of the brain's Dice on the seg3d head.
-    if config.automatic_masks and fixed_mask_array is None and moving_mask_array is None:
-        fixed_mask_array, moving_mask_array, notes = _automatic_masks(fixed, fixed_grid, moving, moving_grid)
+    # For each side the user gave no mask: a user's fixed (head's brain) mask and an automatic
+    # template mask together give the seg3d head a brain Dice of 0.89 after the affine stage,
+    # against 0.72 with the user's mask alone, as the linear stages sample inside both masks.
+    if config.automatic_masks and (fixed_mask_array is None or moving_mask_array is None):
+        sides = tuple(name for name, given in (("fixed", fixed_mask_array), ("moving", moving_mask_array)) if given is None)
+        automatic, notes = _automatic_masks(fixed, fixed_grid, moving, moving_grid, sides)
+        fixed_mask_array = automatic.get("fixed", fixed_mask_array)
+        moving_mask_array = automatic.get("moving", moving_mask_array)
     if fixed_labels is not None and np.asarray(fixed_labels).shape != fixed_grid.shape:
         raise ValueError(f"fixed_labels must have the fixed image's shape {fixed_grid.shape}")
     if moving_labels is not None and np.asarray(moving_labels).shape != moving_grid.shape:
@@ -464,13 +468,13 @@ class _Level:
     moving: torch.Tensor
     moving_mask: torch.Tensor | None
     moving_grid: Grid
-    # The linear stages' sample of this level: fixed points (u), intensities, weights.
-    linear_samples: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # The linear stages' samples of this level by side ("fixed", "moving"): points (u), intensities, weights.
+    linear_samples: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     # The moving image and mask as slice stacks (the fast CPU sampler), built on first use.
     _samplers: dict[str, SliceStack] = field(default_factory=dict, repr=False)
 
     def sampler(self, name: str) -> torch.Tensor | SliceStack:
-        """``"moving"`` or ``"moving_mask"`` in the form :func:`sample` reads fastest on this device."""
+        """``"moving"``, ``"moving_mask"``, ``"fixed"`` or ``"fixed_weight"`` as :func:`sample` reads it fastest here."""
         volume = getattr(self, name)
         if name not in self._samplers and SliceStack.suits(volume):
             self._samplers[name] = SliceStack(volume)
@@ -710,6 +714,15 @@ class _Run:
                 inside = inside * sample(level.sampler("moving_mask"), normalized)
         return values, inside
 
+    def _sample_fixed(self, level: _Level, normalized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fixed intensities at points normalised to the fixed level's grid, and their validity weight."""
+        values = sample(level.sampler("fixed"), normalized)
+        with torch.no_grad():
+            inside = (normalized.abs().amax(dim=-1) <= 1.0)[:, None].to(values.dtype)
+            if self.fixed_mask is not None:
+                inside = inside * sample(level.sampler("fixed_weight"), normalized)
+        return values, inside
+
     def _coarsest_level(self) -> _Level:
         spacings = []
         if {"rigid", "affine"} & set(self.config.stages):
@@ -840,35 +853,91 @@ class _Run:
 
     # -- linear stages
 
-    def _linear_samples_of(self, level: _Level) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fixed points (u), intensities and weights the linear stages compare at this level.
+    @property
+    def linear_directions(self) -> tuple[str, ...]:
+        """Which image(s) the linear stages sample: ``"fixed"``, ``"moving"`` or both.
 
-        One random sample of at most ``linear_max_points`` voxels per level, shared by the rigid and
-        affine stages and kept for all their iterations (ANTs also samples once per level): the
+        A mask on one side only fixes the region to compare on that side. Sampled on the other
+        side, it would instead decide which of those samples count, through the transform being
+        optimised: shrinking or shifting the masked image's footprint then picks the subset of the
+        other image that correlates best (a brain-extracted template against a head shrank to a
+        third of its volume, Dice 0.47 where sampling the template gives 0.91). So the samples are
+        taken inside the mask: with only a moving mask, the moving voxels inside it, mapped into
+        the fixed image through the inverse of the linear transform. With masks on both sides each
+        mask would select the other side's samples, so both directions are compared and averaged
+        (each favours the opposite error: shrinking the moving image for one, growing it for the
+        other).
+        """
+        if self.moving_mask is None:
+            return ("fixed",)
+        if self.fixed_mask is None:
+            return ("moving",)
+        return ("fixed", "moving")
+
+    def _linear_samples_of(self, level: _Level, side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Points (u), intensities and weights of ``side``'s image that the linear stages compare at this level.
+
+        Voxels inside that side's mask (all of the fixed image without one). One random sample of
+        at most ``linear_max_points`` voxels per level and side, shared by the rigid and affine
+        stages and kept for all their iterations (ANTs also samples once per level): the
         objective is then deterministic, which lets a level stop when it has converged (see
         :class:`_Rprop`), and no gathering happens per iteration. With tens of thousands of points
         the sampling bias is negligible.
         """
-        if level.linear_samples is None:
+        if side not in level.linear_samples:
             with torch.no_grad():
-                fixed_weight = level.fixed_weight.reshape(-1)
-                keep = torch.nonzero(fixed_weight > 0).reshape(-1)
+                if side == "moving":
+                    assert level.moving_mask is not None
+                    image, sample_weight, grid = level.moving, level.moving_mask.reshape(-1), level.moving_grid
+                else:
+                    image, sample_weight, grid = level.fixed, level.fixed_weight.reshape(-1), level.fixed_grid
+                keep = torch.nonzero(sample_weight > 0).reshape(-1)
                 if len(keep) > self.config.linear_max_points:
                     # Drawn with replacement and deduplicated: a full permutation of a 1 mm volume's
                     # millions of voxels cost more than the iterations that use the sample.
                     drawn = torch.randint(len(keep), (self.config.linear_max_points,), generator=self.generator)
                     keep = keep[torch.unique(drawn).to(keep.device)]
-                height, width = level.fixed_grid.shape[1:]
+                height, width = grid.shape[1:]
                 ijk = torch.stack((keep % width, (keep // width) % height, keep // (height * width)), dim=1)
-                to_u = torch.as_tensor(
-                    self.frame.ras_to_u() @ level.fixed_grid.ijk_to_ras, dtype=torch.float32, device=self.device
-                )
-                level.linear_samples = (
+                to_u = torch.as_tensor(self.frame.ras_to_u() @ grid.ijk_to_ras, dtype=torch.float32, device=self.device)
+                level.linear_samples[side] = (
                     apply_matrix(ijk.to(torch.float32), to_u).contiguous(),
-                    level.fixed.reshape(-1)[keep].contiguous(),
-                    fixed_weight[keep].contiguous(),
+                    image.reshape(-1)[keep].contiguous(),
+                    sample_weight[keep].contiguous(),
                 )
-        return level.linear_samples
+        return level.linear_samples[side]
+
+    def _linear_loss(
+        self, level: _Level, side: str, similarity, matrix: torch.Tensor, translation: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Similarity of ``side``'s samples with the other image under fixed -> moving ``u -> A u + t``.
+
+        Returns ``None`` when no sample maps inside the other image (and its mask).
+        """
+        points, values, sample_weight = self._linear_samples_of(level, side)
+        # Sample point -> normalised coordinates on the other side as one 3x4 matrix, one product
+        # per point: fixed -> moving is u -> A u + t, moving -> fixed its inverse.
+        if side == "fixed":
+            to_normalized = self._u_to_moving_normalized(level)
+            to_other = to_normalized[:3, :3] @ matrix
+            offset = to_normalized[:3, :3] @ translation + to_normalized[:3, 3]
+        else:
+            to_normalized = torch.as_tensor(
+                level.fixed_grid.ras_to_normalized() @ self.frame.u_to_ras(), dtype=torch.float32, device=self.device
+            )
+            to_other = to_normalized[:3, :3] @ torch.linalg.inv(matrix)
+            offset = to_normalized[:3, 3] - to_other @ translation
+        normalized = torch.addmm(offset, points, to_other.T).reshape(1, -1, 1, 1, 3)
+        if side == "fixed":
+            other, inside = self._sample_moving(level, normalized)
+            fixed_values, moving_values = values, other.reshape(-1)
+        else:
+            other, inside = self._sample_fixed(level, normalized)
+            fixed_values, moving_values = other.reshape(-1), values
+        weight = sample_weight * inside.reshape(-1)
+        if float(weight.sum()) < 1.0:
+            return None
+        return similarity(fixed_values, moving_values, weight)
 
     def optimise_linear(
         self, stage: str, matrix_u: np.ndarray, translation_u: np.ndarray
@@ -900,8 +969,6 @@ class _Run:
         self.iterations[stage] = []
         for level_index, (spacing, iterations) in enumerate(zip(config.linear_spacings_mm, config.linear_iterations)):
             level = self.level(spacing)
-            level_points, level_fixed, level_weight = self._linear_samples_of(level)
-            to_normalized = self._u_to_moving_normalized(level)
             base_rate = config.linear_learning_rate * 0.5**level_index
             # Parameters are in u (mm / frame scale; radians for rotations, which move the points
             # within the frame by as much): precision of a fraction of this level's voxel, coarser
@@ -913,18 +980,16 @@ class _Run:
             ran = 0
             for iteration in range(iterations):
                 optimizer.zero_grad()
-                # Fixed point -> moving sampling coordinates as one 3x4 matrix, one product per point.
-                to_moving = to_normalized[:3, :3] @ current_matrix()
-                offset = to_normalized[:3, :3] @ translation + to_normalized[:3, 3]
-                normalized = torch.addmm(offset, level_points, to_moving.T).reshape(1, -1, 1, 1, 3)
-                moving_values, inside = self._sample_moving(level, normalized)
-                weight = level_weight * inside.reshape(-1)
-                if float(weight.sum()) < 1.0:
+                losses = [
+                    self._linear_loss(level, side, similarity, current_matrix(), translation)
+                    for side in self.linear_directions
+                ]
+                if any(term is None for term in losses):
                     raise ValueError(
                         f"the {stage} registration lost all overlap between the images; check the input "
                         f"geometry or start from a better initial transform"
                     )
-                loss = similarity(level_fixed, moving_values.reshape(-1), weight)
+                loss = sum(losses) / len(losses)  # type: ignore[arg-type]
                 loss.backward()
                 optimizer.step()
                 loss_value = float(loss.detach())
@@ -1212,8 +1277,8 @@ def _signal_region(array: np.ndarray) -> np.ndarray | None:
 
 
 def _automatic_masks(
-    fixed: np.ndarray, fixed_grid: Grid, moving: np.ndarray, moving_grid: Grid
-) -> tuple[np.ndarray | None, np.ndarray | None, list[str]]:
+    fixed: np.ndarray, fixed_grid: Grid, moving: np.ndarray, moving_grid: Grid, sides: tuple[str, ...]
+) -> tuple[dict[str, np.ndarray], list[str]]:
     """Masks for an image that is empty outside an organ the other image shows with its surroundings.
 
     A brain-extracted template registered to a head with skull is the common case: unmasked, the
@@ -1221,7 +1286,12 @@ def _automatic_masks(
     0.68 on the seg3d head, for every tool we measured). Compared only inside the template's
     signal, the skull and scalp no longer pull it outwards. Only the image with an empty
     background and the clearly smaller signal gets a mask; two heads, or two templates, get none.
-    The caller asks only when the user gave no mask.
+
+    Args:
+        sides: The sides that may get a mask (``"fixed"``, ``"moving"``): those the user gave none.
+
+    Returns:
+        The masks made, by side, and a note for each for the quality report.
     """
     fixed_signal, moving_signal = _signal_region(fixed), _signal_region(moving)
     fixed_voxel_mm3 = abs(float(np.linalg.det(fixed_grid.ijk_to_ras[:3, :3])))
@@ -1234,14 +1304,14 @@ def _automatic_masks(
         ("fixed", fixed_signal, fixed_volume, moving_volume),
         ("moving", moving_signal, moving_volume, fixed_volume),
     ):
-        if signal is not None and volume < _EXTRACTED_VOLUME_RATIO * other_volume:
+        if name in sides and signal is not None and volume < _EXTRACTED_VOLUME_RATIO * other_volume:
             masks[name] = signal
             notes.append(
                 f"the {name} image is empty outside {volume / 1e6:.2f} l of signal (brain-extracted?) and the "
                 f"other image shows {other_volume / 1e6:.2f} l: only the {name} image's signal is compared "
                 f"(an automatic {name} mask; give your own mask, or automatic_masks=False, to change this)"
             )
-    return masks.get("fixed"), masks.get("moving"), notes
+    return masks, notes
 
 
 def _mask_tensor(mask: np.ndarray | None, device: torch.device) -> torch.Tensor | None:

@@ -70,8 +70,9 @@ class RegistrationConfig:
             constant value, usually zero, outside the brain) and the other shows clearly more (a head with
             skull and scalp), compare only inside the extracted image's signal, as a user would by
             giving it as a mask. Otherwise every similarity measure prefers stretching the
-            extracted brain over the whole head. Only when neither image has a mask of the
-            user's; the quality report's ``notes`` say when it happened.
+            extracted brain over the whole head. Only for an image the user gave no mask (a
+            user's mask of the head's brain and the template's automatic mask work together); the
+            quality report's ``notes`` say when it happened.
         folding_warning_percent: Folding above this (percent of voxels with det(J) <= 0 inside the
             quality mask) is flagged in the quality report and warned about.
         seed: Seed of the point sampling, for reproducible runs.
@@ -145,16 +146,18 @@ class RegistrationConfig:
 PRESETS: dict[str, RegistrationConfig] = {
     "rigid": RegistrationConfig(stages=("rigid",)),
     "affine": RegistrationConfig(stages=("rigid", "affine")),
-    # The image similarity is evaluated down to 4 mm (the velocity on an 8 mm control grid): about
+    # The image similarity is evaluated at 4 mm (the velocity on an 8 mm control grid): about
     # ANTs SyN's default schedule, which stops at half of a 2 mm template's resolution. The linear
     # stages stop at 4 mm too: the deformable stage corrects what a 2 mm linear level would refine
     # (on the MNI known-answer case the median error stayed 0.50 mm without it, at half the linear time).
+    # One deformable level: an 8 mm level before it shrank the MNI brain onto the seg3d head's
+    # (Dice 0.885 against 0.900 without it) and gained 0.03 mm on the known answer, in the same time.
     "deformable fast": RegistrationConfig(
         stages=("rigid", "affine", "deformable"),
         linear_spacings_mm=(8.0, 4.0),
         linear_iterations=(100, 50),
-        deformable_spacings_mm=(8.0, 4.0),
-        deformable_iterations=(100, 60),
+        deformable_spacings_mm=(4.0,),
+        deformable_iterations=(100,),
     ),
     "deformable accurate": RegistrationConfig(
         stages=("rigid", "affine", "deformable"),

@@ -421,9 +421,21 @@ def real_head() -> dict[str, np.ndarray]:
     }
 
 
-def _brain_dice(result, real_head) -> float:
+def _template_to_head_affine(real_head, mni, **masks):
+    """The affine preset from the template to the head; returns the result and the brain's Dice."""
+    result = register(
+        real_head["image"],
+        real_head["ijk_to_ras"],
+        mni["image"],
+        mni["ijk_to_ras"],
+        "affine",
+        device="cpu",
+        moving_labels=mni["brain"].astype(np.uint8),
+        **masks,
+    )
     propagated = result.propagated_labels > 0
-    return float(2 * (propagated & real_head["brain"]).sum() / (propagated.sum() + real_head["brain"].sum()))
+    dice = 2 * (propagated & real_head["brain"]).sum() / (propagated.sum() + real_head["brain"].sum())
+    return result, float(dice)
 
 
 @pytest.mark.parametrize("mask", ["automatic", "template's brain mask"])
@@ -435,18 +447,9 @@ def test_the_affine_stage_maps_a_brain_extracted_template_onto_a_real_head(real_
     The two masks are different definitions of the brain (the template's includes the CSF up to
     the skull), so even a perfect alignment stays under Dice 1; ANTs' affine reaches 0.89 here.
     """
-    result = register(
-        real_head["image"],
-        real_head["ijk_to_ras"],
-        mni["image"],
-        mni["ijk_to_ras"],
-        "affine",
-        device="cpu",
-        moving_mask=mni["brain"] if mask != "automatic" else None,
-        moving_labels=mni["brain"].astype(np.uint8),
-    )
+    result, dice = _template_to_head_affine(real_head, mni, moving_mask=mni["brain"] if mask != "automatic" else None)
     assert ("automatic moving mask" in " ".join(result.quality.notes)) == (mask == "automatic")
-    assert _brain_dice(result, real_head) > 0.88
+    assert dice > 0.88
     # The template's brain (1.88 l) becomes one of the head's size (Brain.nrrd: 1.47 l without CSF).
     volume_l = mni["brain"].sum() * 8e-6 / abs(np.linalg.det(result.fixed_to_moving_ras[:3, :3]))
     assert 1.2 < volume_l < 1.6, f"{volume_l:.2f} l"
@@ -456,18 +459,9 @@ def test_a_head_brain_mask_and_the_automatic_template_mask_are_compared_both_way
     """The user's (generous) mask of the head's brain and the template's automatic mask: each mask
     would pick the other side's samples, so both directions count (0.72 with the head's mask alone)."""
     fixed_mask = ndimage.binary_dilation(real_head["brain"], iterations=3)
-    result = register(
-        real_head["image"],
-        real_head["ijk_to_ras"],
-        mni["image"],
-        mni["ijk_to_ras"],
-        "affine",
-        device="cpu",
-        fixed_mask=fixed_mask,
-        moving_labels=mni["brain"].astype(np.uint8),
-    )
+    result, dice = _template_to_head_affine(real_head, mni, fixed_mask=fixed_mask)
     assert len(result.quality.notes) == 1 and "automatic moving mask" in result.quality.notes[0]
-    assert _brain_dice(result, real_head) > 0.86
+    assert dice > 0.86
 
 
 # ----------------------------------------------------------------------------------------------

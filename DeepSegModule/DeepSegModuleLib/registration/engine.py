@@ -700,28 +700,30 @@ class _Run:
                 )
         return self._levels[spacing_mm]
 
-    def _u_to_moving_normalized(self, level: _Level) -> torch.Tensor:
-        matrix = level.moving_grid.ras_to_normalized() @ self.frame.u_to_ras()
+    def _u_to_normalized(self, grid: Grid) -> torch.Tensor:
+        """4x4 from the u frame to ``grid``'s normalised sampling coordinates."""
+        matrix = grid.ras_to_normalized() @ self.frame.u_to_ras()
         return torch.as_tensor(matrix, dtype=torch.float32, device=self.device)
 
-    def _sample_moving(self, level: _Level, normalized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Moving intensities at normalised points ``(1, D, H, W, 3)`` and their validity weight."""
-        values = sample(level.sampler("moving"), normalized)
+    def _u_to_moving_normalized(self, level: _Level) -> torch.Tensor:
+        return self._u_to_normalized(level.moving_grid)
+
+    def _sample_image(self, level: _Level, side: str, normalized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``side``'s (``"moving"`` or ``"fixed"``) intensities at points ``(1, D, H, W, 3)`` normalised to
+        its level grid, and their validity weight (inside the image and its mask)."""
+        image, mask = ("moving", "moving_mask") if side == "moving" else ("fixed", "fixed_weight")
+        has_mask = level.moving_mask is not None if side == "moving" else self.fixed_mask is not None
+        values = sample(level.sampler(image), normalized)
         # A selection of samples, not something to optimise: no gradient pulls points into the image or mask.
         with torch.no_grad():
             inside = (normalized.abs().amax(dim=-1) <= 1.0)[:, None].to(values.dtype)
-            if level.moving_mask is not None:
-                inside = inside * sample(level.sampler("moving_mask"), normalized)
+            if has_mask:
+                inside = inside * sample(level.sampler(mask), normalized)
         return values, inside
 
-    def _sample_fixed(self, level: _Level, normalized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fixed intensities at points normalised to the fixed level's grid, and their validity weight."""
-        values = sample(level.sampler("fixed"), normalized)
-        with torch.no_grad():
-            inside = (normalized.abs().amax(dim=-1) <= 1.0)[:, None].to(values.dtype)
-            if self.fixed_mask is not None:
-                inside = inside * sample(level.sampler("fixed_weight"), normalized)
-        return values, inside
+    def _sample_moving(self, level: _Level, normalized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Moving intensities at normalised points ``(1, D, H, W, 3)`` and their validity weight."""
+        return self._sample_image(level, "moving", normalized)
 
     def _coarsest_level(self) -> _Level:
         spacings = []
@@ -922,17 +924,14 @@ class _Run:
             to_other = to_normalized[:3, :3] @ matrix
             offset = to_normalized[:3, :3] @ translation + to_normalized[:3, 3]
         else:
-            to_normalized = torch.as_tensor(
-                level.fixed_grid.ras_to_normalized() @ self.frame.u_to_ras(), dtype=torch.float32, device=self.device
-            )
+            to_normalized = self._u_to_normalized(level.fixed_grid)
             to_other = to_normalized[:3, :3] @ torch.linalg.inv(matrix)
             offset = to_normalized[:3, 3] - to_other @ translation
         normalized = torch.addmm(offset, points, to_other.T).reshape(1, -1, 1, 1, 3)
+        other, inside = self._sample_image(level, "moving" if side == "fixed" else "fixed", normalized)
         if side == "fixed":
-            other, inside = self._sample_moving(level, normalized)
             fixed_values, moving_values = values, other.reshape(-1)
         else:
-            other, inside = self._sample_fixed(level, normalized)
             fixed_values, moving_values = other.reshape(-1), values
         weight = sample_weight * inside.reshape(-1)
         if float(weight.sum()) < 1.0:

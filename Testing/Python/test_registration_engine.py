@@ -32,6 +32,7 @@ from DeepSegModuleLib.registration.geometry import (
     kji_voxel_to_normalized,
     sample,
 )
+from DeepSegModuleLib.registration.similarity import mind_ssc
 from scipy import ndimage
 
 # One thread: the CI machine's two cores are shared, and OpenMP threads that spin-wait on a busy
@@ -324,6 +325,35 @@ def test_multimodal_preset_registers_inverted_contrast_that_ncc_warns_about(rigi
         case["brain"]
     ]
     assert np.median(error) < 1.0, f"median error {np.median(error):.2f} mm with mutual information"
+
+
+def test_mind_descriptors_ignore_scaled_shifted_and_negated_intensities(mni):
+    """What makes MIND a multimodal measure: the same anatomy in another contrast gets the same descriptor."""
+    image = torch.as_tensor(mni["image"][::2, ::2, ::2].copy())[None, None]
+    descriptor = mind_ssc(image)
+    assert descriptor.shape == (1, 12, *image.shape[2:])
+    assert torch.allclose(mind_ssc(5.0 - 3.0 * image), descriptor, atol=1e-4)
+    # ... while a different anatomy (the image shifted by two voxels) gets a different one.
+    moved = torch.roll(image, 2, dims=2)
+    brain = torch.as_tensor(mni["brain"][::2, ::2, ::2].copy())[None, None]
+    assert float(((mind_ssc(moved) - descriptor) ** 2)[brain.expand_as(descriptor)].mean()) > 0.01
+
+
+def test_multimodal_preset_recovers_a_deformation_against_another_contrast(deformable_case, mni):
+    """The known affine + 8 mm deformation, with the template in an inverted, non-linear contrast."""
+    case = deformable_case
+    head = mni["image"] > 0.1 * mni["image"].max()
+    peak = float(mni["image"].max())
+    other_contrast = np.where(head, (peak - mni["image"]) ** 1.5 / peak**0.5, 0.0).astype(np.float32)
+    result = register(
+        case["fixed"], case["fixed_ijk_to_ras"], other_contrast, mni["ijk_to_ras"], "multimodal", device="cpu"
+    )
+    brain = case["brain"]
+    error = np.linalg.norm(case["points"] + result.total_displacement_ras() - case["truth"], axis=-1)[brain]
+    linear_only = np.linalg.norm(apply_4x4(result.fixed_to_moving_ras, case["points"]) - case["truth"], axis=-1)[brain]
+    assert np.median(linear_only) > 1.5  # the deformable stage has something to do
+    assert np.median(error) < 1.0, f"median error {np.median(error):.2f} mm (linear {np.median(linear_only):.2f})"
+    assert result.quality.folding_percent is not None and result.quality.folding_percent < 0.5
 
 
 # ----------------------------------------------------------------------------------------------

@@ -54,6 +54,8 @@ from .similarity import (
     WeightedMutualInformationLoss,
     bending_energy,
     diffusion_energy,
+    mind_ssc,
+    weighted_descriptor_ssd,
     weighted_ncc_loss,
 )
 
@@ -470,6 +472,9 @@ class _Level:
     moving_grid: Grid
     # The linear stages' samples of this level by side ("fixed", "moving"): points (u), intensities, weights.
     linear_samples: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # MIND-SSC descriptors of both images, for the deformable stage's "mind" similarity, built on first use.
+    fixed_descriptor: torch.Tensor | None = None
+    moving_descriptor: torch.Tensor | None = None
     # The moving image and mask as slice stacks (the fast CPU sampler), built on first use.
     _samplers: dict[str, SliceStack] = field(default_factory=dict, repr=False)
 
@@ -708,10 +713,16 @@ class _Run:
     def _u_to_moving_normalized(self, level: _Level) -> torch.Tensor:
         return self._u_to_normalized(level.moving_grid)
 
-    def _sample_image(self, level: _Level, side: str, normalized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample_image(
+        self, level: _Level, side: str, normalized: torch.Tensor, image: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``side``'s (``"moving"`` or ``"fixed"``) intensities at points ``(1, D, H, W, 3)`` normalised to
-        its level grid, and their validity weight (inside the image and its mask)."""
-        image, mask = ("moving", "moving_mask") if side == "moving" else ("fixed", "fixed_weight")
+        its level grid, and their validity weight (inside the image and its mask).
+
+        ``image`` names another volume of that side on the level grid to sample instead (its descriptors).
+        """
+        default_image, mask = ("moving", "moving_mask") if side == "moving" else ("fixed", "fixed_weight")
+        image = image or default_image
         has_mask = level.moving_mask is not None if side == "moving" else self.fixed_mask is not None
         values = sample(level.sampler(image), normalized)
         # A selection of samples, not something to optimise: no gradient pulls points into the image or mask.
@@ -1024,11 +1035,13 @@ class _Run:
         """
         config = self.config
         regularizer = bending_energy if config.regularization == "bending" else diffusion_energy
-        similarity = (
-            WeightedMutualInformationLoss(config.mi_bins)
-            if config.deformable_similarity == "mi"
-            else WeightedLocalNCCLoss(config.lncc_kernel_size)
-        )
+        descriptors = config.deformable_similarity == "mind"
+        if config.deformable_similarity == "mi":
+            similarity = WeightedMutualInformationLoss(config.mi_bins)
+        elif descriptors:
+            similarity = weighted_descriptor_ssd
+        else:
+            similarity = WeightedLocalNCCLoss(config.lncc_kernel_size)
         linear = torch.as_tensor(np.c_[matrix_u, translation_u], dtype=torch.float32, device=self.device)
         total_iterations = max(sum(config.deformable_iterations), 1)
         done = 0
@@ -1058,15 +1071,18 @@ class _Run:
             control_to_moving = linear_to_normalized[:, :3] @ voxel_to_u @ torch.linalg.inv(voxel_to_control)
             identity = identity_grid(control_grid.shape, self.device)
             image_shape = level.fixed_grid.shape
-            # Local NCC is zero where the fixed image is empty: only the box around its foreground
-            # (plus the window) is compared. Mutual information keeps the background, which shapes
-            # its joint histogram.
+            # Local NCC is zero where the fixed image is empty, and MIND constant: only the box around
+            # its foreground (plus the window) is compared. Mutual information keeps the background,
+            # which shapes its joint histogram.
             box = (
                 _foreground_box(level, self.config.lncc_kernel_size // 2 + 2)
-                if config.deformable_similarity == "lncc"
+                if config.deformable_similarity != "mi"
                 else (slice(None),) * 3
             )
-            fixed_box = level.fixed[(Ellipsis, *box)]
+            if descriptors and level.fixed_descriptor is None:
+                with torch.no_grad():
+                    level.fixed_descriptor, level.moving_descriptor = mind_ssc(level.fixed), mind_ssc(level.moving)
+            fixed_box = (level.fixed_descriptor if descriptors else level.fixed)[(Ellipsis, *box)]
             weight_box = level.fixed_weight[(Ellipsis, *box)]
             linear_box = linear_normalized[(slice(None), *box)]
             # The mean over the box, rescaled to the mean over the whole grid (whose background adds
@@ -1109,7 +1125,9 @@ class _Run:
                     # (align_corners) is exact in space.
                     displacement = apply_along_axes(_change_components(displacement, control_to_moving), upsample)
                     normalized = linear_box + displacement.movedim(1, -1)
-                    moving_values, inside = self._sample_moving(level, normalized)
+                    moving_values, inside = self._sample_image(
+                        level, "moving", normalized, "moving_descriptor" if descriptors else None
+                    )
                     loss_similarity = box_share * similarity(fixed_box, moving_values, weight_box * inside)
                     loss = loss_similarity + config.regularization_weight * regularizer(
                         _change_components(smoothed, u_to_voxel)

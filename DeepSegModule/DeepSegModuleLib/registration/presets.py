@@ -14,7 +14,7 @@ from typing import Any
 STAGES = ("rigid", "affine", "deformable")
 INITIAL_ALIGNMENTS = ("center_of_mass", "geometric_center", "none")
 LINEAR_SIMILARITIES = ("ncc", "mi")
-DEFORMABLE_SIMILARITIES = ("lncc", "mi")
+DEFORMABLE_SIMILARITIES = ("lncc", "mi", "mind")
 REGULARIZATIONS = ("diffusion", "bending")
 
 
@@ -43,7 +43,8 @@ class RegistrationConfig:
             shared by the rigid and affine stages; elastix's default is a few thousand, 20k fill a
             32 x 32 joint histogram well.
         deformable_similarity: ``"lncc"`` (local NCC, compared on the box around the fixed
-            foreground) or ``"mi"`` (global MI, MONAI).
+            foreground), ``"mind"`` (squared difference of MIND-SSC descriptors on that box, for
+            different modalities) or ``"mi"`` (global MI, MONAI).
         deformable_spacings_mm: Pyramid of the deformable stage, coarse to fine.
         deformable_iterations: Most Adam iterations per deformable level; a level settles and ends
             earlier once its loss stops improving.
@@ -167,15 +168,18 @@ PRESETS: dict[str, RegistrationConfig] = {
         deformable_iterations=(150, 100, 60),
         deformable_learning_rate_mm=0.4,
     ),
-    # Different modalities: global mutual information for every stage, a smoother field because
-    # MI gives weaker local evidence than LNCC.
+    # Different modalities: global mutual information for the linear stages, MIND-SSC descriptors
+    # (local structure, whatever the contrast) for the deformable one. Against global MI for the
+    # deformable stage (8 and 4 mm, weight 2): the same error on a multimodal known answer (0.58
+    # against 0.56 mm) in half the time, and less distortion of a same-subject T1 / FLAIR and T1 / T2
+    # pair whose true motion is rigid (1.19 and 1.02 mm median against 1.53 and 2.11).
     "multimodal": RegistrationConfig(
         stages=("rigid", "affine", "deformable"),
         linear_similarity="mi",
-        deformable_similarity="mi",
-        deformable_spacings_mm=(8.0, 4.0),
+        deformable_similarity="mind",
+        deformable_spacings_mm=(6.0, 3.0),
         deformable_iterations=(100, 60),
-        regularization_weight=2.0,
+        regularization_weight=0.5,
         velocity_smoothing_vox=1.5,
     ),
 }

@@ -176,3 +176,63 @@ def bending_energy(field: torch.Tensor) -> torch.Tensor:
     for first, second in ((2, 3), (2, 4), (3, 4)):
         energy = energy + 2 * (field.diff(dim=first).diff(dim=second) ** 2).mean()
     return energy
+
+
+# The six face neighbours of a voxel, in (k, j, i) steps; MIND-SSC compares the 12 pairs of them that
+# are sqrt(2) apart (every pair but the opposite ones), so no pair involves the centre voxel itself.
+_NEIGHBOURS = ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1))
+_SSC_PAIRS = tuple(
+    (a, b)
+    for a in range(6)
+    for b in range(a + 1, 6)
+    if any(x != -y for x, y in zip(_NEIGHBOURS[a], _NEIGHBOURS[b]))
+)
+
+
+def _shifted(volume: torch.Tensor, step: tuple[int, int, int], pad: int) -> torch.Tensor:
+    """``volume`` at ``p + step`` for every voxel ``p`` (edge values repeated beyond the border)."""
+    padded = F.pad(volume, (pad,) * 6, mode="replicate")
+    depth, height, width = volume.shape[2:]
+    k, j, i = (pad + s for s in step)
+    return padded[:, :, k : k + depth, j : j + height, i : i + width]
+
+
+def mind_ssc(volume: torch.Tensor, dilation: int = 1, radius: int = 0) -> torch.Tensor:
+    """Modality-independent neighbourhood descriptor, self-similarity context (Heinrich et al., MICCAI 2013).
+
+    For each voxel, 12 patch distances between pairs of its face neighbours (``dilation`` voxels
+    away), each the mean squared intensity difference over a ``2 * radius + 1`` window, turned into
+    ``exp(-distance / local variance)`` and scaled so that the largest is 1. The descriptor
+    describes local structure, not intensities: it is unchanged when the intensities are scaled,
+    shifted or negated, so two modalities of one anatomy get similar descriptors and their squared
+    difference is a local multimodal similarity (ConvexAdam and deeds register with it). MONAI has
+    no such measure.
+
+    Args:
+        volume: ``(1, 1, D, H, W)`` intensities.
+        dilation: Distance of the neighbours in voxels. The registration pyramid's levels are
+            already smoothed to their spacing, so the immediate neighbours (1) and single-voxel
+            patches (``radius=0``) serve: on a multimodal known answer (MNI T1 against an inverted
+            contrast, 8 mm of deformation) they gave 0.58 mm median error against 1.5-1.9 mm with
+            ``dilation=2, radius=1``.
+        radius: Half-width of the patches compared, in voxels.
+
+    Returns:
+        ``(1, 12, D, H, W)`` descriptors in [0, 1].
+    """
+    shifted = [_shifted(volume, tuple(dilation * s for s in step), dilation) for step in _NEIGHBOURS]
+    squared = torch.cat([(shifted[a] - shifted[b]) ** 2 for a, b in _SSC_PAIRS], dim=1)
+    window = 2 * radius + 1
+    distance = F.avg_pool3d(F.pad(squared, (radius,) * 6, mode="replicate"), window, stride=1)
+    variance = distance.mean(dim=1, keepdim=True)
+    # Bounded relative to the image's mean (scale-free); a constant image has no structure to describe.
+    mean_variance = max(float(variance.mean()), 1e-30)
+    variance = variance.clamp(min=1e-3 * mean_variance, max=1e3 * mean_variance)
+    descriptor = torch.exp(-distance / variance)
+    return descriptor / descriptor.amax(dim=1, keepdim=True).clamp_min(_EPS)
+
+
+def weighted_descriptor_ssd(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted mean (over voxels) of the mean squared difference of ``(1, C, ...)`` descriptors."""
+    squared = ((fixed - moving) ** 2).mean(dim=1, keepdim=True)
+    return (squared * weight).sum() / weight.sum().clamp_min(_EPS)

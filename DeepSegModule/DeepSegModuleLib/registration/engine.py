@@ -921,21 +921,26 @@ class _Run:
         return level.linear_samples[side]
 
     def _linear_loss(
-        self, level: _Level, side: str, similarity, matrix: torch.Tensor, translation: torch.Tensor
+        self,
+        level: _Level,
+        side: str,
+        similarity,
+        to_normalized: torch.Tensor,
+        matrix: torch.Tensor,
+        translation: torch.Tensor,
     ) -> torch.Tensor | None:
         """Similarity of ``side``'s samples with the other image under fixed -> moving ``u -> A u + t``.
 
+        ``to_normalized`` is the 4x4 from u to the other image's normalised coordinates on this level.
         Returns ``None`` when no sample maps inside the other image (and its mask).
         """
         points, values, sample_weight = self._linear_samples_of(level, side)
         # Sample point -> normalised coordinates on the other side as one 3x4 matrix, one product
         # per point: fixed -> moving is u -> A u + t, moving -> fixed its inverse.
         if side == "fixed":
-            to_normalized = self._u_to_moving_normalized(level)
             to_other = to_normalized[:3, :3] @ matrix
             offset = to_normalized[:3, :3] @ translation + to_normalized[:3, 3]
         else:
-            to_normalized = self._u_to_normalized(level.fixed_grid)
             to_other = to_normalized[:3, :3] @ torch.linalg.inv(matrix)
             offset = to_normalized[:3, 3] - to_other @ translation
         normalized = torch.addmm(offset, points, to_other.T).reshape(1, -1, 1, 1, 3)
@@ -979,6 +984,11 @@ class _Run:
         self.iterations[stage] = []
         for level_index, (spacing, iterations) in enumerate(zip(config.linear_spacings_mm, config.linear_iterations)):
             level = self.level(spacing)
+            # u -> the *other* image's normalised coordinates, per sampled side, once per level.
+            to_normalized = {
+                side: self._u_to_normalized(level.moving_grid if side == "fixed" else level.fixed_grid)
+                for side in self.linear_directions
+            }
             base_rate = config.linear_learning_rate * 0.5**level_index
             # Parameters are in u (mm / frame scale; radians for rotations, which move the points
             # within the frame by as much): precision of a fraction of this level's voxel, coarser
@@ -991,7 +1001,7 @@ class _Run:
             for iteration in range(iterations):
                 optimizer.zero_grad()
                 losses = [
-                    self._linear_loss(level, side, similarity, current_matrix(), translation)
+                    self._linear_loss(level, side, similarity, to_normalized[side], current_matrix(), translation)
                     for side in self.linear_directions
                 ]
                 if any(term is None for term in losses):

@@ -2,26 +2,27 @@
 
 A bundle (folder or ``.zip``) has ``configs/metadata.json``, ``configs/inference.json`` (or ``.yaml``)
 and ``models/model.pt`` (a state dict) or ``models/model.ts`` (TorchScript). DeepSeg builds the
-bundle's ``network_def``, ``preprocessing``, ``inferer`` and ``postprocessing`` with
-``monai.bundle.ConfigParser`` so the bundle runs as its authors meant, except that:
+bundle's ``network_def``, ``preprocessing``, ``inferer`` and ``postprocessing`` so the bundle runs as its
+authors meant, except that:
 
 - file reading (``LoadImage(d)``) and writing (``SaveImage(d)``) transforms are left out: the image
   arrives as a MetaTensor carrying the volume's IJK-to-RAS matrix, exactly what ``LoadImaged`` makes;
 - the sliding window runs through DeepSeg's inferer with the bundle's roi size, overlap, blend mode
   and window batch, adding progress, cancel and the out-of-memory fallback;
-- weights load with ``torch.load(weights_only=True)``.
+- weights load with ``torch.load(weights_only=True)``; TorchScript is inspected before it is loaded.
 
-A bundle config is code: ``_target_`` names a callable and ``$`` strings are Python expressions.
-Unless ``trust_code=True``, every ``_target_`` used must resolve inside ``monai`` or ``torch``, and
-``$`` expressions are refused except plain references (``$@name``), so a downloaded bundle cannot run
-arbitrary code.
+A bundle config is code: ``_target_`` names a callable and ``$`` strings are Python expressions. By default
+(untrusted) the config is built by :class:`~DeepSegModuleLib.models.bundle_config.SafeBundleConfig`: only
+allow-listed MONAI components, a restricted expression interpreter, files inside the bundle. With
+``trust_code=True`` (an explicit choice: ``deepseg segment --trust-code``) MONAI's own ``ConfigParser`` builds
+it, the bundle folder is importable while it does (``scripts/``), and what will run outside the allow-list is
+logged first.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
-import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -32,11 +33,11 @@ import torch
 
 from DeepSegModuleLib.labels import LabelInfo, default_color
 from DeepSegModuleLib.models.description import InputSpec, LoadedModel, ModelDescription, ModelFormat
-from DeepSegModuleLib.models.errors import ModelFileError, ModelFormatError
+from DeepSegModuleLib.models.errors import ModelFileError, ModelFormatError, load_error_detail
+
+logger = logging.getLogger(__name__)
 
 _IO_TRANSFORMS = {"LoadImage", "LoadImaged", "SaveImage", "SaveImaged"}
-_SAFE_TARGET_PREFIXES = ("monai.", "torch.")
-_PLAIN_REFERENCE = re.compile(r"^\$@[A-Za-z0-9_#]+$")
 _USED_IDS = ("network_def", "preprocessing", "inferer", "postprocessing")
 
 
@@ -47,46 +48,6 @@ def _config_file(bundle: Path) -> Path:
     raise ModelFormatError(
         f"{bundle} has no configs/inference.json or .yaml; it is not an inference-ready MONAI bundle"
     )
-
-
-def _target_name(target: Any) -> str:
-    return target.rsplit(".", 1)[-1] if isinstance(target, str) else ""
-
-
-def _check_untrusted(node: Any, where: str, locator: Any) -> None:
-    if isinstance(node, Mapping):
-        target = node.get("_target_")
-        if isinstance(target, str):
-            if target.startswith(("$", "@")):
-                raise ModelFormatError(
-                    f"bundle config {where}: '_target_' {target!r} is computed; load with trust_code=True if you "
-                    "trust this bundle's author"
-                )
-            if "." in target:
-                module = target
-            else:
-                module = locator.get_component_module_name(target)
-                if module is None:
-                    raise ModelFormatError(
-                        f"bundle config {where}: unknown class {target!r}; it is not a MONAI component (is the "
-                        "bundle written for another MONAI version, or does it need its own scripts?)"
-                    )
-                module = module[0] if isinstance(module, list) else module
-            if not module.startswith(_SAFE_TARGET_PREFIXES):
-                raise ModelFormatError(
-                    f"bundle config {where}: '_target_' {target!r} is outside MONAI and PyTorch; load with "
-                    "trust_code=True if you trust this bundle's author"
-                )
-        for key, value in node.items():
-            _check_untrusted(value, f"{where}#{key}", locator)
-    elif isinstance(node, list):
-        for index, value in enumerate(node):
-            _check_untrusted(value, f"{where}#{index}", locator)
-    elif isinstance(node, str) and node.startswith("$") and not _PLAIN_REFERENCE.match(node):
-        raise ModelFormatError(
-            f"bundle config {where}: the Python expression {node!r} would run on load; load with trust_code=True "
-            "if you trust this bundle's author"
-        )
 
 
 def _labels_from_metadata(metadata: Mapping[str, Any], bundle: Path) -> tuple[list[LabelInfo], list[int]]:
@@ -124,7 +85,7 @@ def _load_state_dict(weights: Path) -> Mapping[str, torch.Tensor]:
     except Exception as error:  # truncated zip, pickled objects outside the allow-list...
         raise ModelFileError(
             f"{weights} ({os.path.getsize(weights)} bytes) could not be read as a weights-only checkpoint: it is "
-            f"truncated, damaged, or holds Python objects besides tensors. Details: {str(error).splitlines()[0]}"
+            f"truncated, damaged, or holds Python objects besides tensors. Details: {load_error_detail(error)}"
         ) from error
     if isinstance(checkpoint, Mapping) and "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
         checkpoint = checkpoint["model"]
@@ -142,6 +103,10 @@ class BundleWorkflow:
         self.model = model
         preprocessing = parser.get_parsed_content("preprocessing", instantiate=True)
         self.image_key = "image"
+        for component in getattr(parser, "io_components", []):  # the safe builder leaves them unbuilt
+            if component.name.startswith("Load") and component.keys:
+                self.image_key = component.keys[0]
+                break
         kept = []
         for transform in getattr(preprocessing, "transforms", [preprocessing]):
             if type(transform).__name__ in _IO_TRANSFORMS:
@@ -261,52 +226,56 @@ class BundleWorkflow:
 
 
 def load_monai_bundle(
-    bundle: str | os.PathLike, device: torch.device | str = "cpu", trust_code: bool = False
+    bundle: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    trust_code: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> LoadedModel:
     """Reads a MONAI bundle folder into a :class:`LoadedModel` whose ``bundle_workflow`` runs it.
 
     Args:
         bundle: the bundle folder (``.zip`` files are unpacked safely by ``load_model``).
         device: where the network runs.
-        trust_code: allow ``$`` expressions and ``_target_`` classes outside MONAI/PyTorch in the config.
+        trust_code: build the config with MONAI's own parser, which runs any ``_target_`` and ``$`` expression
+            and may import the bundle's ``scripts/``. What runs outside the allow-list is logged first.
+        log: where that list goes (default: the module's logger).
 
     Raises:
-        ModelFormatError: missing configs, unknown or untrusted classes, no channel names.
+        UntrustedCodeError: untrusted mode, and the config needs code outside the allow-list (it lists what).
+        ModelFormatError: missing configs, unknown classes, no channel names.
         ModelFileError: missing, truncated or non-weights-only weights.
     """
-    from monai.bundle import ComponentLocator, ConfigParser
+    from DeepSegModuleLib.models.bundle_config import SafeBundleConfig, read_bundle_config
 
     started = time.perf_counter()
     bundle = Path(bundle)
     device = torch.device(device)
     config_path = _config_file(bundle)
     metadata_path = bundle / "configs" / "metadata.json"
-    metadata = json.loads(metadata_path.read_text(encoding="utf-8")) if metadata_path.is_file() else {}
-    parser = ConfigParser()
-    try:
-        parser.read_config(str(config_path))
-    except Exception as error:
-        raise ModelFormatError(f"{config_path} could not be parsed ({error}); fix or replace the bundle") from error
-    parser.read_meta(metadata)
-    missing = [key for key in ("network_def", "preprocessing") if key not in parser]
+    metadata = read_bundle_config(metadata_path) if metadata_path.is_file() else {}
+    config = read_bundle_config(config_path)
+    missing = [key for key in ("network_def", "preprocessing") if key not in config]
     if missing:
         raise ModelFormatError(f"{config_path} defines no {missing}; DeepSeg needs them to run the bundle")
-    if not trust_code:
-        locator = ComponentLocator()
-        for key in _USED_IDS:
-            if key in parser:
-                _check_untrusted(parser[key], key, locator)
-    parser["bundle_root"] = str(bundle)
-    parser["device"] = device
+    safe = SafeBundleConfig(config, metadata, bundle, {"bundle_root": str(bundle), "device": device}, str(bundle))
+    if trust_code:
+        findings = safe.audit(_USED_IDS)
+        scripts = sorted(str(p.relative_to(bundle)) for p in (bundle / "scripts").rglob("*.py")) if (
+            bundle / "scripts").is_dir() else []  # fmt: skip
+        (log or logger.warning)(
+            f"Trusted mode for {bundle}: running its config with MONAI's parser. Outside DeepSeg's allow-list: "
+            + ("; ".join(findings) if findings else "nothing")
+            + (f". Bundle code that may be imported: {', '.join(scripts)}" if scripts else "")
+        )
+        parser = _trusted_parser(config_path, metadata, bundle, device)
+    else:
+        parser = safe
     try:
         weights = _weights(bundle)
         if weights.suffix == ".ts":
-            try:
-                network = torch.jit.load(str(weights), map_location=device)
-            except (RuntimeError, ValueError) as error:
-                raise ModelFileError(
-                    f"{weights} is truncated or not TorchScript ({str(error).splitlines()[0]})"
-                ) from error
+            from DeepSegModuleLib.models.torchscript_check import load_checked_torchscript
+
+            network = load_checked_torchscript(weights, map_location=device)
         else:
             network = parser.get_parsed_content("network_def", instantiate=True)
             state = _load_state_dict(weights)
@@ -320,13 +289,17 @@ def load_monai_bundle(
             network.to(device)
         network.eval()
         labels, channels = _labels_from_metadata(metadata, bundle)
-        inferer_config = parser.get("inferer", {}) if "inferer" in parser else {}
-        roi = inferer_config.get("roi_size") if isinstance(inferer_config, Mapping) else None
+        # the built inferer carries the config's values after references and expressions are resolved
+        inferer = parser.get_parsed_content("inferer", instantiate=True) if "inferer" in parser else None
+        roi = getattr(inferer, "roi_size", None)
         inputs_meta = metadata.get("network_data_format", {}).get("inputs", {})
         image_meta = inputs_meta.get("image") or next(iter(inputs_meta.values()), {})
         if roi is None or isinstance(roi, str):
             roi = image_meta.get("spatial_shape", [96, 96, 96])
-        roi = [int(r) for r in roi]
+        try:
+            roi = [int(r) for r in roi]
+        except (TypeError, ValueError):
+            raise ModelFormatError(f"{config_path}: the inferer's roi_size {roi!r} is not a list of integers") from None
         channel_names = image_meta.get("channel_def") or {"0": image_meta.get("modality", "image")}
         description = ModelDescription(
             name=str(metadata.get("name") or bundle.name),
@@ -338,14 +311,18 @@ def load_monai_bundle(
             labels=labels,
             channel_to_label=channels,
             patch_size=tuple(roi),
-            overlap=float(inferer_config.get("overlap", 0.25)) if isinstance(inferer_config, Mapping) else 0.25,
-            sw_batch_size=int(inferer_config.get("sw_batch_size", 1)) if isinstance(inferer_config, Mapping) else 1,
+            overlap=float(getattr(inferer, "overlap", 0.25)),
+            sw_batch_size=int(getattr(inferer, "sw_batch_size", 1)),
             source=str(bundle),
             extra={"metadata": metadata},
         )
         workflow = BundleWorkflow(parser, description)
     except (ModelFormatError, ModelFileError):
         raise
+    except ImportError as error:
+        raise ModelFormatError(
+            f"the bundle {bundle} needs the Python package {error.name or str(error)!r}: pip install {error.name or ''}"
+        ) from None
     except Exception as error:
         raise ModelFormatError(
             f"the bundle {bundle} could not be built: {str(error).splitlines()[0]}. If the config names classes from "
@@ -367,3 +344,38 @@ def load_monai_bundle(
     )
     workflow.model = model
     return model
+
+
+def _trusted_parser(config_path: Path, metadata: Mapping[str, Any], bundle: Path, device: torch.device) -> Any:
+    """MONAI's own parser, with the bundle folder importable while it builds (its ``scripts/`` package)."""
+    import sys
+
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(config_path))
+    parser.read_meta(dict(metadata))
+    parser["bundle_root"] = str(bundle)
+    parser["device"] = device
+    return _ImportableDuringBuild(parser, str(bundle.resolve()), sys)
+
+
+class _ImportableDuringBuild:
+    """Wraps a ConfigParser so that the bundle folder is on ``sys.path`` only while items are built."""
+
+    def __init__(self, parser: Any, folder: str, sys_module: Any) -> None:
+        self._parser, self._folder, self._sys = parser, folder, sys_module
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._parser
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._parser.get(key, default)
+
+    def get_parsed_content(self, key: str, **kwargs: Any) -> Any:
+        self._sys.path.insert(0, self._folder)
+        try:
+            return self._parser.get_parsed_content(key, **kwargs)
+        finally:
+            if self._folder in self._sys.path:
+                self._sys.path.remove(self._folder)

@@ -20,8 +20,9 @@ format is documented in ``docs/model_card.md``. Minimal example::
                   "terminology": "Segmentation category and type - DICOM master list~SCT^123037004^Anatomical Structure~SCT^12738006^Brain~^^~~^^~^^"}]
     }
 
-TorchScript is loaded with ``torch.jit.load``, which runs only TorchScript code and restores
-tensors, never arbitrary Python pickles.
+TorchScript runs TorchScript code, not Python, but its operators reach further than tensors (``torch.from_file``
+maps any file): every archive is inspected by :mod:`~DeepSegModuleLib.models.torchscript_check` before
+``torch.jit.load`` runs any of it, and refused when it calls an operator outside the allow-list.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from DeepSegModuleLib.models.description import (
     OutputActivation,
 )
 from DeepSegModuleLib.models.errors import ModelFileError, ModelFormatError
+from DeepSegModuleLib.models.torchscript_check import load_checked_torchscript
 
 CARD_VERSION = 1
 #: File names looked for when a folder or a bare TorchScript file is given.
@@ -223,15 +225,7 @@ def load_torchscript_model(path: str | os.PathLike, device: torch.device | str =
         verify_sha256(weights, expected)
         description.sha256 = expected
     device = torch.device(device)
-    try:
-        network = torch.jit.load(str(weights), map_location=device)
-    except (RuntimeError, ValueError) as error:
-        size = os.path.getsize(weights)
-        raise ModelFileError(
-            f"{weights} ({size} bytes) could not be read as TorchScript: it is truncated, damaged, or not a "
-            "TorchScript file (export with torch.jit.script or torch.jit.trace and save with torch.jit.save). "
-            f"Details: {str(error).splitlines()[0]}"
-        ) from error
+    network = load_checked_torchscript(weights, map_location=device)
     network.eval()
 
     def to_device(target: torch.device) -> Any:

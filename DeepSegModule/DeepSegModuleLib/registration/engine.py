@@ -1172,7 +1172,9 @@ class _Run:
         config = self.config
         network = config.initializer
         if isinstance(network, (str, Path)):
-            network = torch.jit.load(str(network), map_location=self.device)
+            from DeepSegModuleLib.models.torchscript_check import load_checked_torchscript
+
+            network = load_checked_torchscript(network, map_location=self.device)
         network.eval()
         with torch.no_grad():
             moving_on_fixed, _ = self._sample_moving(level, apply_matrix(apply_matrix(points, linear), to_normalized))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ast
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -120,7 +121,7 @@ def _code_files(archive: Path) -> dict[str, str]:
             if sum(m.file_size for m in code) > MAX_CODE_BYTES:
                 raise UnsafeTorchScriptError(f"{archive}: its code is larger than {MAX_CODE_BYTES >> 20} MB")
             return {m.filename: zip_file.read(m).decode("utf-8") for m in code}
-    except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError) as error:
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, UnicodeDecodeError, ValueError, NotImplementedError) as error:
         raise ModelFileError(
             f"{archive} ({_size(archive)}) is not a readable TorchScript archive ({error}): it is truncated, damaged "
             "or not TorchScript (export with torch.jit.script or torch.jit.trace and save with torch.jit.save)"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -42,12 +44,22 @@ class CaseResult:
     error: str = ""
 
 
+#: A case name becomes a file name in the output folder: the model-id rule (letters, digits, '.', '_', '-';
+#: no leading dot, no separator, at most 128 characters), matched whole.
+CASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
 def _case_name(path: Path) -> str:
     name = path.name
     for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
         if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+            name = name[: -len(suffix)]
+            break
+    else:
+        name = path.stem
+    # a file's own name, made a safe case name (spaces and other characters become '_')
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip("._-")[:128]
+    return cleaned or "case"
 
 
 def read_cases(source: str | Path, columns: tuple[str, ...], optional: tuple[str, ...] = ()) -> list[Case]:
@@ -83,6 +95,12 @@ def read_cases(source: str | Path, columns: tuple[str, ...], optional: tuple[str
                     files[name] = path if path.is_absolute() else source.parent / path
             cases.append(Case(row["case"].strip(), files))
     names = [case.name for case in cases]
+    unsafe = [name for name in names if not CASE_NAME.fullmatch(name)]
+    if unsafe:
+        raise ValueError(
+            f"case names become output file names and may hold only letters, digits, '.', '_' and '-' (not starting "
+            f"with '.'): fix {unsafe[:5]} in {source}"
+        )
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ValueError(f"case names must be unique; repeated: {duplicates}")
@@ -108,27 +126,43 @@ def run_cases(
     for case in cases:
         outputs = outputs_of(case)
         record = output_dir / f"{case.name}{DONE_SUFFIX}"
-        if record.is_file() and all(path.exists() for path in outputs.values()):
-            previous = json.loads(record.read_text(encoding="utf-8"))
+        previous = _read_record(record) if all(path.exists() for path in outputs.values()) else None
+        if previous is not None:
             result = CaseResult(case.name, "skipped", previous.get("seconds", 0.0),
                                 {k: str(v) for k, v in outputs.items()}, previous.get("summary", {}))
         else:
             started = time.perf_counter()
             try:
+                # process() writes all of a case's outputs or none (outputs.OutputSet), so nothing is removed here
                 summary = process(case, outputs)
+                seconds = time.perf_counter() - started
+                _write_record(record, {"seconds": seconds, "summary": summary})
             except Exception as error:  # noqa: BLE001 - one case's failure must not stop the cohort
-                for path in outputs.values():
-                    if path.is_file():
-                        path.unlink()
                 result = CaseResult(case.name, "failed", time.perf_counter() - started, error=" ".join(str(error).split()))
             else:
-                seconds = time.perf_counter() - started
                 result = CaseResult(case.name, "done", seconds, {k: str(v) for k, v in outputs.items()}, summary)
-                record.write_text(json.dumps({"seconds": seconds, "summary": summary}, indent=2, default=str), encoding="utf-8")
         results.append(result)
         if on_result is not None:
             on_result(result)
     return results
+
+
+def _read_record(record: Path) -> dict[str, Any] | None:
+    """A case's done-record, or None when there is none or it is damaged (the case then runs again)."""
+    try:
+        content = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return content if isinstance(content, dict) else None
+
+
+def _write_record(record: Path, content: dict[str, Any]) -> None:
+    """Writes a case's done-record atomically (a crash never leaves half a record that would skip the case)."""
+    if record.is_dir():
+        raise ValueError(f"{record} is a folder; the case's record cannot be written there")
+    temporary = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(content, indent=2, default=str), encoding="utf-8")
+    os.replace(temporary, record)
 
 
 def iter_rows(results: list[CaseResult]) -> Iterator[tuple[str, str, str, str]]:

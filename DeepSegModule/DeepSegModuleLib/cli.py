@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import typer
 
+from .outputs import OutputSet
+
 app = typer.Typer(
     name="deepseg",
     help="Deep-learning segmentation and registration that writes 3D Slicer scenes, segmentations and transforms.",
@@ -67,13 +69,14 @@ def _fail(message: str, as_json: bool) -> None:
 def _reported(as_json: bool):
     """Turns the errors a user can fix into one line and exit code 1."""
     from .jobs import JobCancelled, JobFailed
+    from .models.errors import ModelError
     from .storage import StorageError
 
     try:
         yield
     except typer.Exit:
         raise
-    except (CommandError, StorageError, JobFailed, JobCancelled, OSError, ValueError, KeyError) as error:
+    except (CommandError, StorageError, JobFailed, JobCancelled, OSError, ValueError, KeyError, ModelError) as error:
         text = error.args[0] if isinstance(error, KeyError) and error.args else error
         _fail(str(text), as_json)
 
@@ -105,36 +108,6 @@ def _check_input(path: Path, what: str) -> Path:
     if path.is_dir():
         raise CommandError(f"{what} {path} is a folder: pass an image file (.nii.gz, .nrrd, .mha)")
     return path
-
-
-class _Outputs:
-    """Files a command writes; on failure every one already written is removed again."""
-
-    def __init__(self) -> None:
-        self.written: list[Path] = []
-
-    def add(self, path: Path) -> Path:
-        self.written.append(Path(path))
-        return Path(path)
-
-    def discard(self) -> None:
-        for path in self.written:
-            if path.is_file():
-                path.unlink()
-            elif path.is_dir():
-                import shutil
-
-                shutil.rmtree(path, ignore_errors=True)
-
-
-@contextmanager
-def _all_or_nothing():
-    outputs = _Outputs()
-    try:
-        yield outputs
-    except BaseException:
-        outputs.discard()
-        raise
 
 
 def resolve_model(model: str | None) -> Path:
@@ -228,6 +201,11 @@ def segment(
     ),
     overlap: float | None = typer.Option(None, help="Sliding-window overlap, 0..1 (default: the model's)."),
     preview: Path | None = typer.Option(None, help="Also write a PNG with three slices and the segments."),
+    trust_code: bool = typer.Option(
+        False, "--trust-code", help="Let a MONAI bundle run code outside DeepSeg's allow-list (its scripts/, any "
+        "expression). Only for bundles whose author you trust; what will run is printed first.",
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace output files that already exist."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
     """Segment an image with a model; write a Slicer segmentation or a label map.
@@ -246,11 +224,23 @@ def segment(
         for path in inputs:
             _check_input(path, "input")
         model_path = resolve_model(model)
+        if trust_code and (model_path / "configs").is_dir():
+            from .models.monai_bundle import trusted_code_summary
+
+            for line in trusted_code_summary(model_path):
+                typer.echo(f"deepseg: --trust-code: {line}", err=True)
+        outputs = OutputSet(inputs=[*inputs, model_path], overwrite=overwrite)
+        outputs.claim(output, "--output")
+        if preview is not None:
+            outputs.claim(preview, "--preview")
+        if probabilities is not None:
+            outputs.claim_folder(probabilities, "--probabilities")
 
         with _progress_bar(as_json) as on_event:
             summary = segment_files(
                 _logic(), inputs, output, model_path, device=device, labels=labels, probabilities=probabilities,
-                tta=tta, overlap=overlap, preview=preview, on_event=on_event, precision=precision,
+                tta=tta, overlap=overlap, preview=preview, on_event=on_event, precision=precision, outputs=outputs,
+                trust_code=trust_code,
             )
         lines = [f"  {name:<30s} {volume:10.2f} ml" for name, volume in summary["segments_ml"].items()]
         lines += [f"  {stage:<30s} {seconds:8.2f} s" for stage, seconds in summary.get("timings_s", {}).items()]
@@ -262,12 +252,18 @@ def segment(
 def segment_files(
     logic_factory, inputs: list[Path], output: Path, model_path: Path, *, device: str = "auto",
     labels: str | None = None, probabilities: Path | None = None, tta: bool = False, overlap: float | None = None,
-    preview: Path | None = None, on_event=None, precision: str = "auto",
+    preview: Path | None = None, on_event=None, precision: str = "auto", outputs: OutputSet | None = None,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """One case: reads ``inputs``, segments with ``model_path``, writes ``output`` (and the extras); all or nothing.
 
     ``logic_factory(context)`` gives the :class:`DeepSegLogic` to run with (its worker may be shared by cases).
+    ``outputs`` holds the checked output paths (see :mod:`~DeepSegModuleLib.outputs`); by default the outputs are
+    checked here, with no file replaced.
     """
+    if outputs is None:
+        outputs = OutputSet(inputs=[*inputs, model_path])
+        outputs.claim(output, "output")
     from . import nodes, storage
     from .context import SceneContext
 
@@ -276,29 +272,33 @@ def segment_files(
     keep = [name.strip() for name in labels.split(",") if name.strip()] if labels else None
     run = logic_factory(context).start_segment(
         volumes, str(model_path), labels=keep, probabilities=probabilities is not None, device=device,
-        overlap=overlap, mirroring=tta, on_event=on_event, precision=precision,
+        overlap=overlap, mirroring=tta, on_event=on_event, precision=precision, trust_code=trust_code,
     )
     outcome = run.wait()
     data = outcome.data
-    with _all_or_nothing() as written:
+    try:
         if _suffix(output) == SEGMENTATION_SUFFIX:
-            storage.save_node(context, outcome.nodes["segmentation"], written.add(output))
+            storage.save_node(context, outcome.nodes["segmentation"], outputs.stage(output))
         else:
-            storage.save_array_like_file(written.add(output), data["labels"], data["ijk_to_ras"], like=inputs[0])
+            storage.save_array_like_file(outputs.stage(output), data["labels"], data["ijk_to_ras"], like=inputs[0])
         probability_files = {}
         if probabilities is not None:
-            probabilities.mkdir(parents=True, exist_ok=True)
             for key, node in outcome.nodes.items():
                 if key.startswith("probability "):
                     name = key.removeprefix("probability ")
-                    path = written.add(probabilities / f"{_file_safe(name)}.nii.gz")
-                    probability_files[name] = str(storage.save_node(context, node, path))
+                    path = probabilities / f"{_file_safe(name)}.nii.gz"
+                    storage.save_node(context, node, outputs.stage(path))
+                    probability_files[name] = str(path)
         if preview is not None:
             from .preview import write_preview
 
             image, grid = nodes.volume_to_array(volumes[0])
-            write_preview(written.add(preview), image, grid, data["labels"], data["label_table"],
+            write_preview(outputs.stage(preview), image, grid, data["labels"], data["label_table"],
                           title=f"{inputs[0].name}: {model_path.name}")
+        outputs.commit()
+    except BaseException:
+        outputs.rollback()
+        raise
     voxel_ml = abs(np.linalg.det(data["ijk_to_ras"][:3, :3])) / 1000.0
     segments = {info.name: round(float((data["labels"] == info.value).sum()) * voxel_ml, 2) for info in data["label_table"]}
     return {
@@ -331,6 +331,7 @@ def register(
     inverse_transform: Path | None = typer.Option(None, help="Also write the inverse transform (moving to fixed)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     report: Path | None = typer.Option(None, help="Write the quality report (folding, Dice, runtime) as JSON."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace output files that already exist."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
     """Register two images; write the transform (and optionally the resampled image and propagated labels).
@@ -355,6 +356,13 @@ def register(
                            (fixed_mask, "--fixed-mask"), (moving_mask, "--moving-mask")):
             if path is not None:
                 _check_input(path, what)
+        outputs = OutputSet(inputs=[fixed, moving, moving_segmentation, fixed_mask, moving_mask], overwrite=overwrite)
+        outputs.inputs = [p for p in outputs.inputs if p is not None]
+        for path, what in ((output_transform, "--output-transform"), (inverse_transform, "--inverse-transform"),
+                           (output_volume, "--output-volume"), (output_segmentation, "--output-segmentation"),
+                           (report, "--report")):
+            if path is not None:
+                outputs.claim(path, what)
 
         context = SceneContext.headless()
         fixed_node = storage.load_volume(context, fixed)
@@ -377,18 +385,18 @@ def register(
         transform = outcome.nodes["transform"]
         check_points = _check_points(fixed_node)
         mapped = nodes.transform_points(transform, check_points)
-        with _all_or_nothing() as written:
-            storage.save_node(context, transform, written.add(output_transform))
+        try:
+            storage.save_node(context, transform, outputs.stage(output_transform))
             if inverse_transform is not None:
-                storage.save_node(context, outcome.nodes["inverse transform"], written.add(inverse_transform))
+                storage.save_node(context, outcome.nodes["inverse transform"], outputs.stage(inverse_transform))
             if output_volume is not None:
-                storage.save_node(context, outcome.nodes["volume"], written.add(output_volume))
+                storage.save_node(context, outcome.nodes["volume"], outputs.stage(output_volume))
             if output_segmentation is not None:
                 if _suffix(output_segmentation) == SEGMENTATION_SUFFIX:
-                    storage.save_node(context, outcome.nodes["segmentation"], written.add(output_segmentation))
+                    storage.save_node(context, outcome.nodes["segmentation"], outputs.stage(output_segmentation))
                 else:
                     storage.save_array_like_file(
-                        written.add(output_segmentation), outcome.data["propagated_labels"],
+                        outputs.stage(output_segmentation), outcome.data["propagated_labels"],
                         outcome.data["fixed_ijk_to_ras"], like=fixed,
                     )
             summary = {
@@ -399,7 +407,11 @@ def register(
                 **outcome.report,
             }
             if report is not None:
-                written.add(report).write_text(json.dumps(summary, indent=2, default=_json_default), encoding="utf-8")
+                outputs.stage(report).write_text(json.dumps(summary, indent=2, default=_json_default), encoding="utf-8")
+            outputs.commit()
+        except BaseException:
+            outputs.rollback()
+            raise
 
         quality = outcome.report.get("quality", {})
         lines = [f"  {key:<34s} {value}" for key, value in _flat(quality).items()]
@@ -565,6 +577,7 @@ def batch_segment(
     output_format: str = typer.Option("seg.nrrd", "--format", help="seg.nrrd (segments) or nii.gz (label maps)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     labels: str | None = typer.Option(None, help="Comma-separated label names to keep."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace output files of unfinished cases that exist."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
     """Segment every case; a re-run skips finished cases.
@@ -586,7 +599,10 @@ def batch_segment(
             inputs = [case.files[key] for key in ("input", *[f"input{n}" for n in range(2, 9)]) if key in case.files]
             for path in inputs:
                 _check_input(path, f"input of case {case.name}")
-            summary = segment_files(_logic(worker), inputs, outputs["segmentation"], model_path, device=device, labels=labels)
+            checked = OutputSet(inputs=[*inputs, model_path], overwrite=overwrite, root=output_dir)
+            checked.claim(outputs["segmentation"], f"output of case {case.name}")
+            summary = segment_files(_logic(worker), inputs, outputs["segmentation"], model_path, device=device,
+                                    labels=labels, outputs=checked)
             return {name: f"{volume} ml" for name, volume in summary["segments_ml"].items()}
 
         def report(result):
@@ -609,6 +625,7 @@ def batch_register(
     output_dir: Path = typer.Option(..., help="<case>.h5 (+ <case>.nrrd, <case>.seg.nrrd) go here."),
     preset: str = typer.Option("deformable fast", help="rigid, affine, deformable fast, deformable accurate, multimodal."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace output files of unfinished cases that exist."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
     """Register every case's moving image to its fixed image; a re-run skips finished cases.
@@ -637,7 +654,10 @@ def batch_register(
             if "segmentation" in outputs:
                 argv += ["--moving-segmentation", case.files["moving_segmentation"],
                          "--output-segmentation", outputs["segmentation"]]
-            return _run_quietly(argv)
+            checked = OutputSet(inputs=[Path(p) for p in case.files.values()], overwrite=overwrite, root=output_dir)
+            for kind, path in outputs.items():
+                checked.claim(path, f"{kind} of case {case.name}")
+            return _run_quietly(argv + (["--overwrite"] if overwrite else []))
 
         results = run_cases(case_list, output_dir, outputs_of, process)
     _finish_batch(results, as_json, f"deepseg batch register: {len(results)} case(s)")
@@ -668,6 +688,7 @@ def _run_quietly(argv: list) -> dict[str, Any]:
 @app.command()
 def demo(
     output: Path = typer.Option(Path("deepseg-demo"), "--output", "-o", help="Folder for the scene and files."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an earlier demo in that folder."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
     """Register two real brain MRIs shipped with packages, segment one with the bundled model; write a Slicer scene.
@@ -681,7 +702,7 @@ def demo(
     from .demo import run_demo
 
     with _reported(as_json):
-        summary = run_demo(output)
+        summary = run_demo(output, overwrite=overwrite)
         lines = [f"  {step:<52s} {seconds:6.2f} s" for step, seconds in summary["timings_s"].items()]
         lines += [f"  subject {name:<22s} {volume:8.1f} ml" for name, volume in summary["subject_segments_ml"].items()]
         lines += [

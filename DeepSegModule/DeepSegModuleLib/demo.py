@@ -19,6 +19,7 @@ show each result. No download.
 from __future__ import annotations
 
 import time
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -71,18 +72,40 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float | None:
     return round(2.0 * float(np.logical_and(a, b).sum()) / total, 3) if total else None
 
 
-def run_demo(output: Path, preset: str = "deformable fast", device: str = "auto") -> dict:
-    """Builds the demo scene and writes it into ``output``; returns what was written and how long each step took."""
+def run_demo(output: Path, preset: str = "deformable fast", device: str = "auto", overwrite: bool = False) -> dict:
+    """Builds the demo scene and writes it into ``output``; returns what was written and how long each step took.
+
+    Files already in ``output`` are never replaced unless ``overwrite`` (the output rule of
+    :mod:`~DeepSegModuleLib.outputs`); nothing is written unless the whole demo succeeds.
+    """
+    from .outputs import OutputError, output_set
     from .jobs import InProcessWorker
     from .logic import DeepSegLogic
     from .models.store import DEFAULT_MODEL_ID, ModelStore
     from .preview import write_checkerboard
 
     output = Path(output)
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OSError(f"cannot create the output folder {output} ({error.strerror}): choose another --output") from None
+    names = {
+        "subject": "subject_T1.nrrd", "template": "MNI152_T1.nrrd", "template segmentation": "MNI152_tissues.seg.nrrd",
+        "transform": "MNI152_to_subject.h5", "registered template": "MNI152_on_subject.nrrd",
+        "subject segmentation": "subject_tissues.seg.nrrd", "model segmentation": "MNI152_tissues_model.seg.nrrd",
+        "scene": "deepseg-demo.mrb", "preview": "preview.png", "segmentation preview": "segmentation.png",
+        "registration preview": "registration.png",
+    }  # fmt: skip
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"--output {output} is a file; the demo writes a folder of files: choose another name")
+    with output_set(overwrite=overwrite, root=output if output.is_dir() else None) as outputs:
+        outputs.claim_folder(output, "--output")
+        claimed = {kind: outputs.claim(output / name, f"the demo's {name}") for kind, name in names.items()}
+        return _build_demo(output, claimed, outputs, preset, device)
+
+
+def _build_demo(output: Path, claimed: dict[str, Path], outputs: Any, preset: str, device: str) -> dict:
+    from .jobs import InProcessWorker
+    from .logic import DeepSegLogic
+    from .models.store import DEFAULT_MODEL_ID, ModelStore
+    from .preview import write_checkerboard
+
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -127,34 +150,33 @@ def run_demo(output: Path, preset: str = "deformable fast", device: str = "auto"
 
     subject_array, subject_grid = nodes.volume_to_array(subject)
     subject_labels = outcome.data["propagated_labels"]
-    written = {
-        "subject": storage.save_node(context, subject, output / "subject_T1.nrrd"),
-        "template": storage.save_node(context, template, output / "MNI152_T1.nrrd"),
-        "template segmentation": storage.save_node(context, template_tissues, output / "MNI152_tissues.seg.nrrd"),
-        "transform": storage.save_node(context, outcome.nodes["transform"], output / "MNI152_to_subject.h5"),
-        "registered template": storage.save_node(context, outcome.nodes["volume"], output / "MNI152_on_subject.nrrd"),
-        "subject segmentation": storage.save_node(context, subject_tissues, output / "subject_tissues.seg.nrrd"),
-        "model segmentation": storage.save_node(context, model_tissues, output / "MNI152_tissues_model.seg.nrrd"),
-        "scene": output / "deepseg-demo.mrb",
-    }
-    storage.save_scene_bundle(context, written["scene"])
+    saved = {
+        "subject": subject, "template": template, "template segmentation": template_tissues,
+        "transform": outcome.nodes["transform"], "registered template": outcome.nodes["volume"],
+        "subject segmentation": subject_tissues, "model segmentation": model_tissues,
+    }  # fmt: skip
+    for kind, node in saved.items():
+        storage.save_node(context, node, outputs.stage(claimed[kind]))
+    storage.save_scene_bundle(context, outputs.stage(claimed["scene"]))
+    written = {kind: claimed[kind] for kind in (*saved, "scene")}
     lap("write files and scene")
     table = outcome.data["label_table"]
-    written["preview"] = write_preview(
-        output / "preview.png", subject_array, subject_grid, subject_labels, table,
+    write_preview(
+        outputs.stage(claimed["preview"]), subject_array, subject_grid, subject_labels, table,
         title="Subject T1 with tissue segments carried over from the MNI152 template",
     )
     model_labels, model_table = segmented.data["labels"], segmented.data["label_table"]
     template_array, _ = nodes.volume_to_array(template)
-    written["segmentation preview"] = write_preview(
-        output / "segmentation.png", template_array, template_grid, model_labels, model_table,
+    write_preview(
+        outputs.stage(claimed["segmentation preview"]), template_array, template_grid, model_labels, model_table,
         title=f"MNI152 T1 segmented by DeepSeg's bundled {DEFAULT_MODEL_ID} model",
     )
     registered, _ = nodes.volume_to_array(outcome.nodes["volume"])
-    written["registration preview"] = write_checkerboard(
-        output / "registration.png", subject_array, registered, subject_grid,
+    write_checkerboard(
+        outputs.stage(claimed["registration preview"]), subject_array, registered, subject_grid,
         title="Checkerboard: subject T1 and the registered MNI152 template",
     )
+    written.update({kind: claimed[kind] for kind in ("preview", "segmentation preview", "registration preview")})
     lap("pictures")
 
     voxel_ml = abs(np.linalg.det(subject_grid[:3, :3])) / 1000.0

@@ -187,6 +187,7 @@ class DeepSegLogic:
         overlap: float | None = None,
         mirroring: bool = False,
         precision: str = "auto",
+        trust_code: bool = False,
         on_event: Callable[[JobEvent], None] | None = None,
     ) -> Run:
         """Starts segmenting ``input_volumes`` (one volume node per model input) with ``model`` (a path, or the name
@@ -208,7 +209,7 @@ class DeepSegLogic:
             raise ValueError("the output must be a segmentation node (or None to create one)")
         options = {
             "device": device, "overlap": overlap, "mirroring": mirroring, "return_probabilities": probabilities,
-            "precision": precision,
+            "precision": precision, "trust_code": bool(trust_code),
         }
         if labels:
             options["labels"] = list(labels)

@@ -52,6 +52,7 @@ class ModelCache:
         path: str | os.PathLike,
         device: torch.device | str = "cpu",
         loader: Callable[[Path, torch.device], LoadedModel] | None = None,
+        trust_code: bool = False,
     ) -> tuple[LoadedModel, bool]:
         """Returns the loaded model for ``path`` on ``device``, loading it when needed.
 
@@ -59,6 +60,8 @@ class ModelCache:
             path: anything :func:`~DeepSegModuleLib.models.loader.load_model` accepts.
             device: the device the weights should be on.
             loader: overrides how a model is read (defaults to ``load_model``).
+            trust_code: load a MONAI bundle in trusted mode (a model loaded untrusted is never reused for a
+                trusted run, nor the other way round).
 
         Returns:
             ``(model, from_cache)``: ``from_cache`` is True when nothing was read from disk.
@@ -67,7 +70,7 @@ class ModelCache:
 
         path = Path(path).resolve()
         device = torch.device(device)
-        key = (str(path), str(device))
+        key = (str(path), str(device), bool(trust_code))
         fingerprint = _fingerprint(path)
         with self._lock:
             entry = self._models.get(key)
@@ -81,7 +84,7 @@ class ModelCache:
             if entry is not None:
                 logger.info("Model files changed since they were loaded; reading %s again", path)
                 del self._models[key]
-            model = (loader or load_model)(path, device)
+            model = loader(path, device) if loader is not None else load_model(path, device, trust_code=trust_code)
             model.fingerprint = fingerprint  # type: ignore[attr-defined]
             self.loads += 1
             self._models[key] = model

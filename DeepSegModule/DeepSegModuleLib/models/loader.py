@@ -61,12 +61,15 @@ def detect_format(path: str | os.PathLike) -> ModelFormat:
     )
 
 
-def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", **options) -> LoadedModel:
+def load_model(
+    path: str | os.PathLike, device: torch.device | str = "cpu", trust_code: bool = False, **options
+) -> LoadedModel:
     """Loads a model of any supported format onto ``device``.
 
     Args:
         path: a model folder, a ``.zip`` of one, a TorchScript file or a model card.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or a torch device.
+        trust_code: MONAI bundles only: build the config with MONAI's own parser (runs the author's code).
         **options: format-specific options (``folds`` and ``checkpoint_name`` for nnU-Net).
 
     Raises:
@@ -84,7 +87,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", **op
     if model_format == ModelFormat.MONAI_BUNDLE:
         from DeepSegModuleLib.models.monai_bundle import load_monai_bundle
 
-        return load_monai_bundle(path, device)
+        return load_monai_bundle(path, device, trust_code=trust_code)
     from DeepSegModuleLib.models.nnunet import load_nnunet_model
 
     return load_nnunet_model(path, device, **options)

@@ -259,14 +259,7 @@ def load_monai_bundle(
         raise ModelFormatError(f"{config_path} defines no {missing}; DeepSeg needs them to run the bundle")
     safe = SafeBundleConfig(config, metadata, bundle, {"bundle_root": str(bundle), "device": device}, str(bundle))
     if trust_code:
-        findings = safe.audit(_USED_IDS)
-        scripts = sorted(str(p.relative_to(bundle)) for p in (bundle / "scripts").rglob("*.py")) if (
-            bundle / "scripts").is_dir() else []  # fmt: skip
-        (log or logger.warning)(
-            f"Trusted mode for {bundle}: running its config with MONAI's parser. Outside DeepSeg's allow-list: "
-            + ("; ".join(findings) if findings else "nothing")
-            + (f". Bundle code that may be imported: {', '.join(scripts)}" if scripts else "")
-        )
+        (log or logger.warning)(f"Trusted mode for {bundle}: " + "; ".join(trusted_code_summary(bundle)))
         parser = _trusted_parser(config_path, metadata, bundle, device)
     else:
         parser = safe
@@ -344,6 +337,23 @@ def load_monai_bundle(
     )
     workflow.model = model
     return model
+
+
+def trusted_code_summary(bundle: str | os.PathLike) -> list[str]:
+    """What trusted mode runs that untrusted mode would not: targets and expressions outside the allow-list
+    (with where they are), and the bundle's own Python files, which the config may import."""
+    from DeepSegModuleLib.models.bundle_config import SafeBundleConfig, read_bundle_config
+
+    bundle = Path(bundle)
+    config_path = _config_file(bundle)
+    metadata_path = bundle / "configs" / "metadata.json"
+    metadata = read_bundle_config(metadata_path) if metadata_path.is_file() else {}
+    safe = SafeBundleConfig(read_bundle_config(config_path), metadata, bundle, {"bundle_root": str(bundle)})
+    lines = [f"runs {finding}" for finding in safe.audit(_USED_IDS)] or ["nothing outside the allow-list"]
+    scripts = sorted(str(p.relative_to(bundle)) for p in bundle.glob("scripts/**/*.py"))
+    if scripts:
+        lines.append(f"may import the bundle's code from {bundle}: {', '.join(scripts)}")
+    return lines
 
 
 def _trusted_parser(config_path: Path, metadata: Mapping[str, Any], bundle: Path, device: torch.device) -> Any:

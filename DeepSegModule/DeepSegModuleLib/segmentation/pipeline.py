@@ -60,6 +60,8 @@ class SegmentationOptions:
         fill_holes: True for every label, or the values/names to apply it to.
         min_component_mm3: connected components smaller than this volume (mm^3) are removed.
         return_probabilities: also return a float32 probability map per kept label on the input grid.
+        trust_code: a MONAI bundle's config may run code outside DeepSeg's allow-list (the user's explicit
+            choice; see :mod:`~DeepSegModuleLib.models.bundle_config`).
     """
 
     device: str = "auto"
@@ -72,6 +74,7 @@ class SegmentationOptions:
     fill_holes: bool | Sequence[int | str] = False
     min_component_mm3: float = 0.0
     return_probabilities: bool = False
+    trust_code: bool = False
 
 
 @dataclass
@@ -315,7 +318,9 @@ def segment(
         if loaded.device != device:
             loaded.move_to(device)
     else:
-        loaded, from_cache = (cache if cache is not None else default_cache).get(model, device)
+        loaded, from_cache = (cache if cache is not None else default_cache).get(
+            model, device, trust_code=options.trust_code
+        )
     timings["load"] = 0.0 if from_cache else loaded.load_seconds
     description = loaded.description
     report("load", 1.0)

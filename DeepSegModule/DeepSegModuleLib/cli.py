@@ -113,7 +113,7 @@ def _check_input(path: Path, what: str) -> Path:
 def resolve_model(model: str | None) -> Path:
     """A model argument as a path: an existing file/folder, or a name in the model store (checksums verified);
     None is the default model that ships with DeepSeg."""
-    from .models.store import DEFAULT_MODEL_ID, ModelStore
+    from .models.store import DEFAULT_MODEL_ID, ModelStore, model_argument
 
     if model is None:
         store = ModelStore()
@@ -123,17 +123,9 @@ def resolve_model(model: str | None) -> Path:
                 "reinstall DeepSeg, or pass --model (a model folder, file, or a store name)"
             )
         return store.verify(DEFAULT_MODEL_ID).model_path
-    candidate = Path(model).expanduser()
-    if candidate.exists():
-        return candidate
     store = ModelStore()
-    if model in store.list_ids():
-        return store.verify(model).model_path
-    known = ", ".join(store.list_ids()) or "none"
-    raise CommandError(
-        f"model '{model}' is neither a file or folder nor in the model store (stored: {known}); "
-        "import it with: deepseg models import PATH_OR_URL"
-    )
+    kind, value = model_argument(model, store)
+    return store.verify(str(value)).model_path if kind == "store" else Path(value)
 
 
 def _logic(worker=None):
@@ -449,20 +441,27 @@ def models_list(as_json: bool = typer.Option(False, "--json")) -> None:
 
     Example: deepseg models list
     """
+    from .models.errors import ModelFileError
     from .models.store import DEFAULT_MODEL_ID, ModelStore
 
     with _reported(as_json):
         store = ModelStore()
         entries = []
         for model_id in store.list_ids():
-            stored = store.get(model_id)
+            try:
+                stored = store.get(model_id)
+            except ModelFileError as error:  # one damaged entry is reported; the others still list
+                entries.append({"id": model_id, "damaged": str(error)})
+                continue
             entries.append({"id": model_id, "path": str(stored.path), "bundled": stored.bundled,
-                            "default": model_id == DEFAULT_MODEL_ID})
+                            "default": model_id == DEFAULT_MODEL_ID, "needs_trust": stored.needs_trust})
         lines = [
+            f"  {entry['id']:<30s} DAMAGED: {entry['damaged']}" if "damaged" in entry else
             f"  {entry['id']:<30s} {entry['path']}" + ("  (bundled, default)" if entry["default"] else
                                                        "  (bundled)" if entry["bundled"] else "")
+            + ("  (needs --trust-code)" if entry["needs_trust"] else "")
             for entry in entries
-        ]
+        ]  # fmt: skip
         _emit({"store": str(store.root), "models": entries}, as_json, lines or [f"  (no models in {store.root})"])
 
 

@@ -149,19 +149,26 @@ class DeepSegLogic:
         return stored_model_ids(self.model_store_root)
 
     def resolve_model(self, model: str | os.PathLike) -> str:
-        """A model argument as a path for the worker: an existing file or folder as it is, a model store name as
-        its folder once its checksums are verified; anything else unchanged (the worker reports it missing).
+        """A model argument as a path for the worker: a file or folder as it is, a model store name as its folder
+        once its checksums are verified.
 
         A stored model is re-hashed only when one of its files changed size or time since its last check, so a
         large model (an nnU-Net folder of several folds) does not stall every run.
 
+        A path is a path (a separator, or a leading ``.`` or ``~``); a bare name is a stored model, and a name
+        that is both a stored model and a file here is refused (see :func:`~DeepSegModuleLib.models.store.model_argument`).
+
         Raises:
             ChecksumError: a stored model's file was damaged or changed since it was imported.
+            ModelFileError: no such model, or an ambiguous name.
         """
-        text = str(model)
-        if not text or Path(text).expanduser().exists() or text not in self.stored_model_ids():
-            return str(Path(text).expanduser()) if text else text
+        from .models.store import model_argument
+
         store = ModelStore(self.model_store_root)
+        kind, value = model_argument(str(model), store)
+        if kind == "path":
+            return str(value)
+        text = str(value)
         stored = store.get(text)
         signature = _file_signature(stored.path)
         if self._verified_models.get(text) != signature:

@@ -61,8 +61,16 @@ def test_failed_run_leaves_the_scene_as_it_was(context, tmp_path):
     volume, _ = sphere_case(context)
     before = context.node_ids()
     logic = DeepSegLogic(context, InProcessWorker())
-    with pytest.raises(JobFailed):
+    from DeepSegModuleLib.models import ModelFileError
+
+    with pytest.raises(ModelFileError, match="does not exist"):  # found before any work starts
         logic.segment(volume, str(tmp_path / "no-such-model.ts"), device="cpu")
+    assert context.node_ids() == before
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "deepseg.json").write_text("{}")
+    with pytest.raises(JobFailed):  # found by the worker when it loads the model
+        logic.segment(volume, str(broken), device="cpu")
     assert context.node_ids() == before
 
 
@@ -142,7 +150,10 @@ def test_segment_by_model_store_name_and_refuse_a_tampered_model(context, tmp_pa
     assert dice(labels == 1, truth) > 0.9
     # A path is used as it is, and a name that is neither is left for the worker to report.
     assert logic.resolve_model(str(sphere_model)) == str(sphere_model)
-    assert logic.resolve_model("no-such-model") == "no-such-model"
+    from DeepSegModuleLib.models import ModelFileError
+
+    with pytest.raises(ModelFileError, match="neither a file or folder nor in the model store"):
+        logic.resolve_model("no-such-model")
 
     weights = tmp_path / "store" / "bright-sphere" / "model.ts"
     weights.write_bytes(weights.read_bytes() + b"tampered")

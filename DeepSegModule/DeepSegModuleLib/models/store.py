@@ -20,7 +20,8 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from DeepSegModuleLib.models.archive import safe_extract_zip, sha256_of_file, verify_sha256
@@ -29,7 +30,28 @@ from DeepSegModuleLib.models.errors import ChecksumError, ModelFileError
 MANIFEST_NAME = "manifest.json"
 #: The bundled model a segmentation without an explicit model runs (see ``Resources/models/``).
 DEFAULT_MODEL_ID = "deepseg-brain"
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: A model id, matched whole (``fullmatch``: a trailing newline is not part of a valid id).
+_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_LOCK_NAME = ".store.lock"
+
+
+def is_model_id(text: str) -> bool:
+    """True when ``text`` is a valid model id (letters, digits, '.', '_', '-'; at most 128; no leading dot)."""
+    return bool(_ID_PATTERN.fullmatch(text))
+
+
+@contextmanager
+def _store_lock(root: Path):
+    """An exclusive lock on the store while an entry is checked and installed (concurrent imports, removals)."""
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / _LOCK_NAME, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def default_store_root() -> Path:
@@ -56,7 +78,7 @@ def file_checksums(folder: Path) -> dict[str, str]:
     }
 
 
-def write_manifest(folder: str | os.PathLike, model_id: str, source: str) -> dict:
+def write_manifest(folder: str | os.PathLike, model_id: str, source: str, needs_trust: list[str] | None = None) -> dict:
     """Records the checksums of a model folder's files in its ``manifest.json``; returns the manifest."""
     folder = Path(folder)
     manifest = {
@@ -65,6 +87,8 @@ def write_manifest(folder: str | os.PathLike, model_id: str, source: str) -> dic
         "imported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "files": file_checksums(folder),
     }
+    if needs_trust:
+        manifest["needs_trust"] = list(needs_trust)
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
 
@@ -78,15 +102,36 @@ class StoredModel:
     files: dict[str, str]
     source: str
     bundled: bool = False
+    needs_trust: list[str] = field(default_factory=list)
 
     @property
     def model_path(self) -> Path:
         """What to hand to :func:`~DeepSegModuleLib.models.loader.load_model`: the folder, or its single
         top-level sub-folder when an archive wrapped everything in one."""
-        entries = [p for p in self.path.iterdir() if p.name != MANIFEST_NAME]
-        if len(entries) == 1 and entries[0].is_dir():
-            return entries[0]
-        return self.path
+        return _model_path_in(self.path)
+
+
+def _model_path_in(folder: Path) -> Path:
+    entries = [p for p in folder.iterdir() if p.name != MANIFEST_NAME]
+    if len(entries) == 1 and entries[0].is_dir():
+        return entries[0]
+    return folder
+
+
+def validate_model(path: Path) -> list[str]:
+    """Loads a model (untrusted, on the CPU) to prove it is one; returns what a bundle needs trust for.
+
+    Raises:
+        ModelError: it is not a model DeepSeg reads (naming why).
+    """
+    from DeepSegModuleLib.models.bundle_config import UntrustedCodeError
+    from DeepSegModuleLib.models.loader import load_model
+
+    try:
+        load_model(path, "cpu")
+    except UntrustedCodeError as error:
+        return list(error.findings)
+    return []
 
 
 class ModelStore:
@@ -115,13 +160,13 @@ class ModelStore:
         return sorted(p.name for p in self.bundled_root.iterdir() if (p / MANIFEST_NAME).is_file())
 
     def _folder(self, model_id: str) -> Path:
-        if not _ID_PATTERN.match(model_id):
+        if not _ID_PATTERN.fullmatch(model_id):
             raise ValueError(f"model id {model_id!r}: use letters, digits, '.', '_' and '-' only (at most 128)")
         return self.root / model_id
 
     def import_model(
         self, source: str | os.PathLike, model_id: str | None = None, expected_sha256: str | None = None,
-        replace: bool = False,
+        replace: bool = False, validate: bool = True,
     ) -> StoredModel:  # fmt: skip
         """Copies a model file, folder or zip archive into the store and records its checksums.
 
@@ -130,11 +175,14 @@ class ModelStore:
             model_id: the id to store it under; defaults to the source's name without extension.
             expected_sha256: when given, the source file (archive or TorchScript) must have this sha256.
             replace: replace an existing model with the same id.
+            validate: the model must load (untrusted) before it is recorded; a MONAI bundle that needs its own
+                code is stored with what it needs listed (``needs_trust``), and runs only with trust.
 
         Raises:
             FileExistsError: the id is taken and ``replace`` is False.
             ChecksumError: ``expected_sha256`` does not match.
             UnsafeArchiveError: the archive tries to write outside its folder.
+            ModelError: the content does not load as a model (nothing is stored).
         """
         source = Path(source)
         if not source.exists():
@@ -150,7 +198,7 @@ class ModelStore:
                 f"{model_id!r} is the name of a model that ships with DeepSeg; store this one under another name"
             )
         if folder.exists() and not replace:
-            raise FileExistsError(f"a model with id {model_id!r} is already stored in {folder}; pass replace=True")
+            raise FileExistsError(f"a model named {model_id!r} is already stored in {folder}; pass --replace")
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".import-{model_id}-", dir=self.root))
         try:
@@ -167,13 +215,18 @@ class ModelStore:
                 card = find_card(source)
                 if card is not None and card.resolve() != source.resolve():
                     shutil.copy2(card, content / card.name)
-            files = write_manifest(content, model_id, str(source.resolve()))["files"]
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(content, folder)
+            needs_trust = validate_model(_model_path_in(content)) if validate else []
+            files = write_manifest(content, model_id, str(source.resolve()), needs_trust=needs_trust)["files"]
+            with _store_lock(self.root):
+                # checked again under the lock: of concurrent imports of one name exactly one installs it
+                if folder.exists() and not replace:
+                    raise FileExistsError(f"a model named {model_id!r} is already stored in {folder}; pass --replace")
+                if folder.exists():
+                    os.replace(folder, staging / "previous")
+                os.replace(content, folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return StoredModel(model_id, folder, files, str(source))
+        return StoredModel(model_id, folder, files, str(source), needs_trust=needs_trust)
 
     def get(self, model_id: str) -> StoredModel:
         """Returns a stored model's record.
@@ -188,8 +241,16 @@ class ModelStore:
         manifest_path = folder / MANIFEST_NAME
         if not manifest_path.is_file():
             raise KeyError(f"no model {model_id!r} in {self.root}; stored models: {self.list_ids()}")
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        return StoredModel(model_id, folder, dict(manifest["files"]), manifest.get("source", ""), bundled)
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            files = {str(k): str(v) for k, v in dict(manifest["files"]).items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise ModelFileError(
+                f"model {model_id!r} is damaged: its {MANIFEST_NAME} in {folder} cannot be read. Remove it "
+                f"(deepseg models remove {model_id}) and import it again"
+            ) from None
+        return StoredModel(model_id, folder, files, str(manifest.get("source", "")), bundled,
+                           needs_trust=list(manifest.get("needs_trust", [])))
 
     def list_ids(self) -> list[str]:
         """The ids of the stored models and of the models shipped with DeepSeg, sorted."""
@@ -233,4 +294,45 @@ class ModelStore:
             raise PermissionError(f"{model_id!r} ships with DeepSeg and cannot be removed")
         if not (folder / MANIFEST_NAME).is_file():
             raise KeyError(f"no model {model_id!r} in {self.root}")
-        shutil.rmtree(folder)
+        with _store_lock(self.root):
+            # moved aside first: a removal that stops half-way leaves no half model under the id
+            trash = Path(tempfile.mkdtemp(prefix=f".remove-{model_id}-", dir=self.root))
+            os.replace(folder, trash / model_id)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def model_argument(text: str, store: ModelStore) -> tuple[str, str | Path]:
+    """What a model argument names, without ambiguity: ``("path", Path)`` or ``("store", id)``.
+
+    A path is a path: it holds a separator or starts with ``.`` or ``~``. A bare name is a model in the store;
+    when no stored model has that name, a file or folder of that name here is used. A bare name that is both
+    is refused, naming both, so a folder that happens to be in the working directory is never run in place of
+    the checksum-verified stored model.
+
+    Raises:
+        ModelFileError: nothing has that name, or two things do.
+    """
+    text = str(text)
+    if not text.strip():
+        raise ModelFileError("no model given: pass a model folder or file, or the name of a stored model")
+    if "/" in text or os.sep in text or text.startswith((".", "~")):
+        path = Path(text).expanduser()
+        if not path.exists():
+            raise ModelFileError(f"model {path} does not exist")
+        return "path", path
+    local = Path(text)
+    stored = is_model_id(text) and text in store.list_ids()
+    if stored and local.exists():
+        raise ModelFileError(
+            f"{text!r} names both the stored model {text!r} and {local.resolve()} in this folder: write ./{text} "
+            "for the file or folder, or run from another folder for the stored model"
+        )
+    if stored:
+        return "store", text
+    if local.exists():
+        return "path", local
+    known = ", ".join(store.list_ids()) or "none"
+    raise ModelFileError(
+        f"model {text!r} is neither a file or folder nor in the model store (stored: {known}); "
+        "import it with: deepseg models import PATH_OR_URL"
+    )

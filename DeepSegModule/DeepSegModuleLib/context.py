@@ -12,7 +12,9 @@ Two builders:
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +65,8 @@ class SceneContext:
         scene = slicer.vtkMRMLScene()
         # Reading a .mrb unpacks it into the cache manager's folder, as Slicer's application does.
         cache_manager = slicer.vtkCacheManager()
-        cache_manager.SetRemoteCacheDirectory(tempfile.mkdtemp(prefix="deepseg-cache-"))
+        cache_folder = tempfile.mkdtemp(prefix="deepseg-cache-")
+        cache_manager.SetRemoteCacheDirectory(cache_folder)
         data_io_manager = slicer.vtkDataIOManager()
         data_io_manager.SetCacheManager(cache_manager)
         scene.SetCacheManager(cache_manager)
@@ -95,7 +98,7 @@ class SceneContext:
         # Subject hierarchy needs its singleton node before nodes are placed in folders.
         slicer.vtkMRMLSubjectHierarchyNode.ResolveSubjectHierarchy(scene)
 
-        return cls(
+        context = cls(
             scene=scene,
             app_logic=app_logic,
             colors_logic=colors_logic,
@@ -105,6 +108,9 @@ class SceneContext:
             subject_hierarchy_logic=subject_hierarchy_logic,
             is_headless=True,
         )
+        # The cache folder (where a .mrb is unpacked) goes with the context, or at exit at the latest.
+        weakref.finalize(context, shutil.rmtree, cache_folder, True)
+        return context
 
     @classmethod
     def from_application(cls) -> SceneContext:

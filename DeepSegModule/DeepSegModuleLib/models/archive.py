@@ -13,13 +13,11 @@ import shutil
 import stat
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from DeepSegModuleLib.models.errors import ChecksumError, ModelFileError, UnsafeArchiveError
 
-#: Refuse archives that would expand beyond this (bytes); model archives are at most a few GB.
-DEFAULT_MAX_UNPACKED_BYTES = 32 * 1024**3
-DEFAULT_MAX_ENTRIES = 100_000
 
 
 def sha256_of_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
@@ -46,6 +44,8 @@ def verify_sha256(path: str | os.PathLike, expected: str) -> None:
 
 
 def _checked_member_path(name: str) -> PurePosixPath:
+    if any(ord(character) < 32 for character in name):
+        raise UnsafeArchiveError(f"archive entry {name!r} has control characters in its name; refusing to extract")
     normalized = name.replace("\\", "/")
     posix = PurePosixPath(normalized)
     if normalized.startswith("/") or (len(normalized) > 1 and normalized[1] == ":"):
@@ -60,8 +60,8 @@ def _checked_member_path(name: str) -> PurePosixPath:
 def safe_extract_zip(
     archive: str | os.PathLike,
     destination: str | os.PathLike,
-    max_unpacked_bytes: int = DEFAULT_MAX_UNPACKED_BYTES,
-    max_entries: int = DEFAULT_MAX_ENTRIES,
+    max_unpacked_bytes: int | None = None,
+    max_entries: int | None = None,
 ) -> Path:
     """Extracts a zip archive after checking every entry, into ``destination``.
 
@@ -72,8 +72,9 @@ def safe_extract_zip(
     Args:
         archive: the zip file.
         destination: folder to create (must not exist yet).
-        max_unpacked_bytes: refuse archives declaring more than this many uncompressed bytes.
-        max_entries: refuse archives with more entries than this.
+        max_unpacked_bytes: refuse archives declaring (or producing) more uncompressed bytes than this
+            (default: ``$DEEPSEG_MAX_UNPACKED_BYTES``, 8 GiB; see :mod:`~DeepSegModuleLib.limits`).
+        max_entries: refuse archives with more entries than this (default: ``$DEEPSEG_MAX_ARCHIVE_ENTRIES``).
 
     Returns:
         The destination folder.
@@ -82,15 +83,22 @@ def safe_extract_zip(
         UnsafeArchiveError: for path traversal, absolute paths, links or a zip bomb.
         ModelFileError: when the file is not a readable zip archive.
     """
+    from DeepSegModuleLib import limits
+
     destination = Path(destination)
+    max_unpacked_bytes = max_unpacked_bytes or limits.UNPACKED_BYTES.value()
+    max_entries = max_entries or limits.ARCHIVE_ENTRIES.value()
     try:
         zip_file = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError) as error:
-        raise ModelFileError(f"{archive} is not a readable zip archive ({error}); download or copy it again") from error
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
+        raise ModelFileError(f"{archive} is not a readable zip archive ({error}); download or copy it again") from None
     with zip_file:
         members = zip_file.infolist()
         if len(members) > max_entries:
-            raise UnsafeArchiveError(f"{archive} has {len(members)} entries (limit {max_entries}); refusing to extract")
+            raise UnsafeArchiveError(
+                f"{archive} has {len(members)} entries, over the limit of {max_entries}; refusing to extract "
+                f"(raise it with {limits.ARCHIVE_ENTRIES.variable} if the archive is expected)"
+            )
         total = 0
         for member in members:
             _checked_member_path(member.filename)
@@ -102,8 +110,8 @@ def safe_extract_zip(
             total += member.file_size
         if total > max_unpacked_bytes:
             raise UnsafeArchiveError(
-                f"{archive} would expand to {total / 1e9:.1f} GB (limit {max_unpacked_bytes / 1e9:.1f} GB); "
-                "refusing to extract"
+                f"{archive} would expand to {total / 2**30:.2f} GiB, over the limit of {max_unpacked_bytes / 2**30:.2f} "
+                f"GiB; refusing to extract (raise it with {limits.UNPACKED_BYTES.variable} if the archive is expected)"
             )
         destination.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".extracting-", dir=destination.parent))
@@ -118,15 +126,28 @@ def safe_extract_zip(
                     continue
                 target.parent.mkdir(parents=True, exist_ok=True)
                 written = 0
-                with zip_file.open(member) as source, open(target, "wb") as sink:
-                    while chunk := source.read(1 << 22):
-                        written += len(chunk)
-                        if written > member.file_size:
-                            raise UnsafeArchiveError(
-                                f"archive entry {member.filename!r} is larger than it declares; refusing to extract"
-                            )
-                        sink.write(chunk)
+                try:
+                    with zip_file.open(member) as source, open(target, "wb") as sink:
+                        while chunk := source.read(1 << 22):
+                            written += len(chunk)
+                            if written > member.file_size:
+                                raise UnsafeArchiveError(
+                                    f"archive entry {member.filename!r} is larger than it declares; refusing to extract"
+                                )
+                            sink.write(chunk)
+                except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as error:
+                    raise ModelFileError(
+                        f"{archive}: entry {member.filename!r} cannot be extracted ({error}); the archive is damaged or "
+                        "truncated: download or copy it again"
+                    ) from None
             os.replace(staging, destination)
+        except (ModelFileError, UnsafeArchiveError):
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        except OSError as error:  # an entry that is a folder and a file at once, a name the file system refuses
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ModelFileError(f"{archive} cannot be extracted ({error.strerror or error}); it is not a model "
+                                 "archive DeepSeg can unpack") from None  # fmt: skip
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

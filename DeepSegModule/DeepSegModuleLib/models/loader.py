@@ -24,16 +24,52 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(name)
 
 
+def unpacked_cache_root() -> Path:
+    """Where model archives are unpacked: ``$DEEPSEG_CACHE_DIR`` or ``~/.deepseg/unpacked``."""
+    return Path(os.environ.get("DEEPSEG_CACHE_DIR") or Path.home() / ".deepseg" / "unpacked")
+
+
 def _unpacked_archive(archive: Path) -> Path:
     # Extract once per archive content, next to other unpacked models, so a cached load finds it again.
     digest = sha256_of_file(archive)[:16]
-    target = Path(os.environ.get("DEEPSEG_CACHE_DIR") or Path.home() / ".deepseg" / "unpacked") / digest
+    root = unpacked_cache_root()
+    target = root / digest
     if not target.is_dir():
-        safe_extract_zip(archive, target)
+        try:
+            safe_extract_zip(archive, target)
+        except ModelFileError:
+            if not target.is_dir():  # another process unpacked the same archive at the same moment
+                raise
+        trim_unpacked_cache(root, keep=target)
+    os.utime(target)  # most recently used: the last to be removed
     entries = [p for p in target.iterdir()]
     if len(entries) == 1 and entries[0].is_dir():
         return entries[0]
     return target
+
+
+def trim_unpacked_cache(root: Path, keep: Path | None = None) -> list[Path]:
+    """Removes the least recently used unpacked archives until the cache fits ``DEEPSEG_MAX_UNPACKED_CACHE_BYTES``.
+
+    Only folders named like DeepSeg's (16 hex digits) are ever removed; returns what was removed.
+    """
+    import shutil
+
+    from DeepSegModuleLib import limits
+
+    budget = limits.UNPACKED_CACHE_BYTES.value()
+    entries = [p for p in root.iterdir() if p.is_dir() and len(p.name) == 16 and all(c in "0123456789abcdef" for c in p.name)]
+    sizes = {p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in entries}
+    removed = []
+    for entry in sorted(entries, key=lambda p: p.stat().st_mtime):
+        if sum(sizes.values()) <= budget:
+            break
+        if keep is not None and entry.resolve() == keep.resolve():
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        sizes.pop(entry)
+        removed.append(entry)
+    return removed
 
 
 def detect_format(path: str | os.PathLike) -> ModelFormat:

@@ -729,17 +729,39 @@ def version() -> None:
             typer.echo(f"  {package} (not installed)")
 
 
+INTERRUPTED = 130
+
+
+def _interrupted() -> int:
+    """Ctrl-C: outputs were staged and have been rolled back as the interrupt passed through the command; what
+    is left is to stop the workers and remove the scenes' temporary folders. Returns exit code 130."""
+    from .context import remove_temporary_folders
+    from .jobs import kill_all_workers
+
+    kill_all_workers()
+    remove_temporary_folders()
+    sys.stderr.write("deepseg: interrupted; nothing was written\n")
+    sys.stderr.flush()
+    return INTERRUPTED
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``deepseg`` console script."""
+    """Runs one ``deepseg`` command; returns its exit code (130 when interrupted with Ctrl-C)."""
+    import click
+
     try:
         # Outside standalone mode click hands back a command's exit code instead of calling sys.exit.
         result = app(args=argv, standalone_mode=False)
         if isinstance(result, int):
-            return result
+            # click hands back Exit(130), which typer makes of Ctrl-C, as a return value
+            return _interrupted() if result == INTERRUPTED else result
     except typer.Exit as stop:
-        return stop.exit_code
+        # typer turns Ctrl-C into Exit(130) itself
+        return _interrupted() if stop.exit_code == INTERRUPTED else stop.exit_code
     except SystemExit as stop:
         return int(stop.code or 0)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        return _interrupted()
     except Exception as error:  # click's usage errors: one line, exit code 2
         message = getattr(error, "format_message", lambda: str(error))()
         typer.echo(f"deepseg: error: {message}", err=True)
@@ -747,5 +769,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry_point() -> None:  # pragma: no cover - the console script
+    """The ``deepseg`` console script: :func:`main`, then an exit that an interrupted engine cannot turn into an
+    abort (a torch thread still busy at interpreter shutdown ends the process with "terminate called...")."""
+    code = main()
+    if code == INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(INTERRUPTED)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry_point()

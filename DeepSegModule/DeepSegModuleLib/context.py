@@ -109,7 +109,8 @@ class SceneContext:
             is_headless=True,
         )
         # The cache folder (where a .mrb is unpacked) goes with the context, or at exit at the latest.
-        weakref.finalize(context, shutil.rmtree, cache_folder, True)
+        _TEMPORARY_FOLDERS.add(cache_folder)
+        weakref.finalize(context, _remove_folder, cache_folder)
         return context
 
     @classmethod
@@ -162,6 +163,20 @@ class SceneContext:
     def clear(self) -> None:
         """Removes every data node, as File > Close Scene does."""
         self.scene.Clear(False)
+
+
+_TEMPORARY_FOLDERS: set[str] = set()
+
+
+def _remove_folder(folder: str) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    _TEMPORARY_FOLDERS.discard(folder)
+
+
+def remove_temporary_folders() -> None:
+    """Removes the temporary folders of every headless scene made in this process (an interrupted command)."""
+    for folder in list(_TEMPORARY_FOLDERS):
+        _remove_folder(folder)
 
 
 def _register_logic(app_logic: Any, scene: Any, logic: Any, name: str) -> None:

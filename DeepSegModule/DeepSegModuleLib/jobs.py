@@ -28,6 +28,7 @@ import threading
 import time
 import traceback
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -329,20 +330,41 @@ def _user_message(error: BaseException) -> str:
 
 
 def _worker_main(task_connection, event_connection) -> None:  # pragma: no cover - runs in the child process
-    """The worker process: receives jobs, runs them one at a time, streams events back."""
+    """The worker process: receives jobs, runs them one at a time, streams events back.
+
+    It exits when its parent is gone (the pipe closes, or it is re-parented), first unlinking the shared-memory
+    blocks of every job it was given, so a killed Slicer or CLI leaves no orphan worker and no ``/dev/shm`` block.
+    """
+    import signal
+
+    # Ctrl-C in a terminal reaches the whole process group: the parent decides, and stops this process itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     cancelled_jobs: set[str] = set()
+    owners: set[str] = set()
     pending: queue.Queue = queue.Queue()
+    parent = os.getppid()
+
+    def orphaned() -> None:
+        for owner in list(owners):
+            release_shared_memory(owner)
+        os._exit(0)
 
     def listen() -> None:
         while True:
             try:
+                if not task_connection.poll(1.0):
+                    if os.getppid() != parent:
+                        orphaned()
+                    continue
                 message = task_connection.recv()
             except (EOFError, OSError):
-                pending.put(None)
+                orphaned()
                 return
             if message[0] == "cancel":
                 cancelled_jobs.add(message[1])
             else:
+                if message[0] == "run":
+                    owners.add(message[2])
                 pending.put(message)
                 if message[0] == "stop":
                     return
@@ -353,6 +375,11 @@ def _worker_main(task_connection, event_connection) -> None:  # pragma: no cover
         if message is None or message[0] == "stop":
             return
         _, job_id, owner, task, packed_inputs, params = message
+        if job_id in cancelled_jobs:  # cancelled while queued: its inputs are already freed by the parent
+            event_connection.send(("cancelled", job_id, "cancelled by the user"))
+            owners.discard(owner)
+            continue
+        event_connection.send(("started", job_id))
 
         def progress(stage: str, fraction: float, message: str = "", _job_id: str = job_id) -> None:
             if _job_id in cancelled_jobs:
@@ -371,6 +398,19 @@ def _worker_main(task_connection, event_connection) -> None:  # pragma: no cover
             event_connection.send(("failed", job_id, _user_message(error), traceback.format_exc()))
         finally:
             inputs = outputs = None  # drop references before the next job
+            owners.discard(owner)
+
+
+_LIVE_WORKERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def kill_all_workers() -> None:
+    """Kills every worker process this process started and frees their jobs' shared memory (an interrupt)."""
+    for worker in list(_LIVE_WORKERS):
+        worker.kill()
+        with worker._lock:
+            worker._fail_all("interrupted", JobState.CANCELLED)
+            worker._discard_process()
 
 
 class ProcessWorker:
@@ -393,9 +433,11 @@ class ProcessWorker:
         self._event_connection = None
         self._reader = None
         self._jobs: dict[str, tuple[Job, str]] = {}
+        self._running: str | None = None  # the job the worker has started, if any
         self._lock = threading.RLock()
         self._serial = itertools.count()
         self.starts = 0
+        _LIVE_WORKERS.add(self)
 
     # lifecycle
 
@@ -489,6 +531,11 @@ class ProcessWorker:
                 self._task_connection.send(("cancel", job.id))
             except OSError:
                 pass
+            if self._running != job.id:
+                # still queued behind another job: it ends now, and the worker skips it; the running job is
+                # not touched
+                self._finish(job, JobState.CANCELLED, error="cancelled by the user")
+                return
         # A task that checks its progress callback stops by itself; one stuck in a long kernel is killed.
         threading.Timer(self.cancel_grace_s, self._force_cancel, args=(job,)).start()
 
@@ -497,12 +544,19 @@ class ProcessWorker:
             return
         logger.info("job %s did not stop within %.1f s: restarting the worker", job.task, self.cancel_grace_s)
         with self._lock:
-            if job.finished:
+            if job.finished or self._running != job.id:
                 return
             self._finish(job, JobState.CANCELLED, error="cancelled by the user")
+            process = self._process
             self.kill()
+            # the next job starts a fresh worker at once; jobs queued in the killed one cannot run there
+            if self._process is process:
+                self._fail_all("the worker was restarted to stop a cancelled job; run this one again")
+                self._discard_process()
 
     def _finish(self, job: Job, state: JobState, outputs: Any = None, error: str | None = None) -> None:
+        if self._running == job.id:
+            self._running = None
         entry = self._jobs.pop(job.id, None)
         if entry is not None:
             release_shared_memory(entry[1])
@@ -526,6 +580,10 @@ class ProcessWorker:
                     _unpack(message[2], unlink=True)
                 continue
             job = entry[0]
+            if kind == "started":
+                with self._lock:
+                    self._running = job_id
+                continue
             if kind == "progress":
                 _, _, stage, fraction, text = message
                 job._report(JobEvent("progress", stage, fraction, text))

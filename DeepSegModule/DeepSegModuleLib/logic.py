@@ -20,6 +20,7 @@ import numpy as np
 
 from . import nodes, tasks
 from .context import SceneContext
+from .image_checks import check_finite
 from .jobs import InProcessWorker, Job, JobEvent, ProcessWorker
 from .labels import LabelInfo
 from .models.store import ModelStore  # no torch: the store only copies files and checks sha256s
@@ -210,6 +211,7 @@ class DeepSegLogic:
         arrays, grids = [], []
         for volume in volumes:
             array, grid = nodes.volume_to_array(volume)
+            check_finite(array, f"input volume '{volume.GetName()}'")
             arrays.append(array)
             grids.append(grid)
         if output_segmentation is not None and not output_segmentation.IsA("vtkMRMLSegmentationNode"):
@@ -282,6 +284,8 @@ class DeepSegLogic:
         """
         fixed, fixed_grid = nodes.volume_to_array(fixed_volume, world=True)
         moving, moving_grid = nodes.volume_to_array(moving_volume, world=True)
+        check_finite(fixed, f"fixed volume '{fixed_volume.GetName()}'")
+        check_finite(moving, f"moving volume '{moving_volume.GetName()}'")
         inputs: dict[str, Any] = {"fixed": fixed, "moving": moving}
         if fixed_mask is not None:
             inputs["fixed_mask"] = _mask_on(self.context, fixed_mask, fixed_volume)

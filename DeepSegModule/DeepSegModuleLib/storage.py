@@ -8,9 +8,11 @@ partial file behind where there was none.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +22,9 @@ if TYPE_CHECKING:  # pragma: no cover
 VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd", ".hdr", ".img", ".img.gz")
 SEGMENTATION_SUFFIXES = (".seg.nrrd", ".seg.nhdr", ".seg.nii.gz")
 TRANSFORM_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt", ".mat")
+
+
+logger = logging.getLogger(__name__)
 
 
 class StorageError(RuntimeError):
@@ -47,6 +52,24 @@ def _default_name(path: Path) -> str:
     return path.name[: -len(_suffix(path))] if _suffix(path) else path.stem
 
 
+@contextmanager
+def vtk_messages_to_log():
+    """Keeps VTK's and MRML's messages (object dumps in red ``ERR|`` lines) off the terminal while a file is read;
+    they go to this module's log, and the caller reports one line of its own."""
+    import vtk
+
+    previous = vtk.vtkOutputWindow.GetInstance()
+    window = vtk.vtkStringOutputWindow()
+    vtk.vtkOutputWindow.SetInstance(window)
+    try:
+        yield window
+    finally:
+        vtk.vtkOutputWindow.SetInstance(previous)
+        text = window.GetOutput().strip()
+        if text:
+            logger.debug("VTK said while reading: %s", text[:4000])
+
+
 def _read_into_new_node(context: SceneContext, node: Any, storage: Any, path: Path, name: str, what: str) -> Any:
     """Adds ``node`` with ``storage`` to the scene and reads ``path``; on failure removes both again."""
     storage.SetFileName(str(path))
@@ -54,7 +77,8 @@ def _read_into_new_node(context: SceneContext, node: Any, storage: Any, path: Pa
     node.SetName(context.scene.GenerateUniqueName(name))
     context.scene.AddNode(node)
     node.SetAndObserveStorageNodeID(storage.GetID())
-    ok = storage.ReadData(node)
+    with vtk_messages_to_log():
+        ok = storage.ReadData(node)
     if not ok:
         context.scene.RemoveNode(node)
         context.scene.RemoveNode(storage)
@@ -73,7 +97,10 @@ def load_volume(context: SceneContext, path: str | os.PathLike, name: str | None
     """
     import slicer
 
+    from .image_checks import check_image_file
+
     path = _existing_file(path)
+    check_image_file(path, "image")
     node = slicer.vtkMRMLLabelMapVolumeNode() if labelmap else slicer.vtkMRMLScalarVolumeNode()
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetSingleFile(True)  # never pick up neighbouring files as a series
@@ -89,7 +116,10 @@ def load_segmentation(context: SceneContext, path: str | os.PathLike, name: str 
     """Reads a ``.seg.nrrd`` (or any label image, one segment per label) into a new segmentation node."""
     import slicer
 
+    from .image_checks import check_image_file
+
     path = _existing_file(path)
+    check_image_file(path, "segmentation")
     node = slicer.vtkMRMLSegmentationNode()
     storage = slicer.vtkMRMLSegmentationStorageNode()
     return _read_into_new_node(context, node, storage, path, name or _default_name(path), "a segmentation")

@@ -195,7 +195,7 @@ def test_bad_input_is_one_line_non_zero_and_leaves_no_output(tmp_path, capsys, s
     not_an_image.write_text("not an image")
     cases = [
         (["segment", "-m", sphere_model.parent, "-i", tmp_path / "missing.nii.gz", "-o", tmp_path / "a.seg.nrrd"], "does not exist"),
-        (["segment", "-m", sphere_model.parent, "-i", not_an_image, "-o", tmp_path / "b.seg.nrrd"], "could not read"),
+        (["segment", "-m", sphere_model.parent, "-i", not_an_image, "-o", tmp_path / "b.seg.nrrd"], "is not an image DeepSeg can read"),
         (["segment", "-m", "no-such-model", "-i", image, "-o", tmp_path / "c.seg.nrrd"], "deepseg models import"),
         (["segment", "-m", sphere_model.parent, "-i", image, "-o", tmp_path / "no-folder" / "d.seg.nrrd"], "does not exist"),
         (["segment", "-m", sphere_model.parent, "-i", image, "-o", tmp_path / "e.vtk"], "must end in"),

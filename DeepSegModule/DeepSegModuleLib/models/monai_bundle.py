@@ -162,6 +162,7 @@ class BundleWorkflow:
         step = time.perf_counter()
         progress("preprocess", 0.0)
         volumes = [volumes[0]] + [resample_onto(v, volumes[0]) for v in volumes[1:]]
+        self._check_resampled_size(volumes[0])
         data = self.preprocessing(self._input(volumes))
         image = data[self.image_key]
         timings["preprocess"] = time.perf_counter() - step
@@ -211,6 +212,20 @@ class BundleWorkflow:
         labels = lookup[labels.clamp(0, len(lookup) - 1)]
         timings["resample"] = time.perf_counter() - step
         return labels, {}
+
+    def _check_resampled_size(self, volume: Any) -> None:
+        """The grid the bundle's Spacing(d) would make, checked against the voxel limit before it is made."""
+        from DeepSegModuleLib import limits
+
+        spacing = np.linalg.norm(np.asarray(volume.ijk_to_ras)[:3, :3], axis=0)
+        for transform in getattr(self.preprocessing, "transforms", []):
+            pixdim = getattr(getattr(transform, "spacing_transform", transform), "pixdim", None)
+            if pixdim is None or type(transform).__name__ not in ("Spacing", "Spacingd"):
+                continue
+            target = np.broadcast_to(np.asarray(pixdim, dtype=np.float64).ravel()[:3], (3,))
+            if np.all(target > 0):
+                shape = np.asarray(volume.array.shape[::-1], dtype=np.float64) * spacing / target
+                limits.VOXELS.check(float(np.prod(np.ceil(shape))), f"the input resampled to {tuple(target)} mm")
 
     @staticmethod
     def _labels_to_input_grid(labels: torch.Tensor, pred: Any, reference: Any) -> torch.Tensor:

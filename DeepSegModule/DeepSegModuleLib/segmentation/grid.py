@@ -102,6 +102,10 @@ class ModelGrid:
             shape = oriented_shape
         else:
             shape = tuple(max(1, round(n * s / t)) for n, s, t in zip(oriented_shape, current_spacing, spacing))
+        from DeepSegModuleLib import limits
+
+        limits.VOXELS.check(float(np.prod(shape, dtype=np.float64)),
+                            f"the input resampled to the model's spacing {tuple(spacing or ())} mm")  # fmt: skip
         scale = np.array(oriented_shape, dtype=np.float64) / np.array(shape, dtype=np.float64)
         rescale = np.eye(4)
         rescale[:3, :3] = np.diag(scale)

@@ -186,6 +186,10 @@ class NnunetPreprocessor:
             data[channel] = values.numpy()
         target = self.target_spacing()
         new_shape = [round(s / t * n) for s, t, n in zip(self.spacing, target, data.shape[1:])]
+        from DeepSegModuleLib import limits
+
+        limits.VOXELS.check(float(np.prod(new_shape, dtype=np.float64)),
+                            f"the input resampled to the model's spacing {tuple(target)} mm")  # fmt: skip
         self.shape_after_crop = tuple(data.shape[1:])
         data = resample_like_nnunet(data, new_shape, self.spacing, target, order=3)
         return torch.from_numpy(np.ascontiguousarray(data))[None].to(device)

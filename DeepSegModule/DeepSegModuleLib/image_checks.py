@@ -7,7 +7,8 @@ reads only headers (SimpleITK's image information, NRRD and NIfTI headers) and r
 - a file that is not an image, or a 2D image (a PNG, a single slice);
 - a grid over ``DEEPSEG_MAX_VOXELS``, a ``.seg.nrrd`` with over ``DEEPSEG_MAX_SEGMENTS`` segments;
 - a detached NRRD whose ``data file`` lies outside the header's folder;
-- a truncated file (NIfTI and NRRD, compressed or not: the data is shorter than the header promises).
+- a truncated file (NIfTI and NRRD, compressed or not: the data is shorter than the header promises);
+- NaN or infinite voxels in a floating-point NIfTI or NRRD (Slicer's reader would make them 0 without a word).
 
 :func:`check_finite` refuses NaN and infinite voxels, which a network turns into garbage without complaint.
 """
@@ -179,20 +180,30 @@ def _expected_nrrd_bytes(header: dict) -> int | None:
     return int(np.prod(sizes, dtype=np.int64)) * _NRRD_TYPE_BYTES[kind] if sizes else None
 
 
+def _nrrd_dtype(header: dict) -> np.dtype | None:
+    kind = str(header.get("type", "")).strip().lower()
+    if kind not in _NRRD_TYPE_BYTES:
+        return None
+    size = _NRRD_TYPE_BYTES[kind]
+    if kind in ("float", "double"):
+        code = f"f{size}"
+    elif kind.startswith(("u", "unsigned")):
+        code = f"u{size}"
+    else:
+        code = f"i{size}"
+    order = ">" if str(header.get("endian", "little")).strip().lower() == "big" else "<"
+    return np.dtype(order + code)
+
+
 def _check_nrrd_complete(path: Path, header: dict) -> None:
     if header.get("data file") or header.get("datafile") or header.get("line skip") or header.get("byte skip"):
         return  # detached or skipping data: the reader checks sizes against its files
     expected = _expected_nrrd_bytes(header)
+    dtype = _nrrd_dtype(header)
     encoding = str(header.get("encoding", "raw")).lower()
-    if expected is None or encoding not in ("raw", "gzip", "gz"):
+    if expected is None or dtype is None or encoding not in ("raw", "gzip", "gz"):
         return
-    offset = int(header["_bytes"])
-    if encoding == "raw":
-        actual = path.stat().st_size - offset
-    else:
-        actual = _gzip_length(path, offset, expected)
-    if actual < expected:
-        raise ImageFileError(f"{path} is truncated: {actual} of {expected} bytes of voxel data; copy the file again")
+    _scan_voxel_data(path, int(header["_bytes"]), expected, dtype, compressed=encoding != "raw", skip=0)
 
 
 def _check_nifti_complete(path: Path) -> None:
@@ -201,34 +212,55 @@ def _check_nifti_complete(path: Path) -> None:
     try:
         image = nibabel.load(str(path))
         header = image.header
-        expected = int(np.prod(header.get_data_shape(), dtype=np.int64)) * header.get_data_dtype().itemsize
-        offset = int(header.get("vox_offset", 352))
+        dtype = header.get_data_dtype()
+        expected = int(np.prod(header.get_data_shape(), dtype=np.int64)) * dtype.itemsize
+        # a single-file NIfTI's voxels start at 352 at the earliest, whatever vox_offset says (as nibabel reads it)
+        offset = max(int(header.get("vox_offset", 352)), 352)
     except Exception:  # noqa: BLE001 - nibabel raises many kinds for a damaged header
         raise ImageFileError(f"{path}: its NIfTI header cannot be read; the file is damaged") from None
-    if path.name.lower().endswith(".gz"):
-        actual = _gzip_length(path, 0, offset + expected) - offset
-    else:
-        actual = path.stat().st_size - offset
-    if actual < expected:
-        raise ImageFileError(f"{path} is truncated: {max(actual, 0)} of {expected} bytes of voxel data; copy the "
-                             "file again")  # fmt: skip
+    compressed = path.name.lower().endswith(".gz")
+    _scan_voxel_data(path, 0 if compressed else offset, expected, dtype, compressed, skip=offset if compressed else 0)
 
 
-def _gzip_length(path: Path, offset: int, enough: int) -> int:
-    """Bytes a gzip stream starting at ``offset`` decompresses to, up to ``enough``; a cut stream is an error."""
+def _scan_voxel_data(path: Path, offset: int, expected: int, dtype: np.dtype, compressed: bool, skip: int) -> None:
+    """Reads the voxel data once, in chunks: it must be as long as the header promises (a cut file is an error,
+    not half a volume of zeros), and floating-point voxels must be finite (readers turn NaN into 0 silently).
+
+    ``offset`` is where the (compressed) stream starts in the file; ``skip`` how many decompressed bytes
+    precede the voxels. Never reads past the promised length (a gzip bomb behind a small header stays packed).
+    """
+    floating = dtype.kind == "f"
     total = 0
+    nonfinite = 0
+    remainder = b""
     with open(path, "rb") as raw:
         raw.seek(offset)
+        stream = gzip.GzipFile(fileobj=raw) if compressed else raw
         try:
-            with gzip.GzipFile(fileobj=raw) as stream:
-                while chunk := stream.read(1 << 22):
-                    total += len(chunk)
-                    if total >= enough:
-                        return total
+            while total < skip + expected:
+                chunk = stream.read(min(1 << 22, skip + expected - total))
+                if not chunk:
+                    break
+                start = max(0, skip - total)
+                total += len(chunk)
+                if floating and start < len(chunk):
+                    data = remainder + chunk[start:]
+                    usable = len(data) - len(data) % dtype.itemsize
+                    values = np.frombuffer(data[:usable], dtype=dtype)
+                    nonfinite += int(values.size - np.count_nonzero(np.isfinite(values)))
+                    remainder = data[usable:]
         except (EOFError, OSError, zlib.error):
             raise ImageFileError(f"{path} is truncated or damaged: its compressed data ends early ({total} bytes "
                                  "decompressed); copy the file again") from None  # fmt: skip
-    return total
+    actual = total - skip
+    if actual < expected:
+        raise ImageFileError(f"{path} is truncated: {max(actual, 0)} of {expected} bytes of voxel data; copy the "
+                             "file again")  # fmt: skip
+    if nonfinite:
+        raise ImageFileError(
+            f"{path} has {nonfinite} NaN or infinite voxels; DeepSeg does not guess values for them (a reader would "
+            "silently make them 0): replace them first (in Python, numpy.nan_to_num)"
+        )
 
 
 def check_finite(array: np.ndarray, what: str) -> None:

@@ -39,10 +39,31 @@ from DeepSegModuleLib.models.description import (
     NormalizationSpec,
     Tiling,
 )
-from DeepSegModuleLib.models.errors import ModelFileError, ModelFormatError
+from DeepSegModuleLib.models.errors import ModelError, ModelFileError, ModelFormatError
 
 _NETWORK_MODULE_PREFIX = "dynamic_network_architectures."
-_IMPORT_KWARG_PREFIXES = ("torch.nn.",)
+#: The network classes a plans file may name, exactly (nnU-Net's and its ResEnc presets'; TotalSegmentator's).
+NETWORK_CLASSES = frozenset({
+    "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+    "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
+    "dynamic_network_architectures.architectures.unet.ResidualUNet",
+})  # fmt: skip
+#: The layer classes a plans file may hand the network (``_kw_requires_import``), exactly.
+LAYER_CLASSES = frozenset(
+    f"torch.nn.{name}" for name in (
+        "Conv1d", "Conv2d", "Conv3d", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "BatchNorm1d",
+        "BatchNorm2d", "BatchNorm3d", "GroupNorm", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "LeakyReLU",
+        "ReLU", "PReLU", "GELU", "ELU", "SiLU", "Tanh", "Sigmoid",
+    )
+) | frozenset(f"torch.nn.modules.{module}.{name}" for module, names in {
+    "conv": ("Conv1d", "Conv2d", "Conv3d"), "instancenorm": ("InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"),
+    "batchnorm": ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d"), "dropout": ("Dropout", "Dropout2d", "Dropout3d"),
+    "activation": ("LeakyReLU", "ReLU", "PReLU", "GELU", "ELU", "SiLU"),
+}.items() for name in names)  # fmt: skip
+#: Bounds on what a plans file may ask a network to allocate.
+_MAX_FEATURES = 4096
+_MAX_STAGES = 12
+_MAX_KERNEL = 15
 
 
 def _checkpoint_safe_globals() -> list:
@@ -82,23 +103,30 @@ def load_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
     return checkpoint
 
 
-def resolve_configuration(plans: Mapping[str, Any], name: str) -> dict[str, Any]:
+def resolve_configuration(plans: Mapping[str, Any], name: str, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
     """A plans configuration with its ``inherits_from`` chain merged in."""
     configurations = plans.get("configurations", {})
-    if name not in configurations:
-        raise ModelFormatError(f"plans.json has no configuration {name!r}; it has {sorted(configurations)}")
+    if not isinstance(name, str) or name not in configurations:
+        raise ModelFormatError(f"plans.json has no configuration {name!r}; it has {sorted(map(str, configurations))}")
+    if name in _chain:
+        raise ModelFormatError(f"plans.json: configurations inherit from each other in a circle ({' -> '.join(_chain)})")
+    if not isinstance(configurations[name], dict):
+        raise ModelFormatError(f"plans.json: configurations.{name} must be an object")
     config = dict(configurations[name])
     parent = config.pop("inherits_from", None)
     if parent:
-        merged = resolve_configuration(plans, parent)
+        merged = resolve_configuration(plans, parent, (*_chain, name))
         merged.update(config)
         return merged
     return config
 
 
-def _import_dotted(path: str, allowed_prefixes: Sequence[str], what: str) -> Any:
-    if not path.startswith(tuple(allowed_prefixes)):
-        raise ModelFormatError(f"plans.json {what} {path!r} is outside {list(allowed_prefixes)}; refusing to import it")
+def _import_dotted(path: Any, allowed: frozenset[str], what: str) -> Any:
+    if not isinstance(path, str) or path not in allowed:
+        raise ModelFormatError(
+            f"plans.json {what} {path!r} is not one DeepSeg builds (allowed: {', '.join(sorted(allowed)[:6])}...); "
+            "refusing to import it"
+        )
     module_name, _, attribute = path.rpartition(".")
     try:
         return getattr(importlib.import_module(module_name), attribute)
@@ -112,12 +140,116 @@ def build_network(configuration: Mapping[str, Any], input_channels: int, output_
     architecture = configuration.get("architecture")
     if not architecture:
         raise ModelFormatError("plans.json configuration has no 'architecture'; it was written by nnU-Net < 2.4")
-    network_class = _import_dotted(architecture["network_class_name"], (_NETWORK_MODULE_PREFIX,), "network class")
+    validate_architecture(architecture)
+    network_class = _import_dotted(architecture["network_class_name"], NETWORK_CLASSES, "network class")
     kwargs = dict(architecture.get("arch_kwargs", {}))
     for key in architecture.get("_kw_requires_import", []):
         if kwargs.get(key) is not None:
-            kwargs[key] = _import_dotted(kwargs[key], _IMPORT_KWARG_PREFIXES, f"argument {key}")
+            kwargs[key] = _import_dotted(kwargs[key], LAYER_CLASSES, f"argument {key}")
     return network_class(input_channels=input_channels, num_classes=output_channels, deep_supervision=False, **kwargs)
+
+
+def _field(value: Any, where: str, kind: type | tuple[type, ...], what: str) -> Any:
+    if not isinstance(value, kind) or isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise ModelFormatError(f"plans.json: {where} must be {what}, got {value!r:.80}")
+    return value
+
+
+def _int_list(value: Any, where: str, low: int, high: int, length: int | None = None) -> list[int]:
+    _field(value, where, list, "a list")
+    if length is not None and len(value) != length:
+        raise ModelFormatError(f"plans.json: {where} must have {length} entries, got {len(value)}")
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int) or not low <= item <= high:
+            raise ModelFormatError(f"plans.json: {where} must hold whole numbers from {low} to {high}, got {item!r:.40}")
+    return value
+
+
+def validate_architecture(architecture: Any) -> None:
+    """Checks a plans configuration's ``architecture`` before anything is built, naming the field that is wrong.
+
+    Raises:
+        ModelFormatError: a field is missing, of the wrong type, or asks for more than a network needs.
+    """
+    _field(architecture, "architecture", dict, "an object")
+    _field(architecture.get("network_class_name"), "architecture.network_class_name", str, "a class name")
+    kwargs = _field(architecture.get("arch_kwargs", {}), "architecture.arch_kwargs", dict, "an object")
+    _field(architecture.get("_kw_requires_import", []), "architecture._kw_requires_import", list, "a list")
+    stages = kwargs.get("n_stages")
+    if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= _MAX_STAGES:
+        raise ModelFormatError(f"plans.json: architecture.arch_kwargs.n_stages must be 1..{_MAX_STAGES}, got {stages!r}")
+    features = kwargs.get("features_per_stage")
+    if isinstance(features, int) and not isinstance(features, bool):
+        features = [features] * stages
+    _int_list(features, "architecture.arch_kwargs.features_per_stage", 1, _MAX_FEATURES, stages)
+    for key in ("kernel_sizes", "strides"):
+        entries = kwargs.get(key)
+        _field(entries, f"architecture.arch_kwargs.{key}", list, "a list")
+        if len(entries) != stages:
+            raise ModelFormatError(f"plans.json: architecture.arch_kwargs.{key} must have n_stages={stages} entries")
+        for index, entry in enumerate(entries):
+            if isinstance(entry, int) and not isinstance(entry, bool):
+                entry = [entry]
+            _int_list(entry, f"architecture.arch_kwargs.{key}[{index}]", 1, _MAX_KERNEL)
+    for key in ("n_conv_per_stage", "n_blocks_per_stage", "n_conv_per_stage_decoder"):
+        if key in kwargs:
+            value = kwargs[key]
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = [value]
+            _int_list(value, f"architecture.arch_kwargs.{key}", 1, 64)
+
+
+def validate_plans(plans: Any, dataset: Any, configuration_name: str) -> None:
+    """Checks the parts of plans.json and dataset.json DeepSeg reads, naming the field that is wrong.
+
+    Raises:
+        ModelFormatError: naming the file and the field.
+    """
+    _field(plans, "the file", dict, "a JSON object")
+    if not isinstance(dataset, dict):
+        raise ModelFormatError(f"dataset.json must be a JSON object, got {type(dataset).__name__}")
+    configurations = _field(plans.get("configurations"), "configurations", dict, "an object")
+    for name, configuration in configurations.items():
+        _field(configuration, f"configurations.{name}", dict, "an object")
+    for key in ("transpose_forward", "transpose_backward"):
+        if key in plans and sorted(_int_list(plans[key], key, 0, 2)) != list(range(len(plans[key]))):
+            raise ModelFormatError(f"plans.json: {key} must be a permutation of the axes, got {plans[key]}")
+    labels = dataset.get("labels")
+    if not isinstance(labels, dict) or not labels:
+        raise ModelFormatError("dataset.json: 'labels' must map label names to values")
+    for name, value in labels.items():
+        values = value if isinstance(value, list) else [value]
+        if not values or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 65536 for v in values):
+            raise ModelFormatError(f"dataset.json: label {name!r} must be a value 0..65535 (or a list of them)")
+    channels = dataset.get("channel_names", dataset.get("modality", {"0": "image"}))
+    if not isinstance(channels, dict) or not channels or len(channels) > 64:
+        raise ModelFormatError("dataset.json: 'channel_names' must map channel indices to names (1..64 channels)")
+    properties = plans.get("foreground_intensity_properties_per_channel", {})
+    _field(properties, "foreground_intensity_properties_per_channel", dict, "an object")
+    for channel, values in properties.items():
+        _field(values, f"foreground_intensity_properties_per_channel.{channel}", dict, "an object")
+        for key, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                raise ModelFormatError(
+                    f"plans.json: foreground_intensity_properties_per_channel.{channel}.{key} must be a number"
+                )
+    configuration = resolve_configuration(plans, configuration_name)
+    dimensions = len(configuration.get("patch_size", []) or [])
+    _int_list(configuration.get("patch_size"), f"configurations.{configuration_name}.patch_size", 1, 2048)
+    spacing = _field(configuration.get("spacing"), f"configurations.{configuration_name}.spacing", list, "a list")
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1e4 for v in spacing):
+        raise ModelFormatError(f"plans.json: configurations.{configuration_name}.spacing must hold positive numbers")
+    schemes = _field(configuration.get("normalization_schemes", []),
+                     f"configurations.{configuration_name}.normalization_schemes", list, "a list")  # fmt: skip
+    if len(schemes) < len(channels) or not all(isinstance(x, str) for x in schemes):
+        raise ModelFormatError(f"plans.json: configurations.{configuration_name}.normalization_schemes must name "
+                               f"one scheme per input channel ({len(channels)})")  # fmt: skip
+    use_mask = configuration.get("use_mask_for_norm", [False] * len(schemes))
+    if not isinstance(use_mask, list) or len(use_mask) < len(schemes):
+        raise ModelFormatError(f"plans.json: configurations.{configuration_name}.use_mask_for_norm must have one "
+                               "entry per channel")  # fmt: skip
+    if dimensions in (2, 3) and configuration.get("architecture"):
+        validate_architecture(configuration["architecture"])
 
 
 class SliceWiseNetwork(torch.nn.Module):
@@ -209,7 +341,23 @@ def available_folds(folder: Path, checkpoint_name: str = "checkpoint_final.pth")
     return sorted(folds, key=lambda f: (not f.isdigit(), int(f) if f.isdigit() else 0, f))
 
 
-def load_nnunet_model(
+def load_nnunet_model(folder: str | os.PathLike, *args: Any, **kwargs: Any) -> LoadedModel:
+    """Reads an nnU-Net v2 trained-model folder (see :func:`_load_nnunet_model` for the arguments).
+
+    Whatever a malformed plans.json or dataset.json does, the error is a :class:`ModelFormatError` naming it.
+    """
+    try:
+        return _load_nnunet_model(folder, *args, **kwargs)
+    except ModelError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError, OverflowError) as error:
+        raise ModelFormatError(
+            f"{folder}: plans.json or dataset.json is malformed ({type(error).__name__}: {str(error)[:200]}); "
+            "copy the model folder again, or ask its author for the files nnU-Net wrote"
+        ) from None
+
+
+def _load_nnunet_model(
     folder: str | os.PathLike,
     device: torch.device | str = "cpu",
     folds: Sequence[int | str] | None = None,
@@ -255,6 +403,7 @@ def load_nnunet_model(
     if not configuration_name:
         match = re.search(r"__([^_].*)$", folder.name)
         configuration_name = match.group(1) if match else "3d_fullres"
+    validate_plans(plans, dataset, configuration_name)
     configuration = resolve_configuration(plans, configuration_name)
     _refuse_cascade(folder, plans, configuration_name, configuration)
     dimensions = len(configuration.get("patch_size", []))

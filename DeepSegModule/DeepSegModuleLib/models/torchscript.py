@@ -95,6 +95,39 @@ def _terminology(value: Any, where: str) -> Terminology | str | None:
     raise ModelFormatError(f"{where}: terminology must be a Slicer terminology string or an object, got {value!r}")
 
 
+def _check_card_fields(card: Mapping[str, Any], source: str) -> None:
+    """Types and bounds of the fields that size allocations or index arrays, each named when wrong."""
+    from DeepSegModuleLib import limits
+
+    patch = card["patch_size"]
+    if not isinstance(patch, list) or len(patch) not in (2, 3) or any(
+        isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1024 for n in patch
+    ):
+        raise ModelFormatError(f"{source}: 'patch_size' must be 2 or 3 whole numbers from 1 to 1024, got {patch!r:.80}")
+    if not isinstance(card["inputs"], list) or not 1 <= len(card["inputs"]) <= 64 or not all(
+        isinstance(entry, Mapping) for entry in card["inputs"]
+    ):
+        raise ModelFormatError(f"{source}: 'inputs' must be a list of 1 to 64 objects")
+    labels = card["labels"]
+    if not isinstance(labels, list) or not labels or not all(isinstance(item, Mapping) for item in labels):
+        raise ModelFormatError(f"{source}: 'labels' must be a non-empty list of objects with 'value' and 'name'")
+    limits.SEGMENTS.check(len(labels), f"the label count of {source}")
+    for item in labels:
+        for key in ("value", "channel"):
+            value = item.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 65536:
+                raise ModelFormatError(f"{source}: label {item.get('name')!r}: '{key}' must be 0..65535, got {value!r:.40}")
+    for key in ("spacing",):
+        value = card.get(key)
+        if value is not None and (not isinstance(value, list) or len(value) != 3 or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1e4 for v in value
+        )):  # fmt: skip
+            raise ModelFormatError(f"{source}: '{key}' must be three positive numbers (mm), got {value!r:.80}")
+    overlap = card.get("overlap", 0.5)
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:
+        raise ModelFormatError(f"{source}: 'overlap' must be a number in 0..1 (exclusive), got {overlap!r:.40}")
+
+
 def parse_card(card: Mapping[str, Any], source: str = "model card") -> ModelDescription:
     """Reads a model card (already parsed JSON) into a :class:`ModelDescription`.
 
@@ -114,6 +147,7 @@ def parse_card(card: Mapping[str, Any], source: str = "model card") -> ModelDesc
     for key in ("inputs", "patch_size", "labels"):
         if key not in card:
             raise ModelFormatError(f"{source}: the card has no '{key}' field; see docs/model_card.md")
+    _check_card_fields(card, source)
     try:
         inputs = []
         for index, entry in enumerate(card["inputs"]):
@@ -167,8 +201,9 @@ def parse_card(card: Mapping[str, Any], source: str = "model card") -> ModelDesc
         )
     except ModelFormatError:
         raise
-    except (KeyError, TypeError, ValueError) as error:
-        raise ModelFormatError(f"{source}: {error}; see docs/model_card.md for the card format") from error
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as error:
+        raise ModelFormatError(f"{source}: {type(error).__name__}: {error}; see docs/model_card.md for the card "
+                               "format") from None  # fmt: skip
 
 
 def read_card(card_path: str | os.PathLike) -> tuple[ModelDescription, Path]:

@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated
 
@@ -107,6 +108,7 @@ class DeepSegModuleParameterNode:
     labelsToKeep - label names to write, separated by commas; empty for all.
     outputSegmentation - where segments are written; a new segmentation is created when empty.
     probabilityMaps - also write one probability volume per label.
+    trustModelCode - let a MONAI bundle run its own code (shown, and confirmed, before each run that needs it).
 
     Registration:
     fixedVolume, movingVolume - the moving volume is aligned to the fixed one.
@@ -128,6 +130,7 @@ class DeepSegModuleParameterNode:
     labelsToKeep: str = ""
     outputSegmentation: vtkMRMLSegmentationNode
     probabilityMaps: bool = False
+    trustModelCode: bool = False
 
     fixedVolume: vtkMRMLScalarVolumeNode
     movingVolume: vtkMRMLScalarVolumeNode
@@ -369,7 +372,26 @@ class DeepSegModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay(_("DeepSeg could not start the segmentation."), waitCursor=True):
             self._ensurePythonRequirements()
-            self._startRun("segment", self.logic.startSegmentFromParameters(self._parameterNode, self._onJobEvent))
+            trust = self._confirmTrustedCode() if self._parameterNode.trustModelCode else False
+            if trust is None:
+                return
+            self._startRun("segment", self.logic.startSegmentFromParameters(
+                self._parameterNode, self._onJobEvent, trustCode=trust))
+
+    def _confirmTrustedCode(self) -> bool | None:
+        """Shows what a trusted run executes and asks; True to run trusted, None when the user declines."""
+        whatRuns = self.logic.codeOutsideAllowList(self._parameterNode.modelName)
+        if not whatRuns:
+            return False  # nothing outside the allow-list: no trust needed
+        if not slicer.util.confirmOkCancelDisplay(
+            _("This model runs code of its own, outside DeepSeg's allow-list. Run it only if you trust its "
+              "author. Your decision is recorded for this model."),
+            windowTitle=_("Run this model's code?"), detailedText="\n".join(whatRuns),
+        ):  # fmt: skip
+            return None
+        self.logic.recordTrust(self._parameterNode.modelName, whatRuns)
+        self._log(_("Trusted mode: {lines}").format(lines="; ".join(whatRuns)))
+        return True
 
     def onRegisterButton(self) -> None:
         if self._run is not None:
@@ -801,7 +823,7 @@ class DeepSegModuleLogic(ScriptedLoadableModuleLogic):
     # runs: start* return a Run to poll from the main thread; segment/register wait for it
 
     def startSegment(self, inputVolumes, model: str, outputSegmentation=None, labels=None, probabilities=False,
-                     device="auto", overlap=None, mirroring=False, onEvent=None):  # fmt: skip
+                     device="auto", overlap=None, mirroring=False, onEvent=None, trustCode=False):  # fmt: skip
         """Starts a segmentation; returns a :class:`~DeepSegModuleLib.logic.Run` (``poll()`` it, or ``wait()``).
 
         Args:
@@ -814,6 +836,8 @@ class DeepSegModuleLogic(ScriptedLoadableModuleLogic):
             overlap: sliding-window overlap (None: the model's own).
             mirroring: mirrored test-time augmentation.
             onEvent: called with each :class:`~DeepSegModuleLib.jobs.JobEvent` from ``poll()``.
+            trustCode: a MONAI bundle may run code outside DeepSeg's allow-list (an explicit choice; a stored
+                model the user trusted before runs trusted anyway).
 
         Raises:
             ValueError: an unusable input; ChecksumError: a stored model was changed. Nothing is started then.
@@ -826,6 +850,7 @@ class DeepSegModuleLogic(ScriptedLoadableModuleLogic):
         return self.engineLogic.start_segment(
             volumes, str(model).strip(), output_segmentation=outputSegmentation, labels=labels or None,
             probabilities=probabilities, device=device, overlap=overlap, mirroring=mirroring, on_event=onEvent,
+            trust_code=trustCode,
         )  # fmt: skip
 
     def segment(self, inputVolumes, model: str, timeout: float | None = None, **options):
@@ -865,14 +890,33 @@ class DeepSegModuleLogic(ScriptedLoadableModuleLogic):
         """
         return self.startRegister(fixedVolume, movingVolume, **options).wait(timeout)
 
-    def startSegmentFromParameters(self, parameterNode, onEvent=None):
-        """Starts the segmentation the panel describes."""
+    def startSegmentFromParameters(self, parameterNode, onEvent=None, trustCode=False):
+        """Starts the segmentation the panel describes (``trustCode``: the user confirmed the model's own code)."""
         return self.startSegment(
             self.segmentationInputs(parameterNode), parameterNode.modelName,
             outputSegmentation=parameterNode.outputSegmentation, labels=self.labelNames(parameterNode.labelsToKeep),
             probabilities=parameterNode.probabilityMaps, device=parameterNode.device, overlap=parameterNode.overlap,
-            mirroring=parameterNode.mirroring, onEvent=onEvent,
+            mirroring=parameterNode.mirroring, onEvent=onEvent, trustCode=trustCode,
         )  # fmt: skip
+
+    def codeOutsideAllowList(self, model: str) -> list[str]:
+        """What trusted mode would run for ``model`` (a MONAI bundle), or [] when nothing outside the allow-list."""
+        path = Path(self.engineLogic.resolve_model(str(model).strip()))
+        if not (path / "configs").is_dir():
+            return []
+        from DeepSegModuleLib.models.monai_bundle import trusted_code_summary
+
+        lines = trusted_code_summary(path)
+        return [] if lines == ["nothing outside the allow-list"] else lines
+
+    def recordTrust(self, model: str, whatRuns: list[str]) -> None:
+        """Records the user's trust decision for a stored model (a path is trusted for this run only)."""
+        from DeepSegModuleLib.models.store import ModelStore, model_argument
+
+        store = ModelStore(self.engineLogic.model_store_root)
+        kind, value = model_argument(str(model).strip(), store)
+        if kind == "store":
+            store.set_trusted(str(value), True, whatRuns)
 
     def startRegisterFromParameters(self, parameterNode, onEvent=None):
         """Starts the registration the panel describes."""

@@ -128,6 +128,18 @@ def resolve_model(model: str | None) -> Path:
     return store.verify(str(value)).model_path if kind == "store" else Path(value)
 
 
+def _recorded_trust(model: str) -> bool:
+    """Whether a model argument names a stored model the user has trusted (``deepseg models trust NAME``)."""
+    from .models.store import ModelStore, model_argument
+
+    store = ModelStore()
+    try:
+        kind, value = model_argument(model, store)
+    except Exception:  # noqa: BLE001 - resolve_model has already reported any problem with the argument
+        return False
+    return kind == "store" and bool(store.get(str(value)).trusted)
+
+
 def _logic(worker=None):
     """A factory of logics on a context; one case per command runs the engine in this process, while a batch
     passes its persistent worker so the model stays loaded from case to case."""
@@ -216,6 +228,10 @@ def segment(
         for path in inputs:
             _check_input(path, "input")
         model_path = resolve_model(model)
+        if not trust_code and model is not None and _recorded_trust(model):
+            trust_code = True
+            typer.echo(f"deepseg: {model} runs its own code: you trusted it (deepseg models trust {model} --revoke "
+                       "withdraws that)", err=True)
         if trust_code and (model_path / "configs").is_dir():
             from .models.monai_bundle import trusted_code_summary
 
@@ -515,6 +531,29 @@ def models_info(name: str = typer.Argument(...), as_json: bool = typer.Option(Fa
         lines = [f"  {key:<10s} {value}" for key, value in info.items() if key != "files"]
         lines += [f"  file       {path}" for path in stored.files]
         _emit(info, as_json, lines)
+
+
+@models_app.command("trust")
+def models_trust(
+    name: str = typer.Argument(...),
+    revoke: bool = typer.Option(False, "--revoke", help="Withdraw the decision: run the model untrusted again."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Record that a stored MONAI bundle may run its own code (its scripts/, any expression), after showing what.
+
+    Example: deepseg models trust renal-unest   (then: deepseg segment --model renal-unest ...)
+    """
+    from .models.monai_bundle import trusted_code_summary
+    from .models.store import ModelStore
+
+    with _reported(as_json):
+        store = ModelStore()
+        stored = store.verify(name)
+        what_runs = trusted_code_summary(stored.model_path) if (stored.model_path / "configs").is_dir() else []
+        updated = store.set_trusted(name, not revoke, what_runs)
+        lines = [f"  {line}" for line in what_runs]
+        lines.append(f"{name}: {'trusted' if updated.trusted else 'not trusted'} (recorded in {updated.path})")
+        _emit({"id": name, "trusted": bool(updated.trusted), "what_runs": what_runs}, as_json, lines)
 
 
 @models_app.command("remove")

@@ -177,6 +177,17 @@ class DeepSegLogic:
             self._verified_models[text] = signature
         return str(stored.model_path)
 
+    def trusted_in_store(self, model: str | os.PathLike) -> bool:
+        """Whether ``model`` names a stored model whose own code the user has trusted (a recorded decision)."""
+        from .models.store import model_argument
+
+        store = ModelStore(self.model_store_root)
+        try:
+            kind, value = model_argument(str(model), store)
+        except Exception:  # noqa: BLE001 - resolve_model reports a bad argument
+            return False
+        return kind == "store" and bool(store.get(str(value)).trusted)
+
     def import_model(self, source: str | os.PathLike, model_id: str | None = None, replace: bool = False) -> str:
         """Copies a model folder, ``.zip`` or TorchScript file (with its card) into the store; returns its name."""
         return ModelStore(self.model_store_root).import_model(source, model_id=model_id, replace=replace).model_id
@@ -207,6 +218,7 @@ class DeepSegLogic:
         volumes = list(input_volumes) if isinstance(input_volumes, (list, tuple)) else [input_volumes]
         if not volumes or any(volume is None for volume in volumes):
             raise ValueError("choose an input volume")
+        trust_code = bool(trust_code) or self.trusted_in_store(model)
         model = self.resolve_model(model)
         arrays, grids = [], []
         for volume in volumes:

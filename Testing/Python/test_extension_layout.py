@@ -507,7 +507,7 @@ def test_the_widget_table_describes_every_class_in_the_ui_by_its_own_members():
 PANEL_PARAMETERS = {
     # segmentation
     "inputVolume", "inputVolume2", "inputVolume3", "inputVolume4", "modelName", "labelsToKeep",
-    "outputSegmentation", "probabilityMaps",
+    "outputSegmentation", "probabilityMaps", "trustModelCode",
     # registration
     "fixedVolume", "movingVolume", "fixedMask", "movingMask", "movingSegmentation", "registrationPreset",
     "outputTransform", "outputVolume", "registeredSegmentation", "inverseTransform", "showQualityReport",
@@ -987,7 +987,8 @@ def panel(deepseg_module, context, tmp_path, monkeypatch):
     widget._ensurePythonRequirements = lambda: None
     fields = {name: None for name in PANEL_PARAMETERS}
     fields.update(
-        modelName="", labelsToKeep="", probabilityMaps=False, registrationPreset="rigid", inverseTransform=False,
+        modelName="", labelsToKeep="", probabilityMaps=False, trustModelCode=False, registrationPreset="rigid",
+        inverseTransform=False,
         showQualityReport=True, device="cpu", overlap=0.25, mirroring=False,
     )  # fmt: skip
     widget._parameterNode = SimpleNamespace(**fields)
@@ -1103,3 +1104,52 @@ def test_panel_cancel_leaves_the_scene_unchanged_and_a_wrong_output_transform_is
     assert widget._run is None and context.node_ids() == before
     assert len(shown["errors"]) == 1 and "'linear' is a vtkMRMLLinearTransformNode" in shown["errors"][0]
     assert widget.ui.registerButton.text == "Register" and widget.ui.registerButton.enabled
+
+
+def test_panel_asks_before_running_a_models_own_code_and_records_the_answer(panel, context, tmp_path, monkeypatch):
+    """A bundle whose config names its own class: the panel shows what would run and runs nothing when the user
+    declines; an accepted decision is recorded in the store for that model."""
+    import json
+
+    import slicer.util
+    from DeepSegModuleLib import nodes
+    from DeepSegModuleLib.models.store import ModelStore
+    from segmentation_helpers import sphere_volume
+
+    widget, shown = panel
+    bundle = tmp_path / "bundle"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "models").mkdir()
+    (bundle / "scripts").mkdir()
+    (bundle / "scripts" / "__init__.py").write_text("")
+    canary = tmp_path / "canary"
+    (bundle / "scripts" / "net.py").write_text(f"open({str(canary)!r}, 'w').close()\nclass Net: pass\n")
+    (bundle / "models" / "model.pt").write_bytes(b"")
+    (bundle / "configs" / "inference.json").write_text(json.dumps({
+        "network_def": {"_target_": "scripts.net.Net"},
+        "preprocessing": {"_target_": "Compose", "transforms": []}}))  # fmt: skip
+    store = ModelStore(tmp_path / "store")
+    store.import_model(bundle, model_id="own-code")
+    grid = ((12, 12, 12), np.diag([1.5, 1.5, 1.5, 1.0]))
+    volume, _ = sphere_volume(np.array([8.0, 8.0, 8.0]), 4.0, grid)
+    parameters = widget._parameterNode
+    parameters.inputVolume = nodes.array_to_volume(context, volume.array, volume.ijk_to_ras, name="CT")
+    parameters.modelName = "own-code"
+    parameters.trustModelCode = True
+    questions = []
+
+    def decline(text, **kwargs):
+        questions.append(kwargs.get("detailedText", ""))
+        return False
+
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", decline, raising=False)
+    before = context.node_ids()
+    widget.onSegmentButton()
+    assert widget._run is None and context.node_ids() == before and not canary.exists()
+    assert "scripts.net.Net" in questions[0]
+    assert not store.get("own-code").trusted
+
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, **kwargs: True, raising=False)
+    widget.onSegmentButton()
+    _poll_until_idle(widget, set(), timeout=60)
+    assert store.get("own-code").trusted["what_runs"] == [q for q in questions[0].split("\n") if q]

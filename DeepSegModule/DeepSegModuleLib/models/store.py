@@ -103,6 +103,7 @@ class StoredModel:
     source: str
     bundled: bool = False
     needs_trust: list[str] = field(default_factory=list)
+    trusted: dict = field(default_factory=dict)
 
     @property
     def model_path(self) -> Path:
@@ -249,8 +250,9 @@ class ModelStore:
                 f"model {model_id!r} is damaged: its {MANIFEST_NAME} in {folder} cannot be read. Remove it "
                 f"(deepseg models remove {model_id}) and import it again"
             ) from None
+        trusted = manifest.get("trusted") if isinstance(manifest.get("trusted"), dict) else {}
         return StoredModel(model_id, folder, files, str(manifest.get("source", "")), bundled,
-                           needs_trust=list(manifest.get("needs_trust", [])))
+                           needs_trust=list(manifest.get("needs_trust", [])), trusted=trusted)
 
     def list_ids(self) -> list[str]:
         """The ids of the stored models and of the models shipped with DeepSeg, sorted."""
@@ -286,6 +288,30 @@ class ModelStore:
                     "or changed. Import the model again."
                 )
         return stored
+
+    def set_trusted(self, model_id: str, trusted: bool, what_runs: list[str] | None = None) -> StoredModel:
+        """Records (or withdraws) the user's decision to run a stored model's own code (trusted mode).
+
+        The record names what was shown when the decision was made; it is kept in the model's manifest and
+        honoured only while the model's files still have the checksums recorded at import.
+        """
+        stored = self.verify(model_id)
+        if stored.bundled:
+            raise PermissionError(f"{model_id!r} ships with DeepSeg; it needs no trust decision")
+        manifest_path = stored.path / MANIFEST_NAME
+        with _store_lock(self.root):
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            if trusted:
+                manifest["trusted"] = {
+                    "decided": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "what_runs": list(what_runs or []),
+                }
+            else:
+                manifest.pop("trusted", None)
+            temporary = manifest_path.with_name(f".{MANIFEST_NAME}.{os.getpid()}")
+            temporary.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            os.replace(temporary, manifest_path)
+        return self.get(model_id)
 
     def remove(self, model_id: str) -> None:
         """Deletes a stored model."""

@@ -9,10 +9,11 @@ The error a limit raises names the variable.
 |-----------------------------------|--------------|-------------------------------------------------------------|
 | ``DEEPSEG_MAX_UNPACKED_BYTES``    | 8 GiB        | what one model archive may expand to                        |
 | ``DEEPSEG_MAX_ARCHIVE_ENTRIES``   | 100000       | files in one model archive                                  |
+| ``DEEPSEG_MAX_COMPRESSION_RATIO`` | 100          | how much more an archive over 64 MiB may expand to than it holds |
 | ``DEEPSEG_MAX_DOWNLOAD_BYTES``    | 8 GiB        | one download (when the catalog gives no size)               |
 | ``DEEPSEG_DOWNLOAD_STALL_S``      | 60           | seconds a download may receive nothing                      |
 | ``DEEPSEG_DOWNLOAD_DEADLINE_S``   | 7200         | seconds one download may take in all                       |
-| ``DEEPSEG_MAX_VOXELS``            | 2^30 (1.07e9)| voxels of an input image, and of any grid it is resampled to |
+| ``DEEPSEG_MAX_VOXELS``            | 2^29 (5.4e8) | voxels of an input image, and of any grid it is resampled to |
 | ``DEEPSEG_MAX_SEGMENTS``          | 2000         | segments in one ``.seg.nrrd``                               |
 | ``DEEPSEG_MAX_UNPACKED_CACHE_BYTES`` | 20 GiB    | the cache of unpacked model archives (oldest removed first) |
 """
@@ -65,9 +66,12 @@ def _readable(amount: float, unit: str) -> str:
 
 UNPACKED_BYTES = Limit("DEEPSEG_MAX_UNPACKED_BYTES", 8 << 30, "bytes")
 ARCHIVE_ENTRIES = Limit("DEEPSEG_MAX_ARCHIVE_ENTRIES", 100_000, "entries")
+# weights hardly compress (about 1.1:1); a zip that inflates a hundredfold is a bomb, not a model
+COMPRESSION_RATIO = Limit("DEEPSEG_MAX_COMPRESSION_RATIO", 100, "times")
 DOWNLOAD_BYTES = Limit("DEEPSEG_MAX_DOWNLOAD_BYTES", 8 << 30, "bytes")
 DOWNLOAD_STALL_S = Limit("DEEPSEG_DOWNLOAD_STALL_S", 60, "s")
 DOWNLOAD_DEADLINE_S = Limit("DEEPSEG_DOWNLOAD_DEADLINE_S", 7200, "s")
-VOXELS = Limit("DEEPSEG_MAX_VOXELS", 1 << 30, "voxels")
+# 512 x 512 x 2048: a whole-body CT at 0.5 mm slices; a 2 GiB float32 volume before any copy
+VOXELS = Limit("DEEPSEG_MAX_VOXELS", 1 << 29, "voxels")
 SEGMENTS = Limit("DEEPSEG_MAX_SEGMENTS", 2000, "segments")
 UNPACKED_CACHE_BYTES = Limit("DEEPSEG_MAX_UNPACKED_CACHE_BYTES", 20 << 30, "bytes")

@@ -221,3 +221,13 @@ def test_fuzzed_expressions_raise_only_deepseg_errors_and_run_nothing(tmp_path, 
         pass
     assert not canary.exists()
     assert set(os.listdir(tmp_path)) == before
+
+
+def test_a_file_reader_keyed_by_reference_gives_the_image_key(tmp_path):
+    config = {"image_key": "ct", "preprocessing": {"_target_": "Compose", "transforms": [
+        {"_target_": "LoadImaged", "keys": "@image_key", "reader": "ITKReader"},
+        {"_target_": "EnsureChannelFirstd", "keys": "@image_key"}]}}  # fmt: skip
+    safe = SafeBundleConfig(config, {}, tmp_path, {})
+    preprocessing = safe.resolve("preprocessing")
+    assert [c.keys for c in safe.io_components] == [("ct",)]
+    assert [type(t).__name__ for t in preprocessing.transforms] == ["EnsureChannelFirstd"]

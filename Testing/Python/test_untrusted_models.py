@@ -146,3 +146,38 @@ def test_fuzzed_archives_extract_inside_or_raise_deepseg_errors(tmp_path, names,
         shutil.rmtree(destination, ignore_errors=True)
         archive.unlink(missing_ok=True)
     assert sorted(os.listdir(tmp_path)) == outside_before
+
+
+def test_an_archive_that_inflates_a_hundredfold_is_refused_at_default_limits(tmp_path):
+    bomb = _zip(tmp_path / "model.zip", {"model.pt": b"\0" * (100 << 20)})
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(UnsafeArchiveError, match="DEEPSEG_MAX_COMPRESSION_RATIO"):
+        safe_extract_zip(bomb, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pickle_with_code_is_refused_without_torchs_advice_to_load_it_unsafely(tmp_path):
+    import pickle
+
+    import torch
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'canary'}",))
+
+    bundle = tmp_path / "bundle"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "models").mkdir()
+    (bundle / "configs" / "inference.json").write_text(json.dumps({
+        "network_def": {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2,
+                        "channels": [4, 8], "strides": [2]},
+        "preprocessing": {"_target_": "Compose", "transforms": []}}))  # fmt: skip
+    (bundle / "configs" / "metadata.json").write_text(json.dumps({"network_data_format": {"outputs": {"pred": {
+        "channel_def": {"0": "background", "1": "organ"}}}}}))  # fmt: skip
+    torch.save({"model": Payload()}, bundle / "models" / "model.pt", pickle_module=pickle)
+    from DeepSegModuleLib.models import load_model
+
+    with pytest.raises(ModelError) as caught:
+        load_model(bundle)
+    assert "weights_only=False" not in str(caught.value) and "trust the source" not in str(caught.value)
+    assert not (tmp_path / "canary").exists()

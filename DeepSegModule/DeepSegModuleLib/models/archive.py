@@ -108,6 +108,13 @@ def safe_extract_zip(
                     f"archive entry {member.filename!r} is a symbolic link; refusing to extract this archive"
                 )
             total += member.file_size
+        packed = max(sum(member.compress_size for member in members), 1)
+        if total > 64 << 20 and total / packed > limits.COMPRESSION_RATIO.value():
+            raise UnsafeArchiveError(
+                f"{archive} would expand {total / packed:.0f}-fold ({packed >> 20} MiB to {total >> 20} MiB), more than "
+                f"model files do (limit {limits.COMPRESSION_RATIO.value()}-fold); refusing to extract (raise "
+                f"{limits.COMPRESSION_RATIO.variable} if the archive is expected)"
+            )
         if total > max_unpacked_bytes:
             raise UnsafeArchiveError(
                 f"{archive} would expand to {total / 2**30:.2f} GiB, over the limit of {max_unpacked_bytes / 2**30:.2f} "

@@ -54,7 +54,7 @@ FUNCTIONS = (
     "torch.device", "torch.cuda.is_available", "torch.where", "torch.nan_to_num", "torch.argmax", "torch.cat",
     "torch.stack", "torch.sigmoid", "torch.softmax", "torch.tensor", "torch.as_tensor", "torch.zeros",
     "torch.ones", "torch.zeros_like", "torch.ones_like", "torch.clamp", "torch.flip", "torch.logical_and",
-    "torch.logical_or", "torch.logical_not", "torch.round", "torch.isin", "torch.Size",
+    "torch.logical_or", "torch.logical_not", "torch.round", "torch.isin", "torch.Size", "torch.from_numpy",
     "numpy.array", "numpy.asarray", "numpy.where", "numpy.zeros", "numpy.ones", "numpy.clip", "numpy.float16",
     "numpy.float32", "numpy.float64", "numpy.uint8", "numpy.int8", "numpy.int16", "numpy.int32", "numpy.int64",
     "numpy.uint16", "numpy.bool_",

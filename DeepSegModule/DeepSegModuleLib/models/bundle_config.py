@@ -373,7 +373,8 @@ class SafeBundleConfig:
                 [f"{node_id}: '_target_' must be a plain class name, not {target_name!r}"], self.source
             )
         if _is_io_target(target_name):
-            keys = node.get("keys", ())
+            # only its keys are built (they may be a reference, "@image_key"); the reader itself never is
+            keys = self._build(node.get("keys", ()), self._child(node_id, "keys"))
             keys = (keys,) if isinstance(keys, str) else tuple(k for k in keys if isinstance(k, str))
             return IOComponent(name=target_name.rsplit(".", 1)[-1], keys=keys)
         if "_disabled_" in node and self._truth(self._build(node["_disabled_"], self._child(node_id, "_disabled_"))):
@@ -822,9 +823,14 @@ class _Interpreter:
 
         from DeepSegModuleLib.models.errors import load_error_detail
 
+        from DeepSegModuleLib.models.nnunet import numpy_safe_globals
+
         checked = self.config.inside_bundle(str(path), f"config item {self.node_id!r}: torch.load")
         try:
-            return torch.load(str(checked), map_location=map_location, weights_only=True)
+            # tensors and plain numpy arrays only (a DiNTS architecture file holds both), on the CPU: DeepSeg
+            # moves the network to its device itself
+            with torch.serialization.safe_globals(numpy_safe_globals()):
+                return torch.load(str(checked), map_location="cpu", weights_only=True)
         except Exception as error:
             raise ModelFormatError(
                 f"{self.config.source}: config item {self.node_id!r}: {checked.name} could not be read as tensors "

@@ -39,7 +39,7 @@ from DeepSegModuleLib.models.description import (
     NormalizationSpec,
     Tiling,
 )
-from DeepSegModuleLib.models.errors import ModelError, ModelFileError, ModelFormatError
+from DeepSegModuleLib.models.errors import ModelError, ModelFileError, ModelFormatError, load_error_detail
 
 _NETWORK_MODULE_PREFIX = "dynamic_network_architectures."
 #: The network classes a plans file may name, exactly (nnU-Net's and its ResEnc presets'; TotalSegmentator's).
@@ -64,6 +64,21 @@ LAYER_CLASSES = frozenset(
 _MAX_FEATURES = 4096
 _MAX_STAGES = 12
 _MAX_KERNEL = 15
+
+
+def numpy_safe_globals() -> list:
+    """What ``torch.load(weights_only=True)`` needs to restore plain numpy arrays (never object arrays)."""
+    allowed: list = [np.ndarray, np.dtype]
+    for module_name in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            allowed.append(importlib.import_module(module_name)._reconstruct)
+            break
+        except (ImportError, AttributeError):
+            continue
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        allowed += [getattr(dtypes, name) for name in dir(dtypes) if name.endswith("DType") and "Object" not in name]
+    return allowed
 
 
 def _checkpoint_safe_globals() -> list:
@@ -96,7 +111,7 @@ def load_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
         raise ModelFileError(
             f"{path} ({os.path.getsize(path)} bytes) could not be read as a weights-only nnU-Net checkpoint: it is "
             "truncated, damaged, or contains Python objects other than tensors and training logs. Copy the model "
-            f"folder again. Details: {str(error).splitlines()[0]}"
+            f"folder again. Details: {load_error_detail(error)}"
         ) from error
     if not isinstance(checkpoint, Mapping) or "network_weights" not in checkpoint:
         raise ModelFileError(f"{path} is not an nnU-Net v2 checkpoint (no 'network_weights'); use checkpoint_final.pth")

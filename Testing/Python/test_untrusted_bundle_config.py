@@ -231,3 +231,11 @@ def test_a_file_reader_keyed_by_reference_gives_the_image_key(tmp_path):
     preprocessing = safe.resolve("preprocessing")
     assert [c.keys for c in safe.io_components] == [("ct",)]
     assert [type(t).__name__ for t in preprocessing.transforms] == ["EnsureChannelFirstd"]
+
+
+def test_a_lambda_keeps_working_call_after_call(tmp_path, monkeypatch):
+    from DeepSegModuleLib.models import bundle_config
+
+    monkeypatch.setattr(bundle_config, "MAX_EVALUATION_STEPS", 500)
+    function = _resolve("$lambda x: sum([i for i in range(20)]) + x", tmp_path)
+    assert [function(i) for i in range(100)][-1] == 190 + 99

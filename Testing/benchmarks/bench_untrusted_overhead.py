@@ -111,10 +111,12 @@ def main() -> None:
             "MONAI bundle (UNet 4 levels), CT": ["segment", "-m", str(bundle), "-i", str(CT), "--device", "cpu"],
         }
         times: dict[tuple[str, str], list[float]] = {}
+        serial = 0
         for repeat in range(arguments.repeats):
             for case, argv in cases.items():
                 for index, checkout in enumerate(arguments.checkout):
-                    output = work / f"out-{repeat}-{index}-{len(times)}.nii.gz"
+                    serial += 1
+                    output = work / f"out-{serial}.nii.gz"
                     seconds = timed_run(checkout.resolve(), [*argv, "-o", str(output)])
                     times.setdefault((case, str(checkout)), []).append(seconds)
     print(f"{'case':40s} " + " ".join(f"{str(c)[-28:]:>30s}" for c in arguments.checkout))

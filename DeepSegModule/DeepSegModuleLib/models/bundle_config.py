@@ -119,7 +119,12 @@ class SafeLambda:
                 raise TypeError(f"lambda got an unexpected argument {key!r}")
         if spec.kwarg is not None:
             scope[spec.kwarg.arg] = extra
-        return self.evaluator.run(self.node.body, scope)
+        # each call has its own step budget: a transform's lambda runs once per image, run after run
+        outer_steps, self.evaluator.steps = self.evaluator.steps, 0
+        try:
+            return self.evaluator.run(self.node.body, scope)
+        finally:
+            self.evaluator.steps = outer_steps
 
 
 @functools.lru_cache(maxsize=1)

@@ -239,3 +239,23 @@ def test_a_lambda_keeps_working_call_after_call(tmp_path, monkeypatch):
     monkeypatch.setattr(bundle_config, "MAX_EVALUATION_STEPS", 500)
     function = _resolve("$lambda x: sum([i for i in range(20)]) + x", tmp_path)
     assert [function(i) for i in range(100)][-1] == 190 + 99
+
+
+def test_macros_copy_config_content_like_monai(tmp_path):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "common.json").write_text(json.dumps({"net": {"channels": [4, 8]}}))
+    config = {"base": {"spacing": [1.5, 1.5, 2.0]}, "x": "%base::spacing", "y": "%configs/common.json::net",
+              "z": {"inner": "%::::x"}}  # fmt: skip
+    safe = SafeBundleConfig(config, {}, tmp_path, {})
+    assert safe.resolve("x") == [1.5, 1.5, 2.0]
+    assert safe.resolve("y") == {"channels": [4, 8]}
+    assert safe.resolve("z::inner") == [1.5, 1.5, 2.0]
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser({"base": config["base"], "x": config["x"]})
+    assert parser.get_parsed_content("x") == safe.resolve("x")
+
+
+def test_circular_macros_are_an_error_not_a_hang(tmp_path):
+    with pytest.raises(ModelFormatError, match="nest too deep"):
+        SafeBundleConfig({"a": "%b", "b": "%a"}, {}, tmp_path, {})

@@ -230,6 +230,7 @@ class SafeBundleConfig:
         self._files: dict[Path, Any] = {}
         root = copy.deepcopy(dict(config))
         root["_meta_"] = copy.deepcopy(dict(metadata))
+        self._written = root  # what a same-file macro copies from: the config as written, as MONAI does
         self.config = self._expand(root, "")
         for key, value in (overrides or {}).items():
             self.config[key] = _Literal(value)
@@ -246,7 +247,14 @@ class SafeBundleConfig:
         if isinstance(node, str):
             node = self._absolute_ids(node_id, node)
             if node.startswith("%"):
-                return copy.deepcopy(self._macro(node[1:], node_id))
+                # the copy is expanded too (a macro naming a macro); a chain longer than 16 is circular
+                self._macro_depth = getattr(self, "_macro_depth", 0) + 1
+                try:
+                    if self._macro_depth > 16:
+                        raise ModelFormatError(f"config item {node_id!r}: macros nest too deep (a circle?)")
+                    return self._expand(copy.deepcopy(self._macro(node[1:], node_id)), node_id)
+                finally:
+                    self._macro_depth -= 1
         return node
 
     @staticmethod
@@ -270,14 +278,11 @@ class SafeBundleConfig:
                 path_text, item_id = text[: index + len(suffix)], text[index + len(suffix) + len(_SEP) :]
                 break
         if not path_text:
-            return self._raw(self._raw_root_for_macro(), item_id, node_id)
+            return self._raw(self._written, item_id, node_id)
         path = self.inside_bundle(path_text, f"config item {node_id!r}: the macro %{text}")
         if path not in self._files:
             self._files[path] = _read_structured(path)
         return self._raw(self._files[path], item_id, node_id)
-
-    def _raw_root_for_macro(self) -> Any:
-        return getattr(self, "config", None) or {}
 
     def inside_bundle(self, path_text: str, what: str) -> Path:
         """Resolves a path a config names (relative to the bundle folder); refuses one outside it."""

@@ -66,36 +66,34 @@ _MAX_STAGES = 12
 _MAX_KERNEL = 15
 
 
-def numpy_safe_globals() -> list:
-    """What ``torch.load(weights_only=True)`` needs to restore plain numpy arrays (never object arrays)."""
-    allowed: list = [np.ndarray, np.dtype]
+def _multiarray(attribute: str) -> list:
+    """numpy's ``multiarray.<attribute>`` (moved to ``numpy._core`` in numpy 2), as a one-item list, or []."""
     for module_name in ("numpy._core.multiarray", "numpy.core.multiarray"):
         try:
-            allowed.append(importlib.import_module(module_name)._reconstruct)
-            break
+            return [getattr(importlib.import_module(module_name), attribute)]
         except (ImportError, AttributeError):
             continue
+    return []
+
+
+def _dtype_classes(names: Sequence[str] | None = None) -> list:
+    """numpy 2's per-dtype classes (``numpy.dtypes.Float32DType``...): the named ones, or every one but Object."""
     dtypes = getattr(np, "dtypes", None)
-    if dtypes is not None:
-        allowed += [getattr(dtypes, name) for name in dir(dtypes) if name.endswith("DType") and "Object" not in name]
-    return allowed
+    if dtypes is None:
+        return []
+    names = names or [name for name in dir(dtypes) if name.endswith("DType") and "Object" not in name]
+    return [getattr(dtypes, name) for name in names if hasattr(dtypes, name)]
+
+
+def numpy_safe_globals() -> list:
+    """What ``torch.load(weights_only=True)`` needs to restore plain numpy arrays (never object arrays)."""
+    return [np.ndarray, np.dtype, *_multiarray("_reconstruct"), *_dtype_classes()]
 
 
 def _checkpoint_safe_globals() -> list:
     """numpy types nnU-Net checkpoints contain (training-log floats), safe to restore."""
-    allowed: list = [np.dtype]
-    for module_name in ("numpy._core.multiarray", "numpy.core.multiarray"):
-        try:
-            allowed.append(importlib.import_module(module_name).scalar)
-            break
-        except (ImportError, AttributeError):
-            continue
-    dtypes = getattr(np, "dtypes", None)
-    if dtypes is not None:
-        for name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "BoolDType"):
-            if hasattr(dtypes, name):
-                allowed.append(getattr(dtypes, name))
-    return allowed
+    names = ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "BoolDType")
+    return [np.dtype, *_multiarray("scalar"), *_dtype_classes(names)]
 
 
 def load_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:

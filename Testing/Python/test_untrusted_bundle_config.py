@@ -101,6 +101,8 @@ def _attacks(canary: Path, outside: Path) -> dict[str, tuple[dict, dict | None]]
         "torch.load outside the bundle": (_config(network_def={**net, "channels": f"$torch.load('{victim}')"}), None),
         "pretrained download": (_config(network_def={"_target_": "FlexibleUNet", "in_channels": 1, "out_channels": 2,
                                                      "backbone": "efficientnet-b0", "pretrained": True}), None),
+        "pretrained download, positional": (_config(network_def="$monai.networks.nets.FlexibleUNet(1, 2, "
+                                                    "'efficientnet-b0', True)"), None),  # fmt: skip
         "file reader transform built": (_config(preprocessing={"_target_": "Compose", "transforms": [
             {"_target_": "LoadImage", "reader": "$os.system('touch " + str(canary) + "')"}]}), None),  # fmt: skip
     }
@@ -259,3 +261,15 @@ def test_macros_copy_config_content_like_monai(tmp_path):
 def test_circular_macros_are_an_error_not_a_hang(tmp_path):
     with pytest.raises(ModelFormatError, match="nest too deep"):
         SafeBundleConfig({"a": "%b", "b": "%a"}, {}, tmp_path, {})
+
+
+@pytest.mark.parametrize("network", [
+    {"_target_": "FlexibleUNet", "in_channels": 1, "out_channels": 2, "backbone": "efficientnet-b0", "pretrained": True},
+    "$monai.networks.nets.FlexibleUNet(1, 2, 'efficientnet-b0', True)",
+])  # fmt: skip
+def test_downloading_weights_is_refused_before_the_network_is_built(network, tmp_path, monkeypatch):
+    import torch.hub
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: pytest.fail("a download started"))
+    with pytest.raises(UntrustedCodeError, match="download"):
+        SafeBundleConfig({"net": network}, {}, tmp_path, {}).resolve("net")

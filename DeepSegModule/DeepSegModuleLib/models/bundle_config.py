@@ -574,6 +574,15 @@ def _static_problems(tree: ast.AST) -> list[str]:
     return problems
 
 
+def _named_arguments(function: Any, arguments: list, keywords: dict[str, Any]) -> dict[str, Any]:
+    """Positional arguments by their parameter names too, so ``Net(1, 2, 'b0', True)`` is checked like
+    ``Net(..., pretrained=True)``."""
+    try:
+        return dict(inspect.signature(function).bind_partial(*arguments, **keywords).arguments)
+    except (TypeError, ValueError):  # no signature (a C function), or arguments that do not fit: call reports it
+        return dict(keywords)
+
+
 class _Interpreter:
     """Walks an expression's syntax tree; every name, attribute and call goes through the allow-list."""
 
@@ -762,7 +771,7 @@ class _Interpreter:
         function = self.replacements.get(id(function), function)
         if is_allowed_callable(function):
             name = getattr(function, "__name__", "")
-            self.config.check_arguments(name, keywords, self.node_id)
+            self.config.check_arguments(name, _named_arguments(function, arguments, keywords), self.node_id)
         try:
             result = function(*arguments, **keywords)
         except (UntrustedCodeError, ModelFormatError):

@@ -7,21 +7,10 @@ from pathlib import Path
 
 import torch
 
+from DeepSegModuleLib.devices import resolve_device
 from DeepSegModuleLib.models.archive import safe_extract_zip, sha256_of_file
 from DeepSegModuleLib.models.description import LoadedModel, ModelFormat
 from DeepSegModuleLib.models.errors import ModelFileError, ModelFormatError
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without a GPU is an error naming the fix."""
-    if isinstance(device, torch.device):
-        return device
-    name = str(device).lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but PyTorch sees no CUDA GPU; choose device 'cpu' or 'auto'")
-    return torch.device(name)
 
 
 def unpacked_cache_root() -> Path:

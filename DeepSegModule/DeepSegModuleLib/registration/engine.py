@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..devices import resolve_device
 from .geometry import (
     Grid,
     NormalizedFrame,
@@ -312,7 +313,7 @@ def register(
         config = get_preset(config, **overrides)
     elif overrides:
         config = with_overrides(config, **overrides)
-    torch_device = _resolve_device(device)
+    torch_device = resolve_device(device)
     if torch_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(torch_device)
 
@@ -1226,16 +1227,6 @@ def _threads_for(device: torch.device, voxels: int):
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was requested but PyTorch sees no CUDA GPU; use device='cpu' or 'auto'")
-    return torch.device(device)
 
 
 def _check_image(name: str, array: np.ndarray, ijk_to_ras: np.ndarray) -> Grid:

@@ -23,7 +23,7 @@ import torch
 from DeepSegModuleLib.labels import LabelInfo
 from DeepSegModuleLib.models.cache import ModelCache, default_cache
 from DeepSegModuleLib.models.description import LoadedModel, ModelDescription, ModelFormat, OutputActivation
-from DeepSegModuleLib.models.loader import resolve_device
+from DeepSegModuleLib.devices import resolve_device
 from DeepSegModuleLib.segmentation import postprocess
 from DeepSegModuleLib.segmentation.grid import ModelGrid, resized_labels
 from DeepSegModuleLib.segmentation.inference import (

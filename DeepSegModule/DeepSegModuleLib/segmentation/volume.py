@@ -50,18 +50,11 @@ def as_volume(image: Any) -> VolumeArray:
     raise TypeError("an image is a VolumeArray or an (array in (k, j, i) order, 4x4 ijk_to_ras) pair")
 
 
-_LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
 def to_sitk(volume: VolumeArray) -> sitk.Image:
     """A SimpleITK image (LPS physical space) with the same voxels and geometry."""
-    image = sitk.GetImageFromArray(np.ascontiguousarray(volume.array))  # (k, j, i) -> index (i, j, k)
-    ijk_to_lps = _LPS_FROM_RAS @ volume.ijk_to_ras
-    spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
-    image.SetSpacing([float(s) for s in spacing])
-    image.SetDirection([float(d) for d in (ijk_to_lps[:3, :3] / spacing).ravel()])
-    image.SetOrigin([float(o) for o in ijk_to_lps[:3, 3]])
-    return image
+    from DeepSegModuleLib.nodes import array_to_sitk
+
+    return array_to_sitk(volume.array, volume.ijk_to_ras)
 
 
 def resample_onto(moving: VolumeArray, reference: VolumeArray) -> VolumeArray:

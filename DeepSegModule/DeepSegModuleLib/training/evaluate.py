@@ -38,18 +38,13 @@ CASES = (
     ("mr_stroke FLAIR", "mr_stroke/FLAIR.nii.gz", None),
 )
 
-_RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
 def read_volume(path: Path) -> tuple[VolumeArray, sitk.Image]:
     """A file as a (k, j, i) array with its IJK-to-RAS matrix (SimpleITK reads in LPS)."""
+    from DeepSegModuleLib.nodes import sitk_to_array
+
     image = sitk.ReadImage(str(path))
-    array = sitk.GetArrayFromImage(image).astype(np.float32)
-    direction = np.array(image.GetDirection()).reshape(3, 3)
-    ijk_to_lps = np.eye(4)
-    ijk_to_lps[:3, :3] = direction * np.array(image.GetSpacing())
-    ijk_to_lps[:3, 3] = image.GetOrigin()
-    return VolumeArray(array, _RAS_FROM_LPS @ ijk_to_lps), image
+    array, ijk_to_ras = sitk_to_array(image)
+    return VolumeArray(array.astype(np.float32), ijk_to_ras), image
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -193,27 +194,36 @@ def save_node(context: SceneContext, node: Any, path: str | os.PathLike, compres
         node.SetAndObserveStorageNodeID(storage.GetID())
     previous_name = storage.GetFileName()
 
-    # Written under its own name in a hidden folder beside the target, then moved into place: the writer
-    # picks the format from the name, and a failed write leaves nothing at the destination.
-    staging = tempfile.mkdtemp(prefix=".deepseg-", dir=folder)
-    temporary = os.path.join(staging, path.name)
-    try:
+    def write(temporary: str) -> bool:
         storage.SetFileName(temporary)
         if hasattr(storage, "SetUseCompression"):
             storage.SetUseCompression(1 if compress else 0)
-        ok = storage.WriteData(node)
-        if not ok or not os.path.exists(temporary) or os.path.getsize(temporary) == 0:
-            raise StorageError(f"Slicer could not write '{node.GetName()}' to {path}")
-        os.replace(temporary, path)
+        return bool(storage.WriteData(node))
+
+    try:
+        _write_atomically(path, write, f"'{node.GetName()}'")
     except BaseException:
         storage.SetFileName(previous_name)
         if created:
             node.SetAndObserveStorageNodeID(None)
             context.scene.RemoveNode(storage)
         raise
+    storage.SetFileName(str(path))
+    return path
+
+
+def _write_atomically(path: Path, write: Callable[[str], Any], what: str) -> Path:
+    """Calls ``write(temporary)`` for a file with ``path``'s name in a hidden folder beside it (writers pick the
+    format from the name), then moves it into place: a failed write leaves nothing at the destination."""
+    folder = path.parent if str(path.parent) else Path(".")
+    staging = tempfile.mkdtemp(prefix=".deepseg-", dir=folder)
+    temporary = os.path.join(staging, path.name)
+    try:
+        if write(temporary) is False or not os.path.exists(temporary) or os.path.getsize(temporary) == 0:
+            raise StorageError(f"could not write {what} to {path}")
+        os.replace(temporary, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    storage.SetFileName(str(path))
     return path
 
 
@@ -239,15 +249,7 @@ def save_scene_bundle(context: SceneContext, path: str | os.PathLike) -> Path:
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise StorageError(f"cannot write {path}: folder {folder} does not exist or is not writable")
     _ensure_storage_nodes(context)
-    staging = tempfile.mkdtemp(prefix=".deepseg-", dir=folder)
-    temporary = os.path.join(staging, path.name)
-    try:
-        if not context.scene.WriteToMRB(temporary) or not os.path.exists(temporary):
-            raise StorageError(f"Slicer could not write the scene bundle {path}")
-        os.replace(temporary, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
+    return _write_atomically(path, lambda temporary: bool(context.scene.WriteToMRB(temporary)), "the scene bundle")
 
 
 def _ensure_storage_nodes(context: SceneContext) -> None:
@@ -300,11 +302,6 @@ def save_array_like_file(path: str | os.PathLike, array: Any, ijk_to_ras: Any, l
         raise StorageError(f"cannot write {path}: folder {folder} does not exist or is not writable")
     shape, grid = nodes.file_grid(str(like))
     laid_out = nodes.reorder_to_grid(array, ijk_to_ras, shape, grid)
-    staging = tempfile.mkdtemp(prefix=".deepseg-", dir=folder)
-    try:
-        temporary = os.path.join(staging, path.name)
-        sitk.WriteImage(nodes.array_to_sitk(laid_out, grid), temporary, True)
-        os.replace(temporary, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
+    return _write_atomically(
+        path, lambda temporary: sitk.WriteImage(nodes.array_to_sitk(laid_out, grid), temporary, True), "the label map"
+    )

@@ -346,8 +346,6 @@ def register(
 
     Example: deepseg register --fixed T1.nii.gz --moving FLAIR.nii.gz --preset multimodal --output-transform flair_to_t1.h5
     """
-    from . import nodes, storage
-    from .context import SceneContext
     from .registration import preset_names
 
     with _reported(as_json):
@@ -372,59 +370,85 @@ def register(
             if path is not None:
                 outputs.claim(path, what)
 
-        context = SceneContext.headless()
-        fixed_node = storage.load_volume(context, fixed)
-        moving_node = storage.load_volume(context, moving)
-
-        def load_labels(path: Path | None):
-            if path is None:
-                return None
-            if _suffix(path) == SEGMENTATION_SUFFIX:
-                return storage.load_segmentation(context, path)
-            return storage.load_volume(context, path, labelmap=True)
-
         with _progress_bar(as_json) as on_event:
-            run = _logic()(context).start_register(
-                fixed_node, moving_node, preset=preset, fixed_mask=load_labels(fixed_mask),
-                moving_mask=load_labels(moving_mask), moving_segmentation=load_labels(moving_segmentation),
-                inverse=inverse_transform is not None, device=device, on_event=on_event,
-            )
-            outcome = run.wait()
-        transform = outcome.nodes["transform"]
-        check_points = _check_points(fixed_node)
-        mapped = nodes.transform_points(transform, check_points)
-        try:
-            storage.save_node(context, transform, outputs.stage(output_transform))
-            if inverse_transform is not None:
-                storage.save_node(context, outcome.nodes["inverse transform"], outputs.stage(inverse_transform))
-            if output_volume is not None:
-                storage.save_node(context, outcome.nodes["volume"], outputs.stage(output_volume))
-            if output_segmentation is not None:
-                if _suffix(output_segmentation) == SEGMENTATION_SUFFIX:
-                    storage.save_node(context, outcome.nodes["segmentation"], outputs.stage(output_segmentation))
-                else:
-                    storage.save_array_like_file(
-                        outputs.stage(output_segmentation), outcome.data["propagated_labels"],
-                        outcome.data["fixed_ijk_to_ras"], like=fixed,
-                    )
-            summary = {
-                "output_transform": str(output_transform),
-                "transform_kind": "linear" if transform.IsA("vtkMRMLLinearTransformNode") else "grid",
-                "preset": preset,
-                "check_points": {"fixed_ras": check_points.tolist(), "moving_ras": mapped.tolist()},
-                **outcome.report,
-            }
-            if report is not None:
-                outputs.stage(report).write_text(json.dumps(summary, indent=2, default=_json_default), encoding="utf-8")
-            outputs.commit()
-        except BaseException:
-            outputs.rollback()
-            raise
+            summary = register_files(
+                _logic(), fixed, moving, output_transform, preset=preset, output_volume=output_volume,
+                moving_segmentation=moving_segmentation, output_segmentation=output_segmentation, fixed_mask=fixed_mask,
+                moving_mask=moving_mask, inverse_transform=inverse_transform, device=device, report=report,
+                outputs=outputs, on_event=on_event,
+            )  # fmt: skip
 
-        quality = outcome.report.get("quality", {})
+        quality = summary.get("quality", {})
         lines = [f"  {key:<34s} {value}" for key, value in _flat(quality).items()]
         lines.append(f"wrote {output_transform}")
         _emit(summary, as_json, lines)
+
+
+def register_files(
+    logic_factory, fixed: Path, moving: Path, output_transform: Path, *, preset: str = "deformable fast",
+    output_volume: Path | None = None, moving_segmentation: Path | None = None, output_segmentation: Path | None = None,
+    fixed_mask: Path | None = None, moving_mask: Path | None = None, inverse_transform: Path | None = None,
+    device: str = "auto", report: Path | None = None, outputs: OutputSet | None = None, on_event=None,
+) -> dict[str, Any]:
+    """One pair: reads the images, registers ``moving`` to ``fixed``, writes the transform (and the extras); all
+    or nothing. ``logic_factory(context)`` gives the :class:`DeepSegLogic` (its worker may be shared by cases);
+    ``outputs`` holds the checked output paths (by default they are checked here, with no file replaced)."""
+    from . import nodes, storage
+    from .context import SceneContext
+
+    if outputs is None:
+        outputs = OutputSet(inputs=[p for p in (fixed, moving, moving_segmentation, fixed_mask, moving_mask) if p])
+        for path in (output_transform, inverse_transform, output_volume, output_segmentation, report):
+            if path is not None:
+                outputs.claim(path)
+    context = SceneContext.headless()
+    fixed_node = storage.load_volume(context, fixed)
+    moving_node = storage.load_volume(context, moving)
+
+    def load_labels(path: Path | None):
+        if path is None:
+            return None
+        if _suffix(path) == SEGMENTATION_SUFFIX:
+            return storage.load_segmentation(context, path)
+        return storage.load_volume(context, path, labelmap=True)
+
+    run = logic_factory(context).start_register(
+        fixed_node, moving_node, preset=preset, fixed_mask=load_labels(fixed_mask),
+        moving_mask=load_labels(moving_mask), moving_segmentation=load_labels(moving_segmentation),
+        inverse=inverse_transform is not None, device=device, on_event=on_event,
+    )
+    outcome = run.wait()
+    transform = outcome.nodes["transform"]
+    check_points = _check_points(fixed_node)
+    mapped = nodes.transform_points(transform, check_points)
+    try:
+        storage.save_node(context, transform, outputs.stage(output_transform))
+        if inverse_transform is not None:
+            storage.save_node(context, outcome.nodes["inverse transform"], outputs.stage(inverse_transform))
+        if output_volume is not None:
+            storage.save_node(context, outcome.nodes["volume"], outputs.stage(output_volume))
+        if output_segmentation is not None:
+            if _suffix(output_segmentation) == SEGMENTATION_SUFFIX:
+                storage.save_node(context, outcome.nodes["segmentation"], outputs.stage(output_segmentation))
+            else:
+                storage.save_array_like_file(
+                    outputs.stage(output_segmentation), outcome.data["propagated_labels"],
+                    outcome.data["fixed_ijk_to_ras"], like=fixed,
+                )
+        summary = {
+            "output_transform": str(output_transform),
+            "transform_kind": "linear" if transform.IsA("vtkMRMLLinearTransformNode") else "grid",
+            "preset": preset,
+            "check_points": {"fixed_ras": check_points.tolist(), "moving_ras": mapped.tolist()},
+            **outcome.report,
+        }
+        if report is not None:
+            outputs.stage(report).write_text(json.dumps(summary, indent=2, default=_json_default), encoding="utf-8")
+        outputs.commit()
+    except BaseException:
+        outputs.rollback()
+        raise
+    return summary
 
 
 def _check_points(volume_node) -> np.ndarray:
@@ -671,6 +695,7 @@ def batch_register(
     Example: deepseg batch register --cases pairs.csv --output-dir transforms/ --preset affine
     """
     from .batch import read_cases, run_cases
+    from .jobs import ProcessWorker
     from .registration import preset_names
 
     with _reported(as_json):
@@ -685,39 +710,30 @@ def batch_register(
                 outputs["segmentation"] = output_dir / f"{case.name}.seg.nrrd"
             return outputs
 
+        worker = ProcessWorker()  # one process for the cohort, as for segmentation
+
         def process(case, outputs):
-            argv = ["register", "--fixed", case.files["fixed"], "--moving", case.files["moving"], "--preset", preset,
-                    "--device", device, "--output-transform", outputs["transform"], "--output-volume", outputs["volume"],
-                    "--json"]
-            if "segmentation" in outputs:
-                argv += ["--moving-segmentation", case.files["moving_segmentation"],
-                         "--output-segmentation", outputs["segmentation"]]
+            for key in case.files:
+                _check_input(case.files[key], f"{key} of case {case.name}")
             checked = OutputSet(inputs=[Path(p) for p in case.files.values()], overwrite=overwrite, root=output_dir)
             for kind, path in outputs.items():
                 checked.claim(path, f"{kind} of case {case.name}")
-            return _run_quietly(argv + (["--overwrite"] if overwrite else []))
+            summary = register_files(
+                _logic(worker), case.files["fixed"], case.files["moving"], outputs["transform"], preset=preset,
+                output_volume=outputs["volume"], moving_segmentation=case.files.get("moving_segmentation"),
+                output_segmentation=outputs.get("segmentation"), device=device, outputs=checked,
+            )  # fmt: skip
+            quality = summary.get("quality", {})
+            result = {key: quality[key] for key in ("folding_percent", "log_jacobian_std") if quality.get(key) is not None}
+            if isinstance(quality.get("runtime_s"), dict) and "total" in quality["runtime_s"]:
+                result["engine_s"] = round(quality["runtime_s"]["total"], 2)
+            return result
 
-        results = run_cases(case_list, output_dir, outputs_of, process)
+        try:
+            results = run_cases(case_list, output_dir, outputs_of, process)
+        finally:
+            worker.shutdown()
     _finish_batch(results, as_json, f"deepseg batch register: {len(results)} case(s)")
-
-
-def _run_quietly(argv: list) -> dict[str, Any]:
-    """Runs one ``deepseg`` command in this process and returns its JSON summary (raises on failure)."""
-    import contextlib
-    import io
-
-    captured = io.StringIO()
-    with contextlib.redirect_stdout(captured):
-        code = main([str(arg) for arg in argv])
-    text = captured.getvalue().strip()
-    payload = json.loads(text) if text.startswith("{") else {"error": text}
-    if code != 0:
-        raise RuntimeError(payload.get("error", f"exit code {code}"))
-    quality = payload.get("quality", {})
-    summary = {key: quality[key] for key in ("folding_percent", "log_jacobian_std") if quality.get(key) is not None}
-    if isinstance(quality.get("runtime_s"), dict) and "total" in quality["runtime_s"]:
-        summary["engine_s"] = round(quality["runtime_s"]["total"], 2)
-    return summary
 
 
 # ------------------------------------------------------------------------------------------------ demo, version

@@ -6,7 +6,9 @@ The same file sits in two different places depending on how the module was insta
   ``DeepSegModule.py`` and ``DeepSegModuleLib/``, because ``DeepSegModule/CMakeLists.txt`` copies the
   top-level ``Resources/`` there;
 * a source checkout loaded through Slicer's "Additional module paths" (pointing at ``DeepSegModule/``), or
-  the editable ``pip install -e .``: ``<repository>/Resources/<name>``, one level above the module folder.
+  the editable ``pip install -e .``: ``<repository>/Resources/<name>``, one level above the module folder;
+* an installed wheel (``pip install .``): ``<site-packages>/DeepSegModuleLib/Resources/<name>``, copied into
+  the package when the wheel is built (``setup.py``).
 
 Slicer's own ``resourcePath()`` only knows the first layout, so the module's classes call
 :func:`resource_path` instead; headless code (the ``deepseg`` command, tests) uses it too.
@@ -22,8 +24,8 @@ __all__ = ["MODULE_DIR", "resource_candidates", "resource_path"]
 MODULE_DIR = Path(__file__).resolve().parent.parent
 
 
-def resource_candidates(name: str, module_dir: Path | None = None) -> tuple[Path, Path]:
-    """The places ``name`` is looked for, in order: the packaged layout first, then the source checkout.
+def resource_candidates(name: str, module_dir: Path | None = None) -> tuple[Path, ...]:
+    """The places ``name`` is looked for, in order: the packaged extension, the source checkout, the wheel.
 
     Args:
         name: path relative to ``Resources/``, with forward slashes, e.g. ``"UI/DeepSegModule.ui"``.
@@ -34,7 +36,7 @@ def resource_candidates(name: str, module_dir: Path | None = None) -> tuple[Path
         # A resource name comes from our own code; anything escaping Resources/ is a bug, not a lookup.
         raise ValueError(f"resource name must be relative to Resources/ and stay inside it: {name!r}")
     base = MODULE_DIR if module_dir is None else Path(module_dir)
-    return base / "Resources" / relative, base.parent / "Resources" / relative
+    return base / "Resources" / relative, base.parent / "Resources" / relative, base / "DeepSegModuleLib" / "Resources" / relative
 
 
 def resource_path(name: str, module_dir: Path | None = None) -> Path:
@@ -47,11 +49,12 @@ def resource_path(name: str, module_dir: Path | None = None) -> Path:
     Raises:
         FileNotFoundError: when the file is in neither place; the message names both.
     """
-    packaged, checkout = resource_candidates(name, module_dir)
-    for candidate in (packaged, checkout):
+    candidates = resource_candidates(name, module_dir)
+    for candidate in candidates:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(
-        f"DeepSeg resource {name!r} not found: looked in {packaged} (packaged extension) and in "
-        f"{checkout} (source checkout). List it in DeepSegModule/CMakeLists.txt so that packaging copies it."
+        f"DeepSeg resource {name!r} not found: looked in {', '.join(str(c) for c in candidates)} (packaged "
+        "extension, source checkout, installed wheel). List it in DeepSegModule/CMakeLists.txt so that packaging "
+        "copies it, and in setup.py's PACKAGED_RESOURCES for the wheel."
     )

@@ -25,8 +25,11 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's own help layout: typer's rich layout shows every flag as taking a value ("--json <bool>")
+    rich_markup_mode=None,
 )
-models_app = typer.Typer(help="Manage the local model store (~/.deepseg/models, or $DEEPSEG_MODEL_DIR).", no_args_is_help=True)
+models_app = typer.Typer(help="Manage the local model store (~/.deepseg/models, or $DEEPSEG_MODEL_DIR).",
+                         no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(models_app, name="models")
 
 LABEL_MAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -190,7 +193,9 @@ def _progress_bar(quiet: bool):
 
 @app.command()
 def segment(
-    inputs: list[Path] = typer.Option(..., "--input", "-i", help="Input image(s), in the model's input order."),
+    inputs: list[Path] = typer.Option(
+        ..., "--input", "-i", metavar="<image>", help="Input image(s), in the model's input order (repeat -i)."
+    ),
     output: Path = typer.Option(..., "--output", "-o", help="OUT.seg.nrrd (segments) or OUT.nii.gz/.nrrd (label map)."),
     model: str | None = typer.Option(
         None, "--model", "-m",
@@ -507,7 +512,9 @@ def models_list(as_json: bool = typer.Option(False, "--json")) -> None:
 
 @models_app.command("import")
 def models_import(
-    source: str = typer.Argument(..., help="A model folder, .zip, TorchScript file, or an http(s)/file URL."),
+    source: str = typer.Argument(
+        ..., metavar="SOURCE", help="A model folder, .zip, TorchScript file, or an http(s)/file URL."
+    ),
     sha256: str | None = typer.Option(None, help="Expected sha256 of the file or archive (refused otherwise)."),
     name: str | None = typer.Option(None, "--name", help="Store the model under this name."),
     replace: bool = typer.Option(False, help="Replace a stored model of the same name."),
@@ -535,7 +542,7 @@ def models_import(
 
 
 @models_app.command("info")
-def models_info(name: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json")) -> None:
+def models_info(name: str = typer.Argument(..., metavar="NAME"), as_json: bool = typer.Option(False, "--json")) -> None:
     """Show a stored model's files, checksums status and, where readable, its labels.
 
     Example: deepseg models info brain
@@ -559,7 +566,7 @@ def models_info(name: str = typer.Argument(...), as_json: bool = typer.Option(Fa
 
 @models_app.command("trust")
 def models_trust(
-    name: str = typer.Argument(...),
+    name: str = typer.Argument(..., metavar="NAME"),
     revoke: bool = typer.Option(False, "--revoke", help="Withdraw the decision: run the model untrusted again."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -581,7 +588,7 @@ def models_trust(
 
 
 @models_app.command("remove")
-def models_remove(name: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json")) -> None:
+def models_remove(name: str = typer.Argument(..., metavar="NAME"), as_json: bool = typer.Option(False, "--json")) -> None:
     """Delete a model from the store.
 
     Example: deepseg models remove brain
@@ -595,7 +602,8 @@ def models_remove(name: str = typer.Argument(...), as_json: bool = typer.Option(
 
 # ------------------------------------------------------------------------------------------------ batch
 
-batch_app = typer.Typer(help="Run over a cohort: resumable, one failed case does not stop the others.", no_args_is_help=True)
+batch_app = typer.Typer(help="Run over a cohort: resumable, one failed case does not stop the others.",
+                        no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(batch_app, name="batch")
 
 
@@ -768,6 +776,22 @@ def demo(
         _emit(summary, as_json, lines)
 
 
+def _print_version_and_exit(value: bool) -> None:
+    if value:
+        version()
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: bool = typer.Option(
+        False, "--version", callback=_print_version_and_exit, is_eager=True,
+        help="Print DeepSeg's version and the versions of the libraries it runs on, then exit.",
+    ),
+) -> None:
+    """Deep-learning segmentation and registration that writes 3D Slicer scenes, segmentations and transforms."""
+
+
 @app.command()
 def version() -> None:
     """Print DeepSeg's version and the versions of the libraries it runs on."""
@@ -802,8 +826,6 @@ def _interrupted() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs one ``deepseg`` command; returns its exit code (130 when interrupted with Ctrl-C)."""
-    import click
-
     try:
         # Outside standalone mode click hands back a command's exit code instead of calling sys.exit.
         result = app(args=argv, standalone_mode=False)
@@ -815,10 +837,13 @@ def main(argv: list[str] | None = None) -> int:
         return _interrupted() if stop.exit_code == INTERRUPTED else stop.exit_code
     except SystemExit as stop:
         return int(stop.code or 0)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         return _interrupted()
     except Exception as error:  # click's usage errors: one line, exit code 2
         message = getattr(error, "format_message", lambda: str(error))()
+        if type(error).__name__ == "NoArgsIsHelpError":  # `deepseg` or `deepseg models` alone: the help
+            typer.echo(message, err=True)
+            return 2
         typer.echo(f"deepseg: error: {message}", err=True)
         return 2
     return 0

@@ -263,3 +263,15 @@ def test_batch_register_from_a_csv(tmp_path, capsys):
     transform = sitk.ReadTransform(str(tmp_path / "out" / "p2.h5"))
     moved = np.array(transform.TransformPoint((centre * LPS).tolist())) * LPS
     np.testing.assert_allclose(moved, centre + [0.0, -3.0, 3.0], atol=1.0)
+
+
+def test_version_flag_and_help_that_reads_right(capsys):
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.startswith("deepseg ") and "torch" in out and "slicer-core" in out
+    code, out, _ = run(capsys, "segment", "--help")
+    assert code == 0
+    assert "<bool>" not in out and "list[Path]" not in out
+    json_line = next(line for line in out.splitlines() if "--json" in line)
+    assert json_line.split()[0] == "--json"  # a flag: no value after it
+    code, _, err = run(capsys)
+    assert code == 2 and err.startswith("Usage: deepseg") and "error" not in err.splitlines()[0]

@@ -274,4 +274,4 @@ def test_version_flag_and_help_that_reads_right(capsys):
     json_line = next(line for line in out.splitlines() if "--json" in line)
     assert json_line.split()[0] == "--json"  # a flag: no value after it
     code, _, err = run(capsys)
-    assert code == 2 and err.startswith("Usage: deepseg") and "error" not in err.splitlines()[0]
+    assert code == 2 and err.startswith("Usage: ") and "COMMAND" in err and "error" not in err.splitlines()[0]

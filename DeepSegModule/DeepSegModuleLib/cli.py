@@ -105,6 +105,36 @@ def _check_output(path: Path | None, allowed: tuple[str, ...], what: str) -> Non
         raise CommandError(f"output folder {folder} is not writable: choose another {what}")
 
 
+def _check_device(device: str) -> None:
+    """Refuses a device name, or CUDA on a machine without a GPU, before anything is read (torch: under 1 s)."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise CommandError(f"--device must be auto, cpu or cuda, not {device!r}")
+    if device == "cuda" and (not _torch_built_with_cuda() or not _cuda_available()):
+        raise CommandError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu or auto")
+
+
+def _torch_built_with_cuda() -> bool:
+    """Whether the installed torch is a CUDA build, read from its version file (importing torch takes a second)."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    try:
+        text = (Path(list(spec.submodule_search_locations)[0]) / "version.py").read_text(encoding="utf-8")
+    except OSError:
+        return True  # cannot tell: let torch answer
+    match = re.search(r"^cuda\b[^=\n]*=\s*(.+)$", text, re.MULTILINE)
+    return match is None or match.group(1).strip() not in ("None", "''", '""')
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _check_input(path: Path, what: str) -> Path:
     if not path.exists():
         raise CommandError(f"{what} {path} does not exist")
@@ -222,8 +252,7 @@ def segment(
     Example: deepseg segment --input T1.nii.gz --output brain.seg.nrrd   (the bundled brain tissue model)
     """
     with _reported(as_json):
-        if device not in ("auto", "cpu", "cuda"):
-            raise CommandError(f"--device must be auto, cpu or cuda, not {device!r}")
+        _check_device(device)
         if overlap is not None and not 0.0 <= overlap < 1.0:
             raise CommandError("--overlap must be in 0..1 (e.g. 0.5)")
         if precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -356,6 +385,7 @@ def register(
     with _reported(as_json):
         if preset not in preset_names():
             raise CommandError(f"unknown preset {preset!r}: choose one of {', '.join(preset_names())}")
+        _check_device(device)
         if (moving_segmentation is None) != (output_segmentation is None):
             raise CommandError("--moving-segmentation and --output-segmentation go together")
         _check_output(output_transform, TRANSFORM_SUFFIXES, "--output-transform")
@@ -660,6 +690,7 @@ def batch_segment(
     with _reported(as_json):
         if output_format not in ("seg.nrrd", "nii.gz"):
             raise CommandError("--format must be seg.nrrd or nii.gz")
+        _check_device(device)
         model_path = resolve_model(model)
         case_list = read_cases(cases, ("input",), optional=tuple(f"input{n}" for n in range(2, 9)))
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -709,6 +740,7 @@ def batch_register(
     with _reported(as_json):
         if preset not in preset_names():
             raise CommandError(f"unknown preset {preset!r}: choose one of {', '.join(preset_names())}")
+        _check_device(device)
         case_list = read_cases(cases, ("fixed", "moving"), optional=("moving_segmentation",))
         output_dir.mkdir(parents=True, exist_ok=True)
 

@@ -7,9 +7,28 @@ No MRML here: images are ``(k, j, i)`` arrays with a 4x4 ``ijk_to_ras``; results
 
 from __future__ import annotations
 
-from .engine import RegistrationCancelled, RegistrationResult, register
-from .presets import PRESETS, RegistrationConfig, get_preset, preset_names, with_overrides
-from .quality import QualityReport, deformation_quality, dice_per_label, jacobian_determinant, landmark_errors
+import importlib
+from typing import Any
+
+# Names are imported from their submodules on first use: the command line reads the preset names (presets.py,
+# no torch) to check an argument in a fraction of a second, without importing the engine.
+_SUBMODULE_OF = {
+    "RegistrationCancelled": "engine", "RegistrationResult": "engine", "register": "engine",
+    "PRESETS": "presets", "RegistrationConfig": "presets", "get_preset": "presets", "preset_names": "presets",
+    "with_overrides": "presets",
+    "QualityReport": "quality", "deformation_quality": "quality", "dice_per_label": "quality",
+    "jacobian_determinant": "quality", "landmark_errors": "quality",
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    submodule = _SUBMODULE_OF.get(name)
+    if submodule is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{submodule}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "PRESETS",

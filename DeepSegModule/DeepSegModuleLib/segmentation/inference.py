@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.inferers import SlidingWindowInferer
 
 from DeepSegModuleLib.models.description import LoadedModel, Tiling
 from DeepSegModuleLib.models.errors import ModelMismatchError
@@ -456,6 +455,8 @@ def sliding_window_predict(
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 continue
+        from monai.inferers import SlidingWindowInferer  # 2 s of imports: paid when a window first runs
+
         inferer = SlidingWindowInferer(
             roi_size=roi,
             sw_batch_size=attempt.sw_batch_size,

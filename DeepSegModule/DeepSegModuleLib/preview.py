@@ -1,7 +1,9 @@
 """PNG previews: three orthogonal slices through a volume with its segments drawn over it, labelled.
 
-Slices are shown the way Slicer's default views show them: axial from below (patient's right on the
-screen's left), coronal from the front, sagittal from the patient's left, anterior and superior up.
+Slices are shown the way Slicer's default views show them (radiological convention): axial from below and
+coronal from the front, both with the patient's right on the screen's left; sagittal from the patient's left,
+anterior on the screen's left; anterior (axial) and superior (coronal, sagittal) up. Each view carries its
+orientation letters, and the axial view a scale bar.
 """
 
 from __future__ import annotations
@@ -23,6 +25,39 @@ def _to_ras_axes(array: np.ndarray, ijk_to_ras: np.ndarray) -> tuple[np.ndarray,
     reoriented = orientations.apply_orientation(volume_ijk, orientation)
     spacing = np.linalg.norm(ijk_to_ras[:3, :3], axis=0)[orientation[:, 0].astype(int)]
     return reoriented, spacing
+
+
+#: 12 x 4.6 inch figure at this resolution: over 1200 pixels wide after trimming, enough for a README.
+PREVIEW_DPI = 130
+
+
+def screen_views(
+    image: np.ndarray, spacing: np.ndarray, centre: Sequence[int]
+) -> dict[str, tuple[np.ndarray, tuple[float, float], tuple[str, str, str, str]]]:
+    """The three slices through ``centre`` of an (R, A, S)-ordered array as they appear on the screen.
+
+    Returns, per view: the 2D array in screen order (row 0 at the top, column 0 on the left), the pixel size
+    (width, height) in mm, and the orientation letters (left, right, top, bottom) of the screen's edges.
+    """
+    x, y, z = (int(c) for c in centre)
+    planes = {
+        # plane[column axis, row axis] before turning: axial (R, A), coronal (R, S), sagittal (A, S)
+        "axial": (image[:, :, z], (spacing[0], spacing[1]), ("R", "L", "A", "P")),
+        "coronal": (image[:, y, :], (spacing[0], spacing[2]), ("R", "L", "S", "I")),
+        "sagittal": (image[x, :, :], (spacing[1], spacing[2]), ("A", "P", "S", "I")),
+    }
+    # rows from top: the +second axis first (A, S); columns from the left: the -first axis first (R on the
+    # left for axial and coronal, because the screen's left is the patient's right; A on the left for sagittal)
+    return {name: (plane.T[::-1, ::-1], size, letters) for name, (plane, size, letters) in planes.items()}
+
+
+def _scale_bar(axis, columns: int, rows: int, pixel_mm: float) -> None:
+    """A bar of a round length (10, 20, 50 or 100 mm, about a fifth of the view) at the bottom left."""
+    view_mm = columns * pixel_mm
+    length_mm = max((n for n in (10, 20, 50, 100) if n <= view_mm / 4), default=5)
+    x0, y0 = 0.05 * columns, 0.93 * rows
+    axis.plot([x0, x0 + length_mm / pixel_mm], [y0, y0], color="white", linewidth=3)
+    axis.text(x0, y0 - 0.02 * rows, f"{length_mm} mm", color="white", fontsize=10, va="bottom")
 
 
 def write_preview(
@@ -58,31 +93,30 @@ def write_preview(
     centre = [int(np.round(np.mean(np.nonzero(focus)[axis]))) for axis in range(3)]
     low, high = np.percentile(image, [1, 99.5])
 
-    views = [
-        ("axial", lambda a: a[:, :, centre[2]], (spacing[0], spacing[1])),
-        ("coronal", lambda a: a[:, centre[1], :], (spacing[0], spacing[2])),
-        ("sagittal", lambda a: a[centre[0], :, :], (spacing[1], spacing[2])),
-    ]
     colors = np.zeros((max([info.value for info in table] + [0]) + 1, 4))
     for info in table:
         colors[info.value] = (*info.rgb(), 0.45)
     overlay_map = ListedColormap(colors)
 
     figure, axes = plt.subplots(1, 3, figsize=(12, 4.6), facecolor="black")
-    for axis, (name, take, (width_mm, height_mm)) in zip(axes, views):
-        plane = take(image).T  # rows: second axis (A or S), columns: first axis (R or A)
-        # Axial and coronal: patient's right on the screen's left, as in Slicer; sagittal: anterior on the right.
-        flip_columns = name in ("axial", "coronal")
-        shown = plane[::-1, ::-1] if flip_columns else plane[::-1, :]
+    label_views = screen_views(label_image, spacing, centre) if label_image is not None else {}
+    for axis, (name, (shown, (width_mm, height_mm), letters)) in zip(axes, screen_views(image, spacing, centre).items()):
         aspect = height_mm / width_mm
         axis.imshow(shown, cmap="gray", vmin=low, vmax=high, aspect=aspect, interpolation="bilinear")
-        if label_image is not None:
-            label_plane = take(label_image).T
-            label_shown = label_plane[::-1, ::-1] if flip_columns else label_plane[::-1, :]
+        if name in label_views:
             axis.imshow(
-                np.ma.masked_equal(label_shown, 0), cmap=overlay_map, vmin=0, vmax=len(colors) - 1,
+                np.ma.masked_equal(label_views[name][0], 0), cmap=overlay_map, vmin=0, vmax=len(colors) - 1,
                 aspect=aspect, interpolation="nearest",
             )
+        rows, columns = shown.shape
+        style = {"color": "yellow", "fontsize": 13, "fontweight": "bold"}
+        left, right, top, bottom = letters
+        axis.text(0.01 * columns, rows / 2, left, ha="left", va="center", **style)
+        axis.text(0.99 * columns, rows / 2, right, ha="right", va="center", **style)
+        axis.text(columns / 2, 0.01 * rows, top, ha="center", va="top", **style)
+        axis.text(columns / 2, 0.99 * rows, bottom, ha="center", va="bottom", **style)
+        if name == "axial":
+            _scale_bar(axis, columns, rows, width_mm)
         axis.set_title(name, color="white")
         axis.axis("off")
     if table:
@@ -91,7 +125,7 @@ def write_preview(
     if title:
         figure.suptitle(title, color="white")
     path = Path(path)
-    figure.savefig(path, dpi=80, facecolor="black", bbox_inches="tight")
+    figure.savefig(path, dpi=PREVIEW_DPI, facecolor="black", bbox_inches="tight")
     plt.close(figure)
     return path
 

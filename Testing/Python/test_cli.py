@@ -275,3 +275,25 @@ def test_version_flag_and_help_that_reads_right(capsys):
     assert json_line.split()[0] == "--json"  # a flag: no value after it
     code, _, err = run(capsys)
     assert code == 2 and err.startswith("Usage: ") and "COMMAND" in err and "error" not in err.splitlines()[0]
+
+
+def test_previews_read_like_slicers_views_on_an_asymmetric_phantom(tmp_path):
+    """A marker at the patient's right, anterior and superior: on screen it must sit left (axial, coronal: the
+    patient's right is the screen's left), top (anterior in axial, superior in the others), and for the
+    sagittal view, seen from the patient's left, anterior on the screen's left."""
+    from DeepSegModuleLib.preview import _to_ras_axes, screen_views, write_preview
+    from PIL import Image
+
+    # An LPS-stored volume (the axes run left and posterior), to test the reorientation as well.
+    grid = np.diag([-1.0, -1.2, 1.5, 1.0])
+    volume = np.zeros((30, 40, 50), np.float32)  # (k, j, i)
+    volume[22:28, 4:10, 4:10] = 100.0  # i small -> right (x = -i), j small -> anterior, k large -> superior
+    image, spacing = _to_ras_axes(volume, grid)
+    centre = [int(np.mean(axis)) for axis in np.nonzero(image > 50)]
+    for name, (shown, _, letters) in screen_views(image, spacing, centre).items():
+        rows, columns = np.nonzero(shown > 50)
+        assert columns.mean() < shown.shape[1] / 2, f"{name}: the marker should be on the screen's left"
+        assert rows.mean() < shown.shape[0] / 2, f"{name}: the marker should be at the top"
+        assert letters[0] == {"axial": "R", "coronal": "R", "sagittal": "A"}[name]
+    path = write_preview(tmp_path / "p.png", volume, grid, (volume > 50).astype(np.uint8))
+    assert Image.open(path).size[0] >= 1200

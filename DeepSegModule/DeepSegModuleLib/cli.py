@@ -373,6 +373,9 @@ def register(
     inverse_transform: Path | None = typer.Option(None, help="Also write the inverse transform (moving to fixed)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     report: Path | None = typer.Option(None, help="Write the quality report (folding, Dice, runtime) as JSON."),
+    preview: Path | None = typer.Option(
+        None, help="Also write a PNG: checkerboards of the fixed and the moving image, before and after."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace output files that already exist."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
@@ -393,6 +396,7 @@ def register(
         _check_output(output_volume, LABEL_MAP_SUFFIXES, "--output-volume")
         _check_output(output_segmentation, (SEGMENTATION_SUFFIX, *LABEL_MAP_SUFFIXES), "--output-segmentation")
         _check_output(report, (".json",), "--report")
+        _check_output(preview, (".png",), "--preview")
         for path, what in ((fixed, "--fixed"), (moving, "--moving"), (moving_segmentation, "--moving-segmentation"),
                            (fixed_mask, "--fixed-mask"), (moving_mask, "--moving-mask")):
             if path is not None:
@@ -401,7 +405,7 @@ def register(
         outputs.inputs = [p for p in outputs.inputs if p is not None]
         for path, what in ((output_transform, "--output-transform"), (inverse_transform, "--inverse-transform"),
                            (output_volume, "--output-volume"), (output_segmentation, "--output-segmentation"),
-                           (report, "--report")):
+                           (report, "--report"), (preview, "--preview")):
             if path is not None:
                 outputs.claim(path, what)
 
@@ -410,7 +414,7 @@ def register(
                 _logic(), fixed, moving, output_transform, preset=preset, output_volume=output_volume,
                 moving_segmentation=moving_segmentation, output_segmentation=output_segmentation, fixed_mask=fixed_mask,
                 moving_mask=moving_mask, inverse_transform=inverse_transform, device=device, report=report,
-                outputs=outputs, on_event=on_event,
+                preview=preview, outputs=outputs, on_event=on_event,
             )  # fmt: skip
 
         quality = summary.get("quality", {})
@@ -423,7 +427,8 @@ def register_files(
     logic_factory, fixed: Path, moving: Path, output_transform: Path, *, preset: str = "deformable fast",
     output_volume: Path | None = None, moving_segmentation: Path | None = None, output_segmentation: Path | None = None,
     fixed_mask: Path | None = None, moving_mask: Path | None = None, inverse_transform: Path | None = None,
-    device: str = "auto", report: Path | None = None, outputs: OutputSet | None = None, on_event=None,
+    device: str = "auto", report: Path | None = None, preview: Path | None = None, outputs: OutputSet | None = None,
+    on_event=None,
 ) -> dict[str, Any]:
     """One pair: reads the images, registers ``moving`` to ``fixed``, writes the transform (and the extras); all
     or nothing. ``logic_factory(context)`` gives the :class:`DeepSegLogic` (its worker may be shared by cases);
@@ -433,7 +438,7 @@ def register_files(
 
     if outputs is None:
         outputs = OutputSet(inputs=[p for p in (fixed, moving, moving_segmentation, fixed_mask, moving_mask) if p])
-        for path in (output_transform, inverse_transform, output_volume, output_segmentation, report):
+        for path in (output_transform, inverse_transform, output_volume, output_segmentation, report, preview):
             if path is not None:
                 outputs.claim(path)
     context = SceneContext.headless()
@@ -479,11 +484,26 @@ def register_files(
         }
         if report is not None:
             outputs.stage(report).write_text(json.dumps(summary, indent=2, default=_json_default), encoding="utf-8")
+        if preview is not None:
+            _write_registration_preview(outputs.stage(preview), fixed_node, moving_node, outcome.nodes["volume"],
+                                        title=f"{fixed.name} and {moving.name}: {preset}")  # fmt: skip
         outputs.commit()
     except BaseException:
         outputs.rollback()
         raise
     return summary
+
+
+def _write_registration_preview(path: Path, fixed_node, moving_node, registered_node, title: str) -> Path:
+    from . import nodes
+    from .preview import write_registration_preview
+    from .segmentation.volume import VolumeArray, resample_onto
+
+    fixed, grid = nodes.volume_to_array(fixed_node, world=True)
+    moving, moving_grid = nodes.volume_to_array(moving_node, world=True)
+    before = resample_onto(VolumeArray(moving, moving_grid), VolumeArray(fixed, grid)).array
+    after, _ = nodes.volume_to_array(registered_node, world=True)
+    return write_registration_preview(path, fixed, before, after, grid, title=title)
 
 
 def _check_points(volume_node) -> np.ndarray:

@@ -138,10 +138,51 @@ def write_checkerboard(
     Where the registration is right, edges run straight across the squares' borders. Both images are scaled to
     their own 1st..99th percentiles first, so different contrasts can be compared.
     """
+    composed = _checkered(fixed, registered, squares)
+    return write_preview(path, composed, ijk_to_ras, title=title)
+
+
+def write_registration_preview(
+    path: str | Path, fixed: np.ndarray, before: np.ndarray, after: np.ndarray, ijk_to_ras: np.ndarray,
+    title: str = "", squares: int = 8,
+) -> Path:
+    """A PNG with two rows of checkerboards of the fixed image and the moving one: before registration (the
+    moving image as it lies, resampled onto the fixed grid) and after. Where the registration is right, edges
+    run straight across the squares' borders in the lower row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {"before": _checkered(fixed, before, squares), "after": _checkered(fixed, after, squares)}
+    oriented = {name: _to_ras_axes(image, ijk_to_ras) for name, image in rows.items()}
+    spacing = oriented["after"][1]
+    focus = oriented["after"][0] > np.percentile(oriented["after"][0], 60)
+    centre = [int(np.round(np.mean(np.nonzero(focus)[axis]))) for axis in range(3)]
+    figure, axes = plt.subplots(2, 3, figsize=(12, 8.6), facecolor="black")
+    for row_axes, (name, (image, _)) in zip(axes, oriented.items()):
+        for axis, (view, (shown, (width_mm, height_mm), letters)) in zip(row_axes, screen_views(image, spacing,
+                                                                                               centre).items()):
+            axis.imshow(shown, cmap="gray", vmin=0.0, vmax=1.0, aspect=height_mm / width_mm, interpolation="bilinear")
+            height, width = shown.shape
+            style = {"color": "yellow", "fontsize": 12, "fontweight": "bold"}
+            axis.text(0.01 * width, height / 2, letters[0], ha="left", va="center", **style)
+            axis.text(0.99 * width, height / 2, letters[1], ha="right", va="center", **style)
+            axis.set_title(f"{view}, {name}", color="white")
+            axis.axis("off")
+    if title:
+        figure.suptitle(title, color="white")
+    path = Path(path)
+    figure.savefig(path, dpi=PREVIEW_DPI, facecolor="black", bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def _checkered(fixed: np.ndarray, moving: np.ndarray, squares: int) -> np.ndarray:
     fixed = np.asarray(fixed, dtype=np.float32)
-    registered = np.asarray(registered, dtype=np.float32)
-    if fixed.shape != registered.shape:
-        raise ValueError(f"checkerboard needs two images on one grid, got {fixed.shape} and {registered.shape}")
+    moving = np.asarray(moving, dtype=np.float32)
+    if fixed.shape != moving.shape:
+        raise ValueError(f"a checkerboard needs two images on one grid, got {fixed.shape} and {moving.shape}")
 
     def scaled(image: np.ndarray) -> np.ndarray:
         low, high = np.percentile(image, [1, 99])
@@ -150,5 +191,4 @@ def write_checkerboard(
     block = max(1, max(fixed.shape) // squares)
     k, j, i = np.indices(fixed.shape)
     checker = ((k // block + j // block + i // block) % 2).astype(bool)
-    composed = np.where(checker, scaled(fixed), scaled(registered))
-    return write_preview(path, composed, ijk_to_ras, title=title)
+    return np.where(checker, scaled(fixed), scaled(moving))

@@ -297,3 +297,14 @@ def test_previews_read_like_slicers_views_on_an_asymmetric_phantom(tmp_path):
         assert letters[0] == {"axial": "R", "coronal": "R", "sagittal": "A"}[name]
     path = write_preview(tmp_path / "p.png", volume, grid, (volume > 50).astype(np.uint8))
     assert Image.open(path).size[0] >= 1200
+
+
+def test_register_preview_shows_before_and_after(tmp_path, capsys, sphere_image):
+    from PIL import Image
+
+    image, _, _ = sphere_image
+    code, _, err = run(capsys, "register", "--fixed", image, "--moving", image, "--preset", "rigid",
+                       "--output-transform", tmp_path / "t.h5", "--preview", tmp_path / "check.png", "--device", "cpu")
+    assert code == 0, err
+    width, height = Image.open(tmp_path / "check.png").size
+    assert width >= 1200 and height > width * 0.6  # two rows of three views

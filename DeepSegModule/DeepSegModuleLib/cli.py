@@ -286,7 +286,10 @@ def segment(
             )
         lines = [f"  {name:<30s} {volume:10.2f} ml" for name, volume in summary["segments_ml"].items()]
         lines += [f"  {stage:<30s} {seconds:8.2f} s" for stage, seconds in summary.get("timings_s", {}).items()]
-        lines += [f"  note: {message}" for message in summary.get("messages", [])]
+        lines += [f"  note: {message}" for message in summary.get("messages", []) if not message.startswith("Warning:")]
+        for message in summary.get("messages", []):
+            if message.startswith("Warning:"):  # on stderr too, so that it is seen with --json and in a batch log
+                typer.echo(f"deepseg: warning: {message.removeprefix('Warning: ')}", err=True)
         lines.append(f"wrote {output}")
         _emit(summary, as_json, lines)
 

@@ -4,6 +4,7 @@ checksums verified, and it finds the brain on the MNI152 template through the no
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,3 +106,34 @@ def test_the_bundled_model_is_listed_and_cannot_be_removed(capsys):
     assert cli.main(["models", "remove", DEFAULT_MODEL_ID]) != 0
     assert "cannot be removed" in capsys.readouterr().err
     assert DEFAULT_MODEL_ID in ModelStore().list_ids()
+
+
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def _segment_warnings(capsys, path: Path, tmp_path: Path) -> list[str]:
+    from DeepSegModuleLib import cli
+
+    code = cli.main(["segment", "-i", str(path), "-o", str(tmp_path / f"{path.name}.seg.nrrd"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    return [line for line in err.splitlines() if line.startswith("deepseg: warning:")]
+
+
+def test_the_brain_model_warns_on_a_body_ct_and_not_on_a_head(tmp_path, capsys):
+    """Out-of-distribution input gets a warning from the card's expectations, on synthetic data always and on
+    the real abdominal CT and head MRIs in shared/ when they are there."""
+    import nibabel
+
+    body = np.full((120, 100, 30), -1000.0, np.float32)
+    body[20:100, 15:85, :] = 40.0  # a 3 mm CT of a body: air around soft tissue, 360 x 300 mm
+    body_path = tmp_path / "body_ct.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(body, np.diag([3.0, 3.0, 3.0, 1.0])), str(body_path))
+    warnings = _segment_warnings(capsys, body_path, tmp_path)
+    assert any("looks like a CT" in w for w in warnings) and any("spans 360 x 300 x 90 mm" in w for w in warnings)
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not beside this checkout: the real-scan half of this test needs it")
+    ct = _segment_warnings(capsys, SHARED_DATA / "ct_abdomen_small" / "example_ct_sm.nii.gz", tmp_path)
+    assert len(ct) == 2
+    for head in ("mr_brain_seg3d/MR.nii.gz", "mr_stroke/FLAIR.nii.gz", "ct_head_avm/CT_AVM.nii.gz"):
+        assert _segment_warnings(capsys, SHARED_DATA / head, tmp_path) == [], head

@@ -56,7 +56,7 @@ CARD_FILE_NAMES = ("deepseg.json", "model_card.json")
 _CARD_KEYS = {
     "deepseg_model_card", "name", "description", "weights", "sha256", "inputs", "orientation", "spacing",
     "patch_size", "overlap", "sw_batch_size", "activation", "mirror_axes", "axis_order", "labels", "license",
-    "version", "authors",
+    "version", "authors", "expects",
 }  # fmt: skip
 
 
@@ -123,6 +123,15 @@ def _check_card_fields(card: Mapping[str, Any], source: str) -> None:
             isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1e4 for v in value
         )):  # fmt: skip
             raise ModelFormatError(f"{source}: '{key}' must be three positive numbers (mm), got {value!r:.80}")
+    expects = card.get("expects")
+    if expects is not None:
+        if not isinstance(expects, Mapping) or set(expects) - {"body_region", "modality", "extent_mm"}:
+            raise ModelFormatError(f"{source}: 'expects' is an object with 'body_region', 'modality', 'extent_mm'")
+        extent = expects.get("extent_mm")
+        if extent is not None and (not isinstance(extent, list) or len(extent) != 2 or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1e4 for v in extent
+        )):  # fmt: skip
+            raise ModelFormatError(f"{source}: 'expects.extent_mm' must be [smallest, largest] in mm")
     overlap = card.get("overlap", 0.5)
     if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:
         raise ModelFormatError(f"{source}: 'overlap' must be a number in 0..1 (exclusive), got {overlap!r:.40}")

@@ -25,6 +25,7 @@ from DeepSegModuleLib.labels import LabelInfo
 from DeepSegModuleLib.models.cache import ModelCache, default_cache
 from DeepSegModuleLib.models.description import LoadedModel, ModelDescription, ModelFormat, OutputActivation, Tiling
 from DeepSegModuleLib.devices import resolve_device
+from DeepSegModuleLib.segmentation.expectations import check_expectations
 from DeepSegModuleLib.segmentation import postprocess
 from DeepSegModuleLib.segmentation.grid import ModelGrid, resized_labels
 from DeepSegModuleLib.segmentation.inference import (
@@ -333,6 +334,8 @@ def segment(
     report("load", 1.0)
 
     check_inputs(volumes, description)
+    expects = (description.extra.get("card") or {}).get("expects")
+    messages += check_expectations(volumes[0].array, volumes[0].ijk_to_ras, expects, description.name)
     kept = _label_values(options.labels, description.labels, "labels to keep")
     largest = _label_values(options.keep_largest_component, description.labels, "keep_largest_component")
     holes = _label_values(options.fill_holes, description.labels, "fill_holes")

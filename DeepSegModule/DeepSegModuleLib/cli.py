@@ -245,6 +245,7 @@ def segment(
         "expression). Only for bundles whose author you trust; what will run is printed first.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace output files that already exist."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines (errors and warnings still show)."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
     """Segment an image with a model; write a Slicer segmentation or a label map.
@@ -278,7 +279,7 @@ def segment(
         if probabilities is not None:
             outputs.claim_folder(probabilities, "--probabilities")
 
-        with _progress_bar(as_json) as on_event:
+        with _progress_bar(as_json or quiet) as on_event:
             summary = segment_files(
                 _logic(), inputs, output, model_path, device=device, labels=labels, probabilities=probabilities,
                 tta=tta, overlap=overlap, preview=preview, on_event=on_event, precision=precision, outputs=outputs,
@@ -380,6 +381,7 @@ def register(
         None, help="Also write a PNG: checkerboards of the fixed and the moving image, before and after."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace output files that already exist."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines (errors and warnings still show)."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
     """Register two images; write the transform (and optionally the resampled image and propagated labels).
@@ -412,7 +414,7 @@ def register(
             if path is not None:
                 outputs.claim(path, what)
 
-        with _progress_bar(as_json) as on_event:
+        with _progress_bar(as_json or quiet) as on_event:
             summary = register_files(
                 _logic(), fixed, moving, output_transform, preset=preset, output_volume=output_volume,
                 moving_segmentation=moving_segmentation, output_segmentation=output_segmentation, fixed_mask=fixed_mask,
@@ -521,10 +523,15 @@ def _check_points(volume_node) -> np.ndarray:
 
 
 def _flat(values: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested report as ``{"a.b": value}`` for text output: no empty values, lists joined, floats rounded."""
     flat: dict[str, Any] = {}
     if isinstance(values, dict):
         for key, value in values.items():
             flat.update(_flat(value, f"{prefix}{key} " if not isinstance(value, dict) else f"{prefix}{key}."))
+    elif values is None or values == [] or values == {}:
+        pass
+    elif isinstance(values, (list, tuple)):
+        flat[prefix.strip()] = "; ".join(str(round(v, 4) if isinstance(v, float) else v) for v in values)
     else:
         flat[prefix.strip()] = round(values, 4) if isinstance(values, float) else values
     return flat
@@ -806,6 +813,7 @@ def batch_register(
 def demo(
     output: Path = typer.Option(Path("deepseg-demo"), "--output", "-o", help="Folder for the scene and files."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of an earlier demo in that folder."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines (errors still show)."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
     """Register two real brain MRIs shipped with packages, segment one with the bundled model; write a Slicer scene.
@@ -819,13 +827,18 @@ def demo(
     from .demo import run_demo
 
     with _reported(as_json):
-        summary = run_demo(output, overwrite=overwrite)
+        def step(name: str) -> None:
+            if not (quiet or as_json):
+                typer.echo(f"  {name} ...", err=True)
+
+        summary = run_demo(output, overwrite=overwrite, on_step=step)
         lines = [f"  {step:<52s} {seconds:6.2f} s" for step, seconds in summary["timings_s"].items()]
+        lines.append("  the subject is a crop of nibabel's sample head (part of the brain), so its volumes are partial:")
         lines += [f"  subject {name:<22s} {volume:8.1f} ml" for name, volume in summary["subject_segments_ml"].items()]
-        lines += [
-            f"  {summary['model'].rstrip('/').split('/')[-1]} on the template: {name} Dice {dice} against the template's maps"
-            for name, dice in summary["agreement_dice"].items()
-        ]
+        model_name = summary["model"].rstrip("/").split("/")[-1]
+        lines.append(f"  {model_name} against the template's own tissue maps (its brain mask is what it was measured "
+                     "on; its grey/white matter are coarse, see docs/model_card.md):")  # fmt: skip
+        lines += [f"    {name:<20s} Dice {dice}" for name, dice in summary["agreement_dice"].items()]
         lines += [f"  wrote {kind:<22s} {path}" for kind, path in summary["files"].items()]
         lines.append(f"Open {summary['files']['scene']} in 3D Slicer (File > Open Data).")
         _emit(summary, as_json, lines)

@@ -19,6 +19,7 @@ show each result. No download.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 from pathlib import Path
 
@@ -72,7 +73,10 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float | None:
     return round(2.0 * float(np.logical_and(a, b).sum()) / total, 3) if total else None
 
 
-def run_demo(output: Path, preset: str = "deformable fast", device: str = "auto", overwrite: bool = False) -> dict:
+def run_demo(
+    output: Path, preset: str = "deformable fast", device: str = "auto", overwrite: bool = False,
+    on_step: Callable[[str], None] | None = None,
+) -> dict:
     """Builds the demo scene and writes it into ``output``; returns what was written and how long each step took.
 
     Files already in ``output`` are never replaced unless ``overwrite`` (the output rule of
@@ -97,10 +101,12 @@ def run_demo(output: Path, preset: str = "deformable fast", device: str = "auto"
     with output_set(overwrite=overwrite, root=output if output.is_dir() else None) as outputs:
         outputs.claim_folder(output, "--output")
         claimed = {kind: outputs.claim(output / name, f"the demo's {name}") for kind, name in names.items()}
-        return _build_demo(output, claimed, outputs, preset, device)
+        return _build_demo(output, claimed, outputs, preset, device, on_step or (lambda step: None))
 
 
-def _build_demo(output: Path, claimed: dict[str, Path], outputs: Any, preset: str, device: str) -> dict:
+def _build_demo(
+    output: Path, claimed: dict[str, Path], outputs: Any, preset: str, device: str, on_step: Callable[[str], None]
+) -> dict:
     from .jobs import InProcessWorker
     from .logic import DeepSegLogic
     from .models.store import DEFAULT_MODEL_ID, ModelStore
@@ -109,20 +115,24 @@ def _build_demo(output: Path, claimed: dict[str, Path], outputs: Any, preset: st
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
-    def lap(step: str) -> None:
+    on_step("building a scene")
+
+    def lap(step: str, upcoming: str | None = None) -> None:
         nonlocal clock
         now = time.perf_counter()
         timings[step] = round(now - clock, 3)
         clock = now
+        if upcoming:
+            on_step(upcoming)
 
     context = SceneContext.headless()
-    lap("scene")
+    lap("scene", "reading the MRIs and the template's tissue maps")
     files = mni152_files()
     template = storage.load_volume(context, files["t1"], name="MNI152 T1")
     grey = storage.load_volume(context, files["grey matter"], name="p(grey matter)")
     white = storage.load_volume(context, files["white matter"], name="p(white matter)")
     subject = storage.load_volume(context, subject_t1_file(), name="subject T1")
-    lap("read MRIs and tissue maps")
+    lap("read MRIs and tissue maps", "making the template's tissue segments")
 
     _, template_grid = nodes.volume_to_array(template)
     probabilities = np.stack([nodes.volume_to_array(grey)[0], nodes.volume_to_array(white)[0]]).astype(np.float32)
@@ -134,19 +144,19 @@ def _build_demo(output: Path, claimed: dict[str, Path], outputs: Any, preset: st
     template_tissues = nodes.labels_to_segmentation(
         context, labels, TISSUE_LABELS, reference_volume=template, name="MNI152 tissues"
     )
-    lap("template tissue segments")
+    lap("template tissue segments", f"registering the template to the subject ({preset})")
 
     logic = DeepSegLogic(context, InProcessWorker())
     outcome = logic.register(subject, template, preset=preset, moving_segmentation=template_tissues, device=device)
     subject_tissues = outcome.nodes["segmentation"]
     subject_tissues.SetName("subject tissues (from the template)")
-    lap("register template to subject")
+    lap("register template to subject", f"segmenting the template with the {DEFAULT_MODEL_ID} model")
 
     model_path = ModelStore().verify(DEFAULT_MODEL_ID).model_path  # checksums of the shipped files
     segmented = logic.segment(template, str(model_path), device=device)
     model_tissues = segmented.nodes["segmentation"]
     model_tissues.SetName(f"MNI152 tissues ({DEFAULT_MODEL_ID} model)")
-    lap(f"segment the template with the {DEFAULT_MODEL_ID} model")
+    lap(f"segment the template with the {DEFAULT_MODEL_ID} model", "writing the files and the scene")
 
     subject_array, subject_grid = nodes.volume_to_array(subject)
     subject_labels = outcome.data["propagated_labels"]
@@ -159,7 +169,7 @@ def _build_demo(output: Path, claimed: dict[str, Path], outputs: Any, preset: st
         storage.save_node(context, node, outputs.stage(claimed[kind]))
     storage.save_scene_bundle(context, outputs.stage(claimed["scene"]))
     written = {kind: claimed[kind] for kind in (*saved, "scene")}
-    lap("write files and scene")
+    lap("write files and scene", "drawing the pictures")
     table = outcome.data["label_table"]
     write_preview(
         outputs.stage(claimed["preview"]), subject_array, subject_grid, subject_labels, table,

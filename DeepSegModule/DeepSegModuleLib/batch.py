@@ -165,6 +165,40 @@ def _write_record(record: Path, content: dict[str, Any]) -> None:
     os.replace(temporary, record)
 
 
+SUMMARY_CSV = "deepseg-summary.csv"
+_SUMMARY_COLUMNS = ("case", "status", "seconds", "error")
+
+
+def write_summary_csv(results: list[CaseResult], output_dir: Path) -> Path:
+    """One row per case (status, seconds, error, and each number of its summary as a column) in
+    ``<output_dir>/deepseg-summary.csv``, rewritten after every batch; a file of that name that DeepSeg did not
+    write (another header) is left alone and the summary goes to ``deepseg-summary-<n>.csv``."""
+    numbers = sorted({key for result in results for key in result.summary})
+    columns = [*_SUMMARY_COLUMNS, *numbers]
+    target = output_dir / SUMMARY_CSV
+    serial = 1
+    while target.exists() and not _written_by_deepseg(target):
+        serial += 1
+        target = output_dir / f"deepseg-summary-{serial}.csv"
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    with temporary.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for result in results:
+            values = [result.name, result.status, round(result.seconds, 3), result.error]
+            writer.writerow(values + [result.summary.get(key, "") for key in numbers])
+    os.replace(temporary, target)
+    return target
+
+
+def _written_by_deepseg(path: Path) -> bool:
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return handle.readline().strip().split(",")[: len(_SUMMARY_COLUMNS)] == list(_SUMMARY_COLUMNS)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def iter_rows(results: list[CaseResult]) -> Iterator[tuple[str, str, str, str]]:
     """(case, status, seconds, details) rows for the summary table."""
     for result in results:

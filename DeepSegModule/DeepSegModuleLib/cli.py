@@ -614,12 +614,18 @@ def models_info(name: str = typer.Argument(..., metavar="NAME"), as_json: bool =
         info: dict[str, Any] = {"id": stored.model_id, "path": str(stored.model_path), "source": stored.source,
                                 "files": stored.files, "checksums": "ok"}
         try:
-            from .models.loader import detect_format
+            from .models.loader import detect_format, model_labels
 
             info["format"] = str(detect_format(stored.model_path).value)
+            info["labels"] = model_labels(stored.model_path)
         except Exception as error:  # noqa: BLE001 - an unreadable model is still listed
-            info["format"] = f"unknown ({error})"
-        lines = [f"  {key:<10s} {value}" for key, value in info.items() if key != "files"]
+            info.setdefault("format", f"unknown ({error})")
+            info["labels"] = {}
+        if stored.needs_trust:
+            info["needs_trust"] = stored.needs_trust
+        lines = [f"  {key:<10s} {value}" for key, value in info.items() if key not in ("files", "labels", "needs_trust")]
+        lines += [f"  label      {value:>4d}  {name}" for value, name in info["labels"].items()]
+        lines += [f"  needs --trust-code: {finding}" for finding in info.get("needs_trust", [])]
         lines += [f"  file       {path}" for path in stored.files]
         _emit(info, as_json, lines)
 
@@ -683,12 +689,15 @@ def _print_table(results, as_json: bool, title: str) -> None:
     Console(stderr=False, width=160).print(table)
 
 
-def _finish_batch(results, as_json: bool, title: str) -> None:
+def _finish_batch(results, as_json: bool, title: str, output_dir: Path) -> None:
     from dataclasses import asdict
+
+    from .batch import write_summary_csv
 
     _print_table(results, as_json, title)
     failed = [result.name for result in results if result.status == "failed"]
     summary = {"cases": [asdict(result) for result in results], "failed": failed}
+    summary["summary_csv"] = str(write_summary_csv(results, output_dir))
     if as_json:
         typer.echo(json.dumps({"ok": not failed, **summary}, indent=2, default=_json_default))
     if failed:
@@ -734,7 +743,7 @@ def batch_segment(
             checked.claim(outputs["segmentation"], f"output of case {case.name}")
             summary = segment_files(_logic(worker), inputs, outputs["segmentation"], model_path, device=device,
                                     labels=labels, outputs=checked)
-            return {name: f"{volume} ml" for name, volume in summary["segments_ml"].items()}
+            return {f"{name} ml": volume for name, volume in summary["segments_ml"].items()}
 
         def report(result):
             if not as_json:
@@ -747,7 +756,7 @@ def batch_segment(
             )
         finally:
             worker.shutdown()
-    _finish_batch(results, as_json, f"deepseg batch segment: {len(results)} case(s)")
+    _finish_batch(results, as_json, f"deepseg batch segment: {len(results)} case(s)", output_dir)
 
 
 @batch_app.command("register")
@@ -803,7 +812,7 @@ def batch_register(
             results = run_cases(case_list, output_dir, outputs_of, process)
         finally:
             worker.shutdown()
-    _finish_batch(results, as_json, f"deepseg batch register: {len(results)} case(s)")
+    _finish_batch(results, as_json, f"deepseg batch register: {len(results)} case(s)", output_dir)
 
 
 # ------------------------------------------------------------------------------------------------ demo, version

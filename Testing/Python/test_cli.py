@@ -228,6 +228,14 @@ def test_batch_segment_is_resumable_and_survives_a_bad_case(tmp_path, capsys, sp
     assert status == {"case-a": "done", "case-b": "done", "case-c": "failed"}  # ... and did not stop the others
     assert summary["failed"] == ["case-c"]
     assert not (results / "case-c.nii.gz").exists()
+    volumes = {case["name"]: case["summary"].get("Sphere ml") for case in summary["cases"]}
+    assert isinstance(volumes["case-a"], float) and volumes["case-a"] > 0  # a number, not "47.85 ml"
+    import csv
+
+    with open(summary["summary_csv"], newline="") as handle:
+        rows = {row["case"]: row for row in csv.DictReader(handle)}
+    assert rows["case-c"]["status"] == "failed" and rows["case-c"]["error"]
+    assert float(rows["case-a"]["Sphere ml"]) == pytest.approx(volumes["case-a"])
     written = nibabel.load(str(results / "case-a.nii.gz"))
     assert dice(np.asarray(written.dataobj).transpose(2, 1, 0) == 1, truth) > 0.9
 
@@ -308,3 +316,10 @@ def test_register_preview_shows_before_and_after(tmp_path, capsys, sphere_image)
     assert code == 0, err
     width, height = Image.open(tmp_path / "check.png").size
     assert width >= 1200 and height > width * 0.6  # two rows of three views
+
+
+def test_models_info_lists_the_labels(capsys):
+    code, out, _ = run(capsys, "models", "info", "deepseg-brain", "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert set(info["labels"].values()) == {"cerebrospinal fluid", "grey matter", "white matter"}

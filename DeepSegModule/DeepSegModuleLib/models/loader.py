@@ -116,3 +116,33 @@ def load_model(
     from DeepSegModuleLib.models.nnunet import load_nnunet_model
 
     return load_nnunet_model(path, device, **options)
+
+
+def model_labels(path: str | os.PathLike) -> dict[int, str]:
+    """Label value -> name as a model's own description files say, without loading its weights.
+
+    Raises:
+        ModelFormatError, ModelFileError: the model is none of the formats, or its description is unreadable.
+    """
+    import json
+
+    path = Path(path)
+    model_format = detect_format(path)
+    if model_format == ModelFormat.TORCHSCRIPT:
+        from DeepSegModuleLib.models.torchscript import find_card, read_card
+
+        description, _ = read_card(find_card(path))
+        return {info.value: info.name for info in description.labels}
+    if model_format == ModelFormat.MONAI_BUNDLE:
+        from DeepSegModuleLib.models.monai_bundle import _labels_from_metadata
+
+        metadata_path = path / "configs" / "metadata.json"
+        metadata = json.loads(metadata_path.read_text(encoding="utf-8")) if metadata_path.is_file() else {}
+        return {info.value: info.name for info in _labels_from_metadata(metadata, path)[0]}
+    dataset = json.loads((path / "dataset.json").read_text(encoding="utf-8"))
+    labels = {}
+    for name, value in dict(dataset.get("labels", {})).items():
+        values = value if isinstance(value, list) else [value]
+        if str(name).lower() != "background" and values and isinstance(values[-1], int):
+            labels[int(values[-1])] = str(name)
+    return dict(sorted(labels.items()))

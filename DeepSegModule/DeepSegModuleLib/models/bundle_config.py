@@ -136,14 +136,15 @@ def _allowed() -> tuple[dict[str, Any], dict[int, Any], dict[str, list[Any]]]:
     for full_name in (*allow.component_names(), *allow.FUNCTIONS):
         module_name, _, attribute = full_name.rpartition(".")
         try:
-            target: Any = importlib.import_module(module_name)
-        except ImportError:  # a subpackage reached as an attribute (torch.cuda.is_available)
-            root, *rest = module_name.split(".")
-            target = importlib.import_module(root)
-            for part in rest:
-                target = getattr(target, part)
-        target = getattr(target, attribute, None)
-        if target is None:  # not in this MONAI version
+            try:
+                target: Any = importlib.import_module(module_name)
+            except ImportError:  # a subpackage reached as an attribute (torch.cuda.is_available)
+                root, *rest = module_name.split(".")
+                target = importlib.import_module(root)
+                for part in rest:
+                    target = getattr(target, part)
+            target = getattr(target, attribute)
+        except (ImportError, AttributeError):  # not in this MONAI version, or its optional packages are missing
             continue
         by_name[full_name] = target
         defining = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', '')}"

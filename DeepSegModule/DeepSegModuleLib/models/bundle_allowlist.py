@@ -78,7 +78,11 @@ METHODS = frozenset(
 )  # fmt: skip
 
 #: Arguments that make an allowed component download or read something unless they are false.
-FALSE_ONLY_ARGUMENTS = frozenset({"pretrained", "download", "progress", "pretrained_path", "model_path"})
+FALSE_ONLY_ARGUMENTS = frozenset({"pretrained", "download", "pretrained_path", "model_path"})
+
+#: Arguments of allow-listed callables whose names sound like files or downloads, read and judged harmless:
+#: a dropout rate, a cache kept in memory, attention kept for inspection, a console progress bar.
+REVIEWED_ARGUMENTS = frozenset({"dropout_path_rate", "hyena_l_cache", "save_attn", "progress", "cache_roi_weight_map"})
 
 #: File input/output transforms: never built in untrusted mode (DeepSeg hands the volume over itself);
 #: the loader records their keys.

@@ -51,6 +51,17 @@ def screen_views(
     return {name: (plane.T[::-1, ::-1], size, letters) for name, (plane, size, letters) in planes.items()}
 
 
+def _orientation_letters(axis, shape: tuple[int, int], letters: tuple[str, str, str, str]) -> None:
+    """The patient directions at the view's left, right, top and bottom edges, as Slicer's views show them."""
+    rows, columns = shape
+    style = {"color": "yellow", "fontsize": 13, "fontweight": "bold"}
+    left, right, top, bottom = letters
+    axis.text(0.01 * columns, rows / 2, left, ha="left", va="center", **style)
+    axis.text(0.99 * columns, rows / 2, right, ha="right", va="center", **style)
+    axis.text(columns / 2, 0.01 * rows, top, ha="center", va="top", **style)
+    axis.text(columns / 2, 0.99 * rows, bottom, ha="center", va="bottom", **style)
+
+
 def _scale_bar(axis, columns: int, rows: int, pixel_mm: float) -> None:
     """A bar of a round length (10, 20, 50 or 100 mm, about a fifth of the view) at the bottom left."""
     view_mm = columns * pixel_mm
@@ -108,15 +119,9 @@ def write_preview(
                 np.ma.masked_equal(label_views[name][0], 0), cmap=overlay_map, vmin=0, vmax=len(colors) - 1,
                 aspect=aspect, interpolation="nearest",
             )
-        rows, columns = shown.shape
-        style = {"color": "yellow", "fontsize": 13, "fontweight": "bold"}
-        left, right, top, bottom = letters
-        axis.text(0.01 * columns, rows / 2, left, ha="left", va="center", **style)
-        axis.text(0.99 * columns, rows / 2, right, ha="right", va="center", **style)
-        axis.text(columns / 2, 0.01 * rows, top, ha="center", va="top", **style)
-        axis.text(columns / 2, 0.99 * rows, bottom, ha="center", va="bottom", **style)
+        _orientation_letters(axis, shown.shape, letters)
         if name == "axial":
-            _scale_bar(axis, columns, rows, width_mm)
+            _scale_bar(axis, shown.shape[1], shown.shape[0], width_mm)
         axis.set_title(name, color="white")
         axis.axis("off")
     if table:
@@ -164,10 +169,7 @@ def write_registration_preview(
         for axis, (view, (shown, (width_mm, height_mm), letters)) in zip(row_axes, screen_views(image, spacing,
                                                                                                centre).items()):
             axis.imshow(shown, cmap="gray", vmin=0.0, vmax=1.0, aspect=height_mm / width_mm, interpolation="bilinear")
-            height, width = shown.shape
-            style = {"color": "yellow", "fontsize": 12, "fontweight": "bold"}
-            axis.text(0.01 * width, height / 2, letters[0], ha="left", va="center", **style)
-            axis.text(0.99 * width, height / 2, letters[1], ha="right", va="center", **style)
+            _orientation_letters(axis, shown.shape, letters)
             axis.set_title(f"{view}, {name}", color="white")
             axis.axis("off")
     if title:

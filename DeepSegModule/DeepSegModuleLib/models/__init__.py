@@ -8,8 +8,7 @@ Public API::
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from DeepSegModuleLib.lazy import lazy_attributes
 
 # Names are imported from their submodules on first use, so that listing or verifying the model store (what
 # Slicer's panel does when it opens) does not import torch into the application.
@@ -26,13 +25,7 @@ _SUBMODULE_OF = {
 }  # fmt: skip
 
 
-def __getattr__(name: str) -> Any:
-    submodule = _SUBMODULE_OF.get(name)
-    if submodule is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{submodule}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _SUBMODULE_OF, globals())
 
 
 __all__ = [

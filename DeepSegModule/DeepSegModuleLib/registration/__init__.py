@@ -7,8 +7,7 @@ No MRML here: images are ``(k, j, i)`` arrays with a 4x4 ``ijk_to_ras``; results
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from DeepSegModuleLib.lazy import lazy_attributes
 
 # Names are imported from their submodules on first use: the command line reads the preset names (presets.py,
 # no torch) to check an argument in a fraction of a second, without importing the engine.
@@ -21,13 +20,7 @@ _SUBMODULE_OF = {
 }  # fmt: skip
 
 
-def __getattr__(name: str) -> Any:
-    submodule = _SUBMODULE_OF.get(name)
-    if submodule is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{submodule}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _SUBMODULE_OF, globals())
 
 
 __all__ = [

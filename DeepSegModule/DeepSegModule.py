@@ -593,48 +593,9 @@ def _formatDuration(seconds: float) -> str:
 
 def qualityReportLines(quality: dict) -> list[str]:
     """The registration quality report (``QualityReport`` as a dict) as short lines for the panel's log."""
+    from DeepSegModuleLib.registration.report import report_lines
 
-    def number(value, digits=3):
-        return "n/a" if value is None else f"{value:.{digits}g}"
-
-    lines = [_("Quality report:")]
-    if quality.get("folding_percent") is not None:
-        lines.append(
-            _("folding {folding}% of voxels ({mask}); det J from {low} to {high}; SD log J {sd}").format(
-                folding=number(quality["folding_percent"]),
-                mask=quality.get("quality_mask") or "-",
-                low=number(quality.get("jacobian_min")),
-                high=number(quality.get("jacobian_max")),
-                sd=number(quality.get("log_jacobian_std")),
-            )
-        )
-    if quality.get("dice"):
-        perLabel = ", ".join(f"{label}: {number(value)}" for label, value in sorted(quality["dice"].items()))
-        lines.append(_("Dice {perLabel}; mean {mean}").format(perLabel=perLabel, mean=number(quality.get("mean_dice"))))
-    for when, statistics in sorted((quality.get("landmark_error_mm") or {}).items()):
-        if isinstance(statistics, dict):
-            values = ", ".join(f"{name} {number(value)}" for name, value in statistics.items())
-            lines.append(_("landmark error {when} (mm): {values}").format(when=when, values=values))
-        else:
-            lines.append(_("landmark error {when}: {value} mm").format(when=when, value=number(statistics)))
-    if quality.get("final_similarity"):
-        lines.append(
-            _("final similarity: {values}").format(
-                values=", ".join(f"{stage} {number(value)}" for stage, value in quality["final_similarity"].items())
-            )
-        )
-    runtime = quality.get("runtime_s") or {}
-    if runtime:
-        lines.append(
-            _("time: {values}").format(values=", ".join(f"{stage} {value:.1f} s" for stage, value in runtime.items()))
-        )
-    if quality.get("peak_memory_mb") is not None:
-        lines.append(_("peak memory: {megabytes:.0f} MB").format(megabytes=quality["peak_memory_mb"]))
-    for note in quality.get("notes") or []:
-        lines.append(_("note: {note}").format(note=note))
-    for warning in quality.get("warnings") or []:
-        lines.append(_("WARNING: {warning}").format(warning=warning))
-    return lines
+    return [_("Quality report:"), *report_lines(quality)]
 
 
 def slicerPythonExecutable() -> str | None:

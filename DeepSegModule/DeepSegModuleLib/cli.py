@@ -422,8 +422,9 @@ def register(
                 preview=preview, outputs=outputs, on_event=on_event,
             )  # fmt: skip
 
-        quality = summary.get("quality", {})
-        lines = [f"  {key:<34s} {value}" for key, value in _flat(quality).items()]
+        from .registration.report import report_lines
+
+        lines = [f"  {line}" for line in report_lines(summary.get("quality", {}))]
         lines.append(f"wrote {output_transform}")
         _emit(summary, as_json, lines)
 
@@ -520,21 +521,6 @@ def _check_points(volume_node) -> np.ndarray:
     fractions = np.array([[0.5, 0.5, 0.5], [0.25, 0.5, 0.5], [0.5, 0.25, 0.5], [0.5, 0.5, 0.25], [0.75, 0.75, 0.75]])
     ijk = fractions * size
     return (grid @ np.c_[ijk, np.ones(len(ijk))].T).T[:, :3]
-
-
-def _flat(values: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested report as ``{"a.b": value}`` for text output: no empty values, lists joined, floats rounded."""
-    flat: dict[str, Any] = {}
-    if isinstance(values, dict):
-        for key, value in values.items():
-            flat.update(_flat(value, f"{prefix}{key} " if not isinstance(value, dict) else f"{prefix}{key}."))
-    elif values is None or values == [] or values == {}:
-        pass
-    elif isinstance(values, (list, tuple)):
-        flat[prefix.strip()] = "; ".join(str(round(v, 4) if isinstance(v, float) else v) for v in values)
-    else:
-        flat[prefix.strip()] = round(values, 4) if isinstance(values, float) else values
-    return flat
 
 
 # ------------------------------------------------------------------------------------------------ models

@@ -7,7 +7,6 @@ in the engines' process-wide cache, so a persistent worker keeps them warm betwe
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
 SEGMENT = "DeepSegModuleLib.tasks:segment"
@@ -58,7 +57,7 @@ def register(inputs: dict[str, Any], params: dict[str, Any], progress) -> dict[s
     outputs: dict[str, Any] = {
         "fixed_to_moving_ras": result.fixed_to_moving_ras,
         "resampled_moving": result.resampled_moving,
-        "quality": _plain(result.quality),
+        "quality": result.quality.as_dict(),
         "device": result.device,
     }
     if result.displacement_ras is not None:
@@ -68,11 +67,3 @@ def register(inputs: dict[str, Any], params: dict[str, Any], progress) -> dict[s
     if result.propagated_labels is not None:
         outputs["propagated_labels"] = result.propagated_labels
     return outputs
-
-
-def _plain(report: Any) -> Any:
-    """A dataclass report as plain dicts/lists/floats (picklable anywhere, JSON-friendly)."""
-    try:
-        return asdict(report)
-    except TypeError:
-        return dict(vars(report))

@@ -63,6 +63,13 @@ class QualityReport:
         """Plain dict (for JSON, the panel and logs)."""
         return asdict(self)
 
+    def lines(self) -> list[str]:
+        """The report as short lines for a person (the panel's log, the command line)."""
+        from .report import report_lines
+
+        return report_lines(self.as_dict())
+
+
 
 def jacobian_determinant(displacement_ras: np.ndarray, ijk_to_ras: np.ndarray) -> np.ndarray:
     """Jacobian determinant of ``p -> p + d(p)`` on the displacement's grid.

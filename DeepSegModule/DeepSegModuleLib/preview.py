@@ -51,6 +51,18 @@ def screen_views(
     return {name: (plane.T[::-1, ::-1], size, letters) for name, (plane, size, letters) in planes.items()}
 
 
+def _save(figure, path: str | Path, title: str) -> Path:
+    """Titles, writes and closes a preview figure (black background, trimmed to its content)."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        figure.suptitle(title, color="white")
+    path = Path(path)
+    figure.savefig(path, dpi=PREVIEW_DPI, facecolor="black", bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
 def _orientation_letters(axis, shape: tuple[int, int], letters: tuple[str, str, str, str]) -> None:
     """The patient directions at the view's left, right, top and bottom edges, as Slicer's views show them."""
     rows, columns = shape
@@ -127,12 +139,7 @@ def write_preview(
     if table:
         handles = [Patch(color=info.rgb(), label=info.name) for info in table]
         figure.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, labelcolor="white")
-    if title:
-        figure.suptitle(title, color="white")
-    path = Path(path)
-    figure.savefig(path, dpi=PREVIEW_DPI, facecolor="black", bbox_inches="tight")
-    plt.close(figure)
-    return path
+    return _save(figure, path, title)
 
 
 def write_checkerboard(
@@ -172,12 +179,7 @@ def write_registration_preview(
             _orientation_letters(axis, shown.shape, letters)
             axis.set_title(f"{view}, {name}", color="white")
             axis.axis("off")
-    if title:
-        figure.suptitle(title, color="white")
-    path = Path(path)
-    figure.savefig(path, dpi=PREVIEW_DPI, facecolor="black", bbox_inches="tight")
-    plt.close(figure)
-    return path
+    return _save(figure, path, title)
 
 
 def _checkered(fixed: np.ndarray, moving: np.ndarray, squares: int) -> np.ndarray:

@@ -10,8 +10,8 @@ continues where it stopped. A failed case is recorded and the batch goes on.
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .outputs import replace_text
 from .storage import VOLUME_SUFFIXES
 
 DONE_SUFFIX = ".done.json"
@@ -158,11 +159,7 @@ def _read_record(record: Path) -> dict[str, Any] | None:
 
 def _write_record(record: Path, content: dict[str, Any]) -> None:
     """Writes a case's done-record atomically (a crash never leaves half a record that would skip the case)."""
-    if record.is_dir():
-        raise ValueError(f"{record} is a folder; the case's record cannot be written there")
-    temporary = record.with_name(f".{record.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(content, indent=2, default=str), encoding="utf-8")
-    os.replace(temporary, record)
+    replace_text(record, json.dumps(content, indent=2, default=str))
 
 
 SUMMARY_CSV = "deepseg-summary.csv"
@@ -180,15 +177,13 @@ def write_summary_csv(results: list[CaseResult], output_dir: Path) -> Path:
     while target.exists() and not _written_by_deepseg(target):
         serial += 1
         target = output_dir / f"deepseg-summary-{serial}.csv"
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with temporary.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(columns)
-        for result in results:
-            values = [result.name, result.status, round(result.seconds, 3), result.error]
-            writer.writerow(values + [result.summary.get(key, "") for key in numbers])
-    os.replace(temporary, target)
-    return target
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(columns)
+    for result in results:
+        values = [result.name, result.status, round(result.seconds, 3), result.error]
+        writer.writerow(values + [result.summary.get(key, "") for key in numbers])
+    return replace_text(target, text.getvalue())
 
 
 def _written_by_deepseg(path: Path) -> bool:

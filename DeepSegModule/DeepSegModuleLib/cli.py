@@ -161,18 +161,6 @@ def resolve_model(model: str | None) -> Path:
     return store.verify(str(value)).model_path if kind == "store" else Path(value)
 
 
-def _recorded_trust(model: str) -> bool:
-    """Whether a model argument names a stored model the user has trusted (``deepseg models trust NAME``)."""
-    from .models.store import ModelStore, model_argument
-
-    store = ModelStore()
-    try:
-        kind, value = model_argument(model, store)
-    except Exception:  # noqa: BLE001 - resolve_model has already reported any problem with the argument
-        return False
-    return kind == "store" and bool(store.get(str(value)).trusted)
-
-
 def _logic(worker=None):
     """A factory of logics on a context; one case per command runs the engine in this process, while a batch
     passes its persistent worker so the model stays loaded from case to case."""
@@ -262,8 +250,10 @@ def segment(
         _check_output(preview, (".png",), "--preview")
         for path in inputs:
             _check_input(path, "input")
+        from .models.store import ModelStore, recorded_trust
+
         model_path = resolve_model(model)
-        if not trust_code and model is not None and _recorded_trust(model):
+        if not trust_code and model is not None and recorded_trust(model, ModelStore()):
             trust_code = True
             typer.echo(f"deepseg: {model} runs its own code: you trusted it (deepseg models trust {model} --revoke "
                        "withdraws that)", err=True)

@@ -179,14 +179,9 @@ class DeepSegLogic:
 
     def trusted_in_store(self, model: str | os.PathLike) -> bool:
         """Whether ``model`` names a stored model whose own code the user has trusted (a recorded decision)."""
-        from .models.store import model_argument
+        from .models.store import recorded_trust
 
-        store = ModelStore(self.model_store_root)
-        try:
-            kind, value = model_argument(str(model), store)
-        except Exception:  # noqa: BLE001 - resolve_model reports a bad argument
-            return False
-        return kind == "store" and bool(store.get(str(value)).trusted)
+        return recorded_trust(str(model), ModelStore(self.model_store_root))
 
     def import_model(self, source: str | os.PathLike, model_id: str | None = None, replace: bool = False) -> str:
         """Copies a model folder, ``.zip`` or TorchScript file (with its card) into the store; returns its name."""

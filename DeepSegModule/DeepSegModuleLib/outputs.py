@@ -190,6 +190,21 @@ class OutputSet:
         self._staged.clear()
 
 
+def replace_text(path: Path, text: str) -> Path:
+    """Writes a small text file DeepSeg owns (a record, a summary, a manifest) whole or not at all: a temporary
+    file beside it, then ``os.replace``, so a crash never leaves half of it."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder; DeepSeg's file cannot be written there")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
 @contextmanager
 def output_set(
     inputs: Iterable[str | os.PathLike | None] = (), overwrite: bool = False, root: str | os.PathLike | None = None

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from DeepSegModuleLib.models.archive import safe_extract_zip, sha256_of_file, verify_sha256
 from DeepSegModuleLib.models.errors import ChecksumError, ModelFileError
+from DeepSegModuleLib.outputs import replace_text
 
 MANIFEST_NAME = "manifest.json"
 #: The bundled model a segmentation without an explicit model runs (see ``Resources/models/``).
@@ -308,9 +309,7 @@ class ModelStore:
                 }
             else:
                 manifest.pop("trusted", None)
-            temporary = manifest_path.with_name(f".{MANIFEST_NAME}.{os.getpid()}")
-            temporary.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-            os.replace(temporary, manifest_path)
+            replace_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
         return self.get(model_id)
 
     def remove(self, model_id: str) -> None:
@@ -362,3 +361,13 @@ def model_argument(text: str, store: ModelStore) -> tuple[str, str | Path]:
         f"model {text!r} is neither a file or folder nor in the model store (stored: {known}); "
         "import it with: deepseg models import PATH_OR_URL"
     )
+
+
+def recorded_trust(model: str, store: ModelStore) -> bool:
+    """Whether a model argument names a stored model whose own code the user has trusted
+    (``deepseg models trust NAME`` or the panel's confirmation); False for a path or a name that resolves to none."""
+    try:
+        kind, value = model_argument(str(model), store)
+        return kind == "store" and bool(store.get(str(value)).trusted)
+    except (ModelFileError, KeyError, ValueError):  # resolving the model reports a bad argument itself
+        return False

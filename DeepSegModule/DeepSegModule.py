@@ -26,8 +26,11 @@ from typing import Annotated
 import qt
 import slicer
 import vtk
+from DeepSegModuleLib.devices import DEVICES
 from DeepSegModuleLib.models.store import DEFAULT_MODEL_ID
+from DeepSegModuleLib.registration.presets import RegistrationOptions, preset_names
 from DeepSegModuleLib.resources import resource_path
+from DeepSegModuleLib.segmentation.options import SegmentationOptions
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTransformNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
@@ -42,14 +45,10 @@ from slicer.util import VTKObservationMixin
 
 logger = logging.getLogger(__name__)
 
-#: Devices the user can pick; "auto" means the GPU when PyTorch sees one, else the CPU.
-DEVICE_CHOICES = ["auto", "cpu", "cuda"]
-
-#: The registration engine's presets (DeepSegModuleLib.registration.presets.preset_names(), which cannot be
-#: imported here: the registration package imports torch). A test keeps the two lists equal.
-REGISTRATION_PRESETS = ["rigid", "affine", "deformable fast", "deformable accurate", "multimodal"]
-#: Presets whose result is a linear transform; the others write a grid transform.
-LINEAR_PRESETS = ("rigid", "affine")
+#: Devices the user can pick ("auto": the GPU when PyTorch sees one, else the CPU) and the registration presets,
+#: read from their source: the options modules import no torch.
+DEVICE_CHOICES = list(DEVICES)
+REGISTRATION_PRESETS = preset_names()
 
 #: Packages that must never be pip-installed into Slicer: torch comes from the PyTorch extension (it picks the
 #: CUDA build that matches the driver) and Slicer bundles its own SimpleITK build with Slicer-specific IO.
@@ -107,7 +106,7 @@ class DeepSegModuleParameterNode:
     modelName - a model in the local model store, or the path of a model folder, .zip or TorchScript file.
     labelsToKeep - label names to write, separated by commas; empty for all.
     outputSegmentation - where segments are written; a new segmentation is created when empty.
-    probabilityMaps - also write one probability volume per label.
+    probabilities - also write one probability volume per label.
     trustModelCode - let a MONAI bundle run its own code (shown, and confirmed, before each run that needs it).
 
     Registration:
@@ -129,7 +128,7 @@ class DeepSegModuleParameterNode:
     modelName: str = DEFAULT_MODEL_ID
     labelsToKeep: str = ""
     outputSegmentation: vtkMRMLSegmentationNode
-    probabilityMaps: bool = False
+    probabilities: bool = False
     trustModelCode: bool = False
 
     fixedVolume: vtkMRMLScalarVolumeNode
@@ -443,7 +442,7 @@ class DeepSegModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._endRun()
         if run.outcome is not None:
             self._showResult(kind, run.outcome)
-        elif run.job.state.value == "cancelled":
+        elif run.cancelled:
             self.ui.statusLabel.text = _("Cancelled; the scene is unchanged.")
             self._log(self.ui.statusLabel.text)
         else:
@@ -471,43 +470,39 @@ class DeepSegModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _showResult(self, kind: str, outcome) -> None:
         """Puts the new nodes into the views and the panel, and reports in the log."""
         parameters = self._parameterNode
-        created = outcome.nodes
         if kind == "segment":
-            segmentation = created["segmentation"]
+            segmentation = outcome.segmentation
             if parameters:
                 parameters.outputSegmentation = segmentation  # the next run replaces these segments
                 slicer.util.setSliceViewerLayers(background=parameters.inputVolume)
             self.logic.showSegmentation(segmentation)
             names = self.logic.segmentNames(segmentation)
-            timings = outcome.report.get("timings_s", {})
+            result = outcome.result
             self.ui.statusLabel.text = _("Done: {count} segments in '{name}' ({seconds:.1f} s on {device}).").format(
-                count=len(names),
-                name=segmentation.GetName(),
-                seconds=timings.get("total", 0.0),
-                device=outcome.report.get("device", "?"),
-            )
+                count=len(names), name=segmentation.GetName(), seconds=result.timings.get("total", 0.0),
+                device=result.device,
+            )  # fmt: skip
             self._log(self.ui.statusLabel.text)
             self._log(_("Segments: {names}").format(names=", ".join(names)))
-            for message in outcome.report.get("messages", []):
+            for message in result.messages:
                 self._log(f"  {message}")
             return
-        registered = created["volume"]
+        registered = outcome.volume
         if parameters:
             parameters.outputVolume = registered
-            if "segmentation" in created:
-                parameters.registeredSegmentation = created["segmentation"]
+            if outcome.segmentation is not None:
+                parameters.registeredSegmentation = outcome.segmentation
             slicer.util.setSliceViewerLayers(
                 background=parameters.fixedVolume, foreground=registered, foregroundOpacity=0.5
             )
-        if "segmentation" in created:
-            self.logic.showSegmentation(created["segmentation"])
-        transform = created["transform"]
+        if outcome.segmentation is not None:
+            self.logic.showSegmentation(outcome.segmentation)
         self.ui.statusLabel.text = _("Done: transform '{transform}', registered volume '{volume}'.").format(
-            transform=transform.GetName(), volume=registered.GetName()
+            transform=outcome.transform.GetName(), volume=registered.GetName()
         )
         self._log(self.ui.statusLabel.text)
         if parameters is None or parameters.showQualityReport:
-            for line in qualityReportLines(outcome.report.get("quality", {})):
+            for line in qualityReportLines(outcome.quality):
                 self._log(f"  {line}")
 
     def _log(self, line: str) -> None:
@@ -591,11 +586,9 @@ def _formatDuration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
-def qualityReportLines(quality: dict) -> list[str]:
-    """The registration quality report (``QualityReport`` as a dict) as short lines for the panel's log."""
-    from DeepSegModuleLib.registration.report import report_lines
-
-    return [_("Quality report:"), *report_lines(quality)]
+def qualityReportLines(quality) -> list[str]:
+    """The registration quality report (a ``QualityReport``) as short lines for the panel's log."""
+    return [_("Quality report:"), *quality.lines()]
 
 
 def slicerPythonExecutable() -> str | None:
@@ -625,10 +618,12 @@ class DeepSegModuleLogic(ScriptedLoadableModuleLogic):
     headless one (``SceneContext.headless()``) for batch use. From Slicer's Python console::
 
         logic = slicer.util.getModuleLogic("DeepSegModule")
-        outcome = logic.segment(volumeNode, "my-model")          # a model store name or a path
-        outcome.nodes["segmentation"]
-        outcome = logic.register(fixedNode, movingNode, preset="rigid")
-        outcome.nodes["transform"], outcome.nodes["volume"], outcome.report["quality"]
+        from DeepSegModuleLib.segmentation.options import SegmentationOptions
+        from DeepSegModuleLib.registration.presets import RegistrationOptions
+        outcome = logic.segment(volumeNode, "my-model", SegmentationOptions(labels=["liver"]))  # a store name or a path
+        outcome.segmentation
+        outcome = logic.register(fixedNode, movingNode, RegistrationOptions(preset="rigid"))
+        outcome.transform, outcome.volume, outcome.quality.lines()
 
     Args:
         context: the scene and module logics; the running Slicer's when None.
@@ -714,32 +709,6 @@ class DeepSegModuleLogic(ScriptedLoadableModuleLogic):
 
         check_volume_node(inputVolume)
 
-    def prepareOutputSegmentation(self, inputVolume, outputSegmentation=None):
-        """Checks the input and returns the segmentation a run writes into, set to the input's geometry.
-
-        Args:
-            inputVolume: the scalar volume node to segment.
-            outputSegmentation: an existing segmentation node, or None to create one named after the input.
-
-        Raises:
-            ValueError: the input is unusable (see :meth:`checkInputVolume`); the scene is left as it was.
-        """
-        self.checkInputVolume(inputVolume)
-        scene = self.context.scene
-        if outputSegmentation is None:
-            outputSegmentation = scene.AddNewNodeByClass(
-                "vtkMRMLSegmentationNode", scene.GenerateUniqueName(f"{inputVolume.GetName()} segmentation")
-            )
-            outputSegmentation.CreateDefaultDisplayNodes()
-        # Segments are stored on the input's voxel grid, so labels from the network map back voxel for voxel.
-        outputSegmentation.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
-        logger.info(
-            "DeepSeg: output segmentation '%s' uses the geometry of '%s'",
-            outputSegmentation.GetName(),
-            inputVolume.GetName(),
-        )
-        return outputSegmentation
-
     @staticmethod
     def labelNames(text: str) -> list[str]:
         """The "labels to keep" field as names: comma-separated, blanks ignored; empty means all labels."""
@@ -762,11 +731,12 @@ class DeepSegModuleLogic(ScriptedLoadableModuleLogic):
         return volumes
 
     @staticmethod
-    def checkOutputTransform(preset: str, outputTransform) -> None:
-        """Raises ValueError, before any work, when ``outputTransform`` cannot hold what ``preset`` produces."""
+    def checkOutputTransform(options: RegistrationOptions, outputTransform) -> None:
+        """Raises ValueError, before any work, when ``outputTransform`` cannot hold what ``options`` produce."""
         if outputTransform is None:
             return
-        linear = preset in LINEAR_PRESETS
+        linear = options.linear
+        preset = options.preset
         kind = "vtkMRMLLinearTransformNode" if linear else "vtkMRMLGridTransformNode"
         if not outputTransform.IsA(kind):
             raise ValueError(
@@ -783,22 +753,18 @@ class DeepSegModuleLogic(ScriptedLoadableModuleLogic):
 
     # runs: start* return a Run to poll from the main thread; segment/register wait for it
 
-    def startSegment(self, inputVolumes, model: str, outputSegmentation=None, labels=None, probabilities=False,
-                     device="auto", overlap=None, mirroring=False, onEvent=None, trustCode=False):  # fmt: skip
+    def startSegment(self, inputVolumes, model: str, options: SegmentationOptions | None = None,
+                     outputSegmentation=None, onEvent=None):  # fmt: skip
         """Starts a segmentation; returns a :class:`~DeepSegModuleLib.logic.Run` (``poll()`` it, or ``wait()``).
 
         Args:
             inputVolumes: a scalar volume node, or a list of them in the model's input order.
             model: a model store name, or the path of a model folder, ``.zip`` or TorchScript file.
+            options: a :class:`~DeepSegModuleLib.segmentation.options.SegmentationOptions` (labels to keep,
+                probabilities, device, overlap, mirroring, precision, trust_code); its defaults when None. A stored
+                model the user trusted before runs trusted anyway.
             outputSegmentation: a segmentation to write into (segments of the same name are replaced), or None.
-            labels: label names to keep (None: all).
-            probabilities: also write a probability volume per label.
-            device: "auto", "cpu" or "cuda".
-            overlap: sliding-window overlap (None: the model's own).
-            mirroring: mirrored test-time augmentation.
             onEvent: called with each :class:`~DeepSegModuleLib.jobs.JobEvent` from ``poll()``.
-            trustCode: a MONAI bundle may run code outside DeepSeg's allow-list (an explicit choice; a stored
-                model the user trusted before runs trusted anyway).
 
         Raises:
             ValueError: an unusable input; ChecksumError: a stored model was changed. Nothing is started then.
@@ -809,55 +775,70 @@ class DeepSegModuleLogic(ScriptedLoadableModuleLogic):
         if not str(model or "").strip():
             raise ValueError(_("No model selected: choose a stored model, import one, or enter a path."))
         return self.engineLogic.start_segment(
-            volumes, str(model).strip(), output_segmentation=outputSegmentation, labels=labels or None,
-            probabilities=probabilities, device=device, overlap=overlap, mirroring=mirroring, on_event=onEvent,
-            trust_code=trustCode,
-        )  # fmt: skip
+            volumes, str(model).strip(), options, output_segmentation=outputSegmentation, on_event=onEvent
+        )
 
-    def segment(self, inputVolumes, model: str, timeout: float | None = None, **options):
-        """Segments and returns the :class:`~DeepSegModuleLib.logic.Outcome` once the segments are in the scene.
+    def segment(self, inputVolumes, model: str, options: SegmentationOptions | None = None,
+                timeout: float | None = None, **where):  # fmt: skip
+        """Segments and returns the :class:`~DeepSegModuleLib.logic.SegmentationOutcome` once the segments are in
+        the scene: ``outcome.segmentation`` is the segmentation node. Arguments as in :meth:`startSegment`."""
+        return self.startSegment(inputVolumes, model, options, **where).wait(timeout)
 
-        ``outcome.nodes["segmentation"]`` is the segmentation node; options as in :meth:`startSegment`.
-        """
-        return self.startSegment(inputVolumes, model, **options).wait(timeout)
-
-    def startRegister(self, fixedVolume, movingVolume, preset="deformable fast", fixedMask=None, movingMask=None,
-                      movingSegmentation=None, outputTransform=None, outputVolume=None, outputSegmentation=None,
-                      inverse=False, device="auto", onEvent=None):  # fmt: skip
+    def startRegister(self, fixedVolume, movingVolume, options: RegistrationOptions | None = None, fixedMask=None,
+                      movingMask=None, movingSegmentation=None, outputTransform=None, outputVolume=None,
+                      outputSegmentation=None, onEvent=None):  # fmt: skip
         """Starts registering ``movingVolume`` to ``fixedVolume``; returns a Run (``poll()`` it, or ``wait()``).
 
-        The transform node holds the resampling transform (fixed point to moving point): put the moving volume
-        under it to see it aligned. Outputs are new nodes unless existing ones are given.
+        ``options``: a :class:`~DeepSegModuleLib.registration.presets.RegistrationOptions` (preset, device,
+        inverse). The transform node holds the resampling transform (fixed point to moving point): put the moving
+        volume under it to see it aligned. Outputs are new nodes unless existing ones are given.
 
         Raises:
-            ValueError: an unusable input or output; nothing is started then.
+            ValueError: an unusable input, option or output; nothing is started then.
         """
         for volume in (fixedVolume, movingVolume):
             self.checkInputVolume(volume)
-        if preset not in REGISTRATION_PRESETS:
-            raise ValueError(_("Unknown preset '{preset}'.").format(preset=preset))
-        self.checkOutputTransform(preset, outputTransform)
+        options = options or RegistrationOptions()
+        try:
+            options.checked()
+        except ValueError:
+            raise ValueError(_("Unknown preset '{preset}'.").format(preset=options.preset)) from None
+        self.checkOutputTransform(options, outputTransform)
         return self.engineLogic.start_register(
-            fixedVolume, movingVolume, preset=preset, fixed_mask=fixedMask, moving_mask=movingMask,
+            fixedVolume, movingVolume, options, fixed_mask=fixedMask, moving_mask=movingMask,
             moving_segmentation=movingSegmentation, output_transform=outputTransform, output_volume=outputVolume,
-            output_segmentation=outputSegmentation, inverse=inverse, device=device, on_event=onEvent,
+            output_segmentation=outputSegmentation, on_event=onEvent,
         )  # fmt: skip
 
-    def register(self, fixedVolume, movingVolume, timeout: float | None = None, **options):
-        """Registers and returns the Outcome once the results are in the scene.
+    def register(self, fixedVolume, movingVolume, options: RegistrationOptions | None = None,
+                 timeout: float | None = None, **where):  # fmt: skip
+        """Registers and returns the :class:`~DeepSegModuleLib.logic.RegistrationOutcome` once the results are in
+        the scene: ``outcome.transform``, ``outcome.volume``, ``outcome.inverse_transform`` and
+        ``outcome.segmentation`` when asked for, ``outcome.quality``. Arguments as in :meth:`startRegister`."""
+        return self.startRegister(fixedVolume, movingVolume, options, **where).wait(timeout)
 
-        ``outcome.nodes``: "transform", "volume", and "inverse transform" / "segmentation" when asked for;
-        ``outcome.report["quality"]``: the quality report. Options as in :meth:`startRegister`.
-        """
-        return self.startRegister(fixedVolume, movingVolume, **options).wait(timeout)
+    @classmethod
+    def segmentationOptions(cls, parameterNode, trustCode: bool = False) -> SegmentationOptions:
+        """The options the panel describes (``trustCode``: the user confirmed the model's own code)."""
+        return SegmentationOptions(
+            device=parameterNode.device, overlap=parameterNode.overlap, mirroring=parameterNode.mirroring,
+            labels=cls.labelNames(parameterNode.labelsToKeep) or None, probabilities=parameterNode.probabilities,
+            trust_code=trustCode,
+        )  # fmt: skip
+
+    @staticmethod
+    def registrationOptions(parameterNode) -> RegistrationOptions:
+        """The options the panel describes."""
+        return RegistrationOptions(
+            preset=parameterNode.registrationPreset, device=parameterNode.device, inverse=parameterNode.inverseTransform
+        )
 
     def startSegmentFromParameters(self, parameterNode, onEvent=None, trustCode=False):
         """Starts the segmentation the panel describes (``trustCode``: the user confirmed the model's own code)."""
         return self.startSegment(
             self.segmentationInputs(parameterNode), parameterNode.modelName,
-            outputSegmentation=parameterNode.outputSegmentation, labels=self.labelNames(parameterNode.labelsToKeep),
-            probabilities=parameterNode.probabilityMaps, device=parameterNode.device, overlap=parameterNode.overlap,
-            mirroring=parameterNode.mirroring, onEvent=onEvent, trustCode=trustCode,
+            self.segmentationOptions(parameterNode, trustCode), outputSegmentation=parameterNode.outputSegmentation,
+            onEvent=onEvent,
         )  # fmt: skip
 
     def codeOutsideAllowList(self, model: str) -> list[str]:
@@ -882,11 +863,11 @@ class DeepSegModuleLogic(ScriptedLoadableModuleLogic):
     def startRegisterFromParameters(self, parameterNode, onEvent=None):
         """Starts the registration the panel describes."""
         return self.startRegister(
-            parameterNode.fixedVolume, parameterNode.movingVolume, preset=parameterNode.registrationPreset,
+            parameterNode.fixedVolume, parameterNode.movingVolume, self.registrationOptions(parameterNode),
             fixedMask=parameterNode.fixedMask, movingMask=parameterNode.movingMask,
             movingSegmentation=parameterNode.movingSegmentation, outputTransform=parameterNode.outputTransform,
             outputVolume=parameterNode.outputVolume, outputSegmentation=parameterNode.registeredSegmentation,
-            inverse=parameterNode.inverseTransform, device=parameterNode.device, onEvent=onEvent,
+            onEvent=onEvent,
         )  # fmt: skip
 
     # results
@@ -926,7 +907,6 @@ class DeepSegModuleTest(ScriptedLoadableModuleTest):
 
     def runTest(self) -> None:
         for test in (
-            self.test_OutputSegmentationTakesInputGeometry,
             self.test_UnusableInputLeavesSceneUnchanged,
             self.test_SegmentBrightSphereWithImportedModel,
             self.test_RigidRegistrationOfBrainPairRecoversKnownMotion,
@@ -992,7 +972,7 @@ class DeepSegModuleTest(ScriptedLoadableModuleTest):
                 modelName=modelId,
                 labelsToKeep="",
                 outputSegmentation=None,
-                probabilityMaps=False,
+                probabilities=False,
                 device="cpu",
                 overlap=0.25,
                 mirroring=False,
@@ -1005,8 +985,14 @@ class DeepSegModuleTest(ScriptedLoadableModuleTest):
                 time.sleep(0.05)
             self.assertIsNone(run.error)
             self.assertIn("inference", stages)
-            segmentation = run.outcome.nodes["segmentation"]
+            segmentation = run.outcome.segmentation
             self.assertEqual(logic.segmentNames(segmentation), [label["name"]])
+            # Segments are stored on the input's voxel grid, so they map back voxel for voxel.
+            geometryName = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+            expectedGeometry = slicer.vtkSegmentationConverter.SerializeImageGeometry(
+                slicer.util.vtkMatrixFromArray(ijkToRas), volume.GetImageData()
+            )
+            self.assertEqual(segmentation.GetSegmentation().GetConversionParameter(geometryName), expectedGeometry)
 
             segmentId = segmentation.GetSegmentation().GetSegmentIdBySegmentName(label["name"])
             segmentColor = segmentation.GetSegmentation().GetSegment(segmentId).GetColor()
@@ -1019,8 +1005,8 @@ class DeepSegModuleTest(ScriptedLoadableModuleTest):
             self.assertLess(np.linalg.norm(foundCentre - centre), 1.5)
 
             # Running again into the same segmentation replaces the segment instead of adding one.
-            again = logic.segment(volume, modelId, outputSegmentation=segmentation, device="cpu")
-            self.assertIs(again.nodes["segmentation"], segmentation)
+            again = logic.segment(volume, modelId, SegmentationOptions(device="cpu"), outputSegmentation=segmentation)
+            self.assertIs(again.segmentation, segmentation)
             self.assertEqual(logic.segmentNames(segmentation), ["Sphere"])
             logic.showSegmentation(segmentation)
             self.assertTrue(segmentation.GetDisplayNode().GetVisibility3D())
@@ -1044,11 +1030,11 @@ class DeepSegModuleTest(ScriptedLoadableModuleTest):
         fixed = load_volume(logic.context, resource_path("Testing/BrainPair/fixed.nrrd"), name="Brain fixed")
         moving = load_volume(logic.context, resource_path("Testing/BrainPair/moving.nrrd"), name="Brain moving")
         try:
-            outcome = logic.register(fixed, moving, preset="rigid", device="cpu")
+            outcome = logic.register(fixed, moving, RegistrationOptions(preset="rigid", device="cpu"))
         finally:
             logic.shutdown()
 
-        transform = outcome.nodes["transform"]
+        transform = outcome.transform
         self.assertTrue(transform.IsA("vtkMRMLLinearTransformNode"))
         # Slicer's own transform: its "from parent" direction maps a fixed point to the moving point sampled there,
         # the direction motion.json gives. Points across the brain: an error in the rotation shows far from its centre.
@@ -1061,42 +1047,13 @@ class DeepSegModuleTest(ScriptedLoadableModuleTest):
 
         # The registered volume lies on the fixed grid and on the fixed brain, much better than the moving one did.
         fixedArray = slicer.util.arrayFromVolume(fixed).astype(float)
-        registered = slicer.util.arrayFromVolume(outcome.nodes["volume"]).astype(float)
+        registered = slicer.util.arrayFromVolume(outcome.volume).astype(float)
         self.assertEqual(registered.shape, fixedArray.shape)
         before = np.corrcoef(slicer.util.arrayFromVolume(moving).astype(float).ravel(), fixedArray.ravel())[0, 1]
         after = np.corrcoef(registered.ravel(), fixedArray.ravel())[0, 1]
         self.assertGreater(after, 0.97)
         self.assertGreater(after, before + 0.05)
-        self.assertGreater(len(qualityReportLines(outcome.report["quality"])), 1)
-        self.delayDisplay("Test passed")
-
-    def test_OutputSegmentationTakesInputGeometry(self) -> None:
-        import numpy as np
-
-        self.delayDisplay("Starting the test")
-        # Anisotropic spacing and an offset origin, so a geometry taken from the wrong place cannot match.
-        voxels = np.zeros((12, 10, 8), dtype=np.int16)  # (k, j, i), Slicer's array order
-        voxels[4:8, 3:7, 2:6] = 100
-        ijkToRas = np.array([[0.7, 0, 0, -20.0], [0, 0.9, 0, 15.0], [0, 0, 2.5, 40.0], [0, 0, 0, 1]])
-        inputVolume = slicer.util.addVolumeFromArray(voxels, ijkToRAS=ijkToRas, name="DeepSegTestVolume")
-
-        logic = DeepSegModuleLogic()
-        segmentation = logic.prepareOutputSegmentation(inputVolume)
-
-        self.assertTrue(segmentation.IsA("vtkMRMLSegmentationNode"))
-        self.assertEqual(segmentation.GetName(), "DeepSegTestVolume segmentation")
-        self.assertEqual(
-            segmentation.GetNodeReferenceID(segmentation.GetReferenceImageGeometryReferenceRole()), inputVolume.GetID()
-        )
-        geometryName = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
-        expectedGeometry = slicer.vtkSegmentationConverter.SerializeImageGeometry(
-            slicer.util.vtkMatrixFromArray(ijkToRas), inputVolume.GetImageData()
-        )
-        self.assertEqual(segmentation.GetSegmentation().GetConversionParameter(geometryName), expectedGeometry)
-
-        # An existing output is reused, not duplicated.
-        self.assertIs(logic.prepareOutputSegmentation(inputVolume, segmentation), segmentation)
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), 1)
+        self.assertGreater(len(qualityReportLines(outcome.quality)), 1)
         self.delayDisplay("Test passed")
 
     def test_UnusableInputLeavesSceneUnchanged(self) -> None:
@@ -1110,6 +1067,6 @@ class DeepSegModuleTest(ScriptedLoadableModuleTest):
         nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
         for unusable in (None, emptyVolume, colourVolume):
             with self.assertRaises(ValueError):
-                logic.prepareOutputSegmentation(unusable)
+                logic.startSegment(unusable, "any-model")
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
         self.delayDisplay("Test passed")

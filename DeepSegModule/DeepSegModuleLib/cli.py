@@ -105,12 +105,17 @@ def _check_output(path: Path | None, allowed: tuple[str, ...], what: str) -> Non
         raise CommandError(f"output folder {folder} is not writable: choose another {what}")
 
 
-def _check_device(device: str) -> None:
-    """Refuses a device name, or CUDA on a machine without a GPU, before anything is read (torch: under 1 s)."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise CommandError(f"--device must be auto, cpu or cuda, not {device!r}")
-    if device == "cuda" and (not _torch_built_with_cuda() or not _cuda_available()):
+def _checked(options):
+    """The options object once its fields are valid (no torch), else the reason as the command's one line; CUDA
+    on a machine without a GPU is refused here too, before anything is read (torch: under 1 s)."""
+    try:
+        options.checked()
+    except ValueError as error:
+        raise CommandError(f"--{str(error).replace('_', '-')}") from None
+    device = str(options.device).strip().lower()
+    if device.startswith("cuda") and (not _torch_built_with_cuda() or not _cuda_available()):
         raise CommandError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu or auto")
+    return options
 
 
 def _torch_built_with_cuda() -> bool:
@@ -222,7 +227,9 @@ def segment(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     labels: str | None = typer.Option(None, help="Comma-separated label names to keep (default: all)."),
     probabilities: Path | None = typer.Option(None, help="Folder for one probability map (.nii.gz) per label."),
-    tta: bool = typer.Option(False, "--tta", help="Mirroring test-time augmentation (slower, a little better)."),
+    mirroring: bool = typer.Option(
+        False, "--mirroring", "--tta", help="Mirroring test-time augmentation (slower, a little better)."
+    ),
     precision: str = typer.Option(
         "auto", help="Network arithmetic: auto (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32), fp32, bf16, fp16."
     ),
@@ -240,12 +247,13 @@ def segment(
 
     Example: deepseg segment --input T1.nii.gz --output brain.seg.nrrd   (the bundled brain tissue model)
     """
+    from .segmentation.options import SegmentationOptions
+
     with _reported(as_json):
-        _check_device(device)
-        if overlap is not None and not 0.0 <= overlap < 1.0:
-            raise CommandError("--overlap must be in 0..1 (e.g. 0.5)")
-        if precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise CommandError(f"--precision must be auto, fp32, bf16 or fp16, not {precision!r}")
+        options = _checked(SegmentationOptions(
+            device=device, overlap=overlap, mirroring=mirroring, precision=precision, labels=_label_names(labels),
+            probabilities=probabilities is not None, trust_code=trust_code,
+        ))  # fmt: skip
         _check_output(output, (SEGMENTATION_SUFFIX, *LABEL_MAP_SUFFIXES), "--output")
         _check_output(preview, (".png",), "--preview")
         for path in inputs:
@@ -253,11 +261,11 @@ def segment(
         from .models.store import ModelStore, recorded_trust
 
         model_path = resolve_model(model)
-        if not trust_code and model is not None and recorded_trust(model, ModelStore()):
-            trust_code = True
+        if not options.trust_code and model is not None and recorded_trust(model, ModelStore()):
+            options.trust_code = True
             typer.echo(f"deepseg: {model} runs its own code: you trusted it (deepseg models trust {model} --revoke "
                        "withdraws that)", err=True)
-        if trust_code and (model_path / "configs").is_dir():
+        if options.trust_code and (model_path / "configs").is_dir():
             from .models.monai_bundle import trusted_code_summary
 
             for line in trusted_code_summary(model_path):
@@ -271,9 +279,8 @@ def segment(
 
         with _progress_bar(as_json or quiet) as on_event:
             summary = segment_files(
-                _logic(), inputs, output, model_path, device=device, labels=labels, probabilities=probabilities,
-                tta=tta, overlap=overlap, preview=preview, on_event=on_event, precision=precision, outputs=outputs,
-                trust_code=trust_code,
+                _logic(), inputs, output, model_path, options, probabilities=probabilities, preview=preview,
+                on_event=on_event, outputs=outputs,
             )
         lines = [f"  {name:<30s} {volume:10.2f} ml" for name, volume in summary["segments_ml"].items()]
         lines += [f"  {stage:<30s} {seconds:8.2f} s" for stage, seconds in summary.get("timings_s", {}).items()]
@@ -285,13 +292,19 @@ def segment(
         _emit(summary, as_json, lines)
 
 
+def _label_names(text: str | None) -> list[str] | None:
+    """``--labels a,b`` as names; None (all labels) when empty."""
+    names = [name.strip() for name in (text or "").split(",") if name.strip()]
+    return names or None
+
+
 def segment_files(
-    logic_factory, inputs: list[Path], output: Path, model_path: Path, *, device: str = "auto",
-    labels: str | None = None, probabilities: Path | None = None, tta: bool = False, overlap: float | None = None,
-    preview: Path | None = None, on_event=None, precision: str = "auto", outputs: OutputSet | None = None,
-    trust_code: bool = False,
+    logic_factory, inputs: list[Path], output: Path, model_path: Path, options, *, probabilities: Path | None = None,
+    preview: Path | None = None, on_event=None, outputs: OutputSet | None = None,
 ) -> dict[str, Any]:
-    """One case: reads ``inputs``, segments with ``model_path``, writes ``output`` (and the extras); all or nothing.
+    """One case: reads ``inputs``, segments with ``model_path`` and ``options`` (a
+    :class:`~DeepSegModuleLib.segmentation.options.SegmentationOptions`), writes ``output`` (and the probability
+    maps into the folder ``probabilities``, the ``preview``); all or nothing.
 
     ``logic_factory(context)`` gives the :class:`DeepSegLogic` to run with (its worker may be shared by cases).
     ``outputs`` holds the checked output paths (see :mod:`~DeepSegModuleLib.outputs`); by default the outputs are
@@ -305,44 +318,35 @@ def segment_files(
 
     context = SceneContext.headless()
     volumes = [storage.load_volume(context, path) for path in inputs]
-    keep = [name.strip() for name in labels.split(",") if name.strip()] if labels else None
-    run = logic_factory(context).start_segment(
-        volumes, str(model_path), labels=keep, probabilities=probabilities is not None, device=device,
-        overlap=overlap, mirroring=tta, on_event=on_event, precision=precision, trust_code=trust_code,
-    )
-    outcome = run.wait()
-    data = outcome.data
+    options = options.replace(probabilities=probabilities is not None)
+    outcome = logic_factory(context).start_segment(volumes, str(model_path), options, on_event=on_event).wait()
+    result = outcome.result
     try:
         if _suffix(output) == SEGMENTATION_SUFFIX:
-            storage.save_node(context, outcome.nodes["segmentation"], outputs.stage(output))
+            storage.save_node(context, outcome.segmentation, outputs.stage(output))
         else:
-            storage.save_array_like_file(outputs.stage(output), data["labels"], data["ijk_to_ras"], like=inputs[0])
+            storage.save_array_like_file(outputs.stage(output), result.labels, result.ijk_to_ras, like=inputs[0])
         probability_files = {}
-        if probabilities is not None:
-            for key, node in outcome.nodes.items():
-                if key.startswith("probability "):
-                    name = key.removeprefix("probability ")
-                    path = probabilities / f"{_file_safe(name)}.nii.gz"
-                    storage.save_node(context, node, outputs.stage(path))
-                    probability_files[name] = str(path)
+        for name, node in outcome.probabilities.items():
+            path = probabilities / f"{_file_safe(name)}.nii.gz"
+            storage.save_node(context, node, outputs.stage(path))
+            probability_files[name] = str(path)
         if preview is not None:
             from .preview import write_preview
 
             image, grid = nodes.volume_to_array(volumes[0])
-            write_preview(outputs.stage(preview), image, grid, data["labels"], data["label_table"],
-                          title=f"{inputs[0].name}: {model_path.name}")
+            write_preview(outputs.stage(preview), image, grid, result.labels, result.label_table,
+                          title=f"{inputs[0].name}: {model_path.name}")  # fmt: skip
         outputs.commit()
     except BaseException:
         outputs.rollback()
         raise
-    voxel_ml = abs(np.linalg.det(data["ijk_to_ras"][:3, :3])) / 1000.0
-    segments = {info.name: round(float((data["labels"] == info.value).sum()) * voxel_ml, 2) for info in data["label_table"]}
     return {
         "output": str(output),
         "model": str(model_path),
-        "segments_ml": segments,
+        "segments_ml": result.volumes_ml(),
         "probabilities": probability_files,
-        **outcome.report,
+        **result.report(),
     }
 
 
@@ -378,12 +382,8 @@ def register(
 
     Example: deepseg register --fixed T1.nii.gz --moving FLAIR.nii.gz --preset multimodal --output-transform flair_to_t1.h5
     """
-    from .registration import preset_names
-
     with _reported(as_json):
-        if preset not in preset_names():
-            raise CommandError(f"unknown preset {preset!r}: choose one of {', '.join(preset_names())}")
-        _check_device(device)
+        options = _checked_registration(preset, device, inverse=inverse_transform is not None)
         if (moving_segmentation is None) != (output_segmentation is None):
             raise CommandError("--moving-segmentation and --output-segmentation go together")
         _check_output(output_transform, TRANSFORM_SUFFIXES, "--output-transform")
@@ -405,30 +405,43 @@ def register(
                 outputs.claim(path, what)
 
         with _progress_bar(as_json or quiet) as on_event:
-            summary = register_files(
-                _logic(), fixed, moving, output_transform, preset=preset, output_volume=output_volume,
+            summary, quality = register_files(
+                _logic(), fixed, moving, output_transform, options, output_volume=output_volume,
                 moving_segmentation=moving_segmentation, output_segmentation=output_segmentation, fixed_mask=fixed_mask,
-                moving_mask=moving_mask, inverse_transform=inverse_transform, device=device, report=report,
-                preview=preview, outputs=outputs, on_event=on_event,
+                moving_mask=moving_mask, inverse_transform=inverse_transform, report=report, preview=preview,
+                outputs=outputs, on_event=on_event,
             )  # fmt: skip
-
-        from .registration.report import report_lines
-
-        lines = [f"  {line}" for line in report_lines(summary.get("quality", {}))]
+        lines = [f"  {line}" for line in quality.lines()]
         lines.append(f"wrote {output_transform}")
         _emit(summary, as_json, lines)
 
 
+def _checked_registration(preset: str, device: str, inverse: bool = False):
+    """The registration options of the flags, checked before anything is read."""
+    from .registration.presets import RegistrationOptions, preset_names
+
+    options = RegistrationOptions(preset=preset, device=device, inverse=inverse)
+    try:
+        options.config()
+    except ValueError:
+        raise CommandError(f"unknown preset {preset!r}: choose one of {', '.join(preset_names())}") from None
+    return _checked(options)
+
+
 def register_files(
-    logic_factory, fixed: Path, moving: Path, output_transform: Path, *, preset: str = "deformable fast",
-    output_volume: Path | None = None, moving_segmentation: Path | None = None, output_segmentation: Path | None = None,
-    fixed_mask: Path | None = None, moving_mask: Path | None = None, inverse_transform: Path | None = None,
-    device: str = "auto", report: Path | None = None, preview: Path | None = None, outputs: OutputSet | None = None,
-    on_event=None,
-) -> dict[str, Any]:
-    """One pair: reads the images, registers ``moving`` to ``fixed``, writes the transform (and the extras); all
+    logic_factory, fixed: Path, moving: Path, output_transform: Path, options, *, output_volume: Path | None = None,
+    moving_segmentation: Path | None = None, output_segmentation: Path | None = None, fixed_mask: Path | None = None,
+    moving_mask: Path | None = None, inverse_transform: Path | None = None, report: Path | None = None,
+    preview: Path | None = None, outputs: OutputSet | None = None, on_event=None,
+):
+    """One pair: reads the images, registers ``moving`` to ``fixed`` with ``options`` (a
+    :class:`~DeepSegModuleLib.registration.presets.RegistrationOptions`), writes the transform (and the extras); all
     or nothing. ``logic_factory(context)`` gives the :class:`DeepSegLogic` (its worker may be shared by cases);
-    ``outputs`` holds the checked output paths (by default they are checked here, with no file replaced)."""
+    ``outputs`` holds the checked output paths (by default they are checked here, with no file replaced).
+
+    Returns:
+        The summary (plain values, for JSON) and the :class:`~DeepSegModuleLib.registration.results.QualityReport`.
+    """
     from . import nodes, storage
     from .context import SceneContext
 
@@ -437,6 +450,7 @@ def register_files(
         for path in (output_transform, inverse_transform, output_volume, output_segmentation, report, preview):
             if path is not None:
                 outputs.claim(path)
+    options = options.replace(inverse=inverse_transform is not None)
     context = SceneContext.headless()
     fixed_node = storage.load_volume(context, fixed)
     moving_node = storage.load_volume(context, moving)
@@ -448,46 +462,45 @@ def register_files(
             return storage.load_segmentation(context, path)
         return storage.load_volume(context, path, labelmap=True)
 
-    run = logic_factory(context).start_register(
-        fixed_node, moving_node, preset=preset, fixed_mask=load_labels(fixed_mask),
-        moving_mask=load_labels(moving_mask), moving_segmentation=load_labels(moving_segmentation),
-        inverse=inverse_transform is not None, device=device, on_event=on_event,
-    )
-    outcome = run.wait()
-    transform = outcome.nodes["transform"]
+    outcome = logic_factory(context).start_register(
+        fixed_node, moving_node, options, fixed_mask=load_labels(fixed_mask), moving_mask=load_labels(moving_mask),
+        moving_segmentation=load_labels(moving_segmentation), on_event=on_event,
+    ).wait()
     check_points = _check_points(fixed_node)
-    mapped = nodes.transform_points(transform, check_points)
+    mapped = nodes.transform_points(outcome.transform, check_points)
+    preset = options.preset if isinstance(options.preset, str) else "custom"
     try:
-        storage.save_node(context, transform, outputs.stage(output_transform))
+        storage.save_node(context, outcome.transform, outputs.stage(output_transform))
         if inverse_transform is not None:
-            storage.save_node(context, outcome.nodes["inverse transform"], outputs.stage(inverse_transform))
+            storage.save_node(context, outcome.inverse_transform, outputs.stage(inverse_transform))
         if output_volume is not None:
-            storage.save_node(context, outcome.nodes["volume"], outputs.stage(output_volume))
+            storage.save_node(context, outcome.volume, outputs.stage(output_volume))
         if output_segmentation is not None:
             if _suffix(output_segmentation) == SEGMENTATION_SUFFIX:
-                storage.save_node(context, outcome.nodes["segmentation"], outputs.stage(output_segmentation))
+                storage.save_node(context, outcome.segmentation, outputs.stage(output_segmentation))
             else:
                 storage.save_array_like_file(
-                    outputs.stage(output_segmentation), outcome.data["propagated_labels"],
-                    outcome.data["fixed_ijk_to_ras"], like=fixed,
+                    outputs.stage(output_segmentation), outcome.outputs.propagated_labels, outcome.fixed_ijk_to_ras,
+                    like=fixed,
                 )
         summary = {
             "output_transform": str(output_transform),
-            "transform_kind": "linear" if transform.IsA("vtkMRMLLinearTransformNode") else "grid",
+            "transform_kind": "linear" if outcome.transform.IsA("vtkMRMLLinearTransformNode") else "grid",
             "preset": preset,
             "check_points": {"fixed_ras": check_points.tolist(), "moving_ras": mapped.tolist()},
-            **outcome.report,
+            "quality": outcome.quality.as_dict(),
+            "device": outcome.outputs.device,
         }
         if report is not None:
             outputs.stage(report).write_text(json.dumps(summary, indent=2, default=_json_default), encoding="utf-8")
         if preview is not None:
-            _write_registration_preview(outputs.stage(preview), fixed_node, moving_node, outcome.nodes["volume"],
+            _write_registration_preview(outputs.stage(preview), fixed_node, moving_node, outcome.volume,
                                         title=f"{fixed.name} and {moving.name}: {preset}")  # fmt: skip
         outputs.commit()
     except BaseException:
         outputs.rollback()
         raise
-    return summary
+    return summary, outcome.quality
 
 
 def _write_registration_preview(path: Path, fixed_node, moving_node, registered_node, title: str) -> Path:
@@ -701,11 +714,12 @@ def batch_segment(
     """
     from .batch import read_cases, run_cases
     from .jobs import ProcessWorker
+    from .segmentation.options import SegmentationOptions
 
     with _reported(as_json):
         if output_format not in ("seg.nrrd", "nii.gz"):
             raise CommandError("--format must be seg.nrrd or nii.gz")
-        _check_device(device)
+        options = _checked(SegmentationOptions(device=device, labels=_label_names(labels)))
         model_path = resolve_model(model)
         case_list = read_cases(cases, ("input",), optional=tuple(f"input{n}" for n in range(2, 9)))
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -717,8 +731,8 @@ def batch_segment(
                 _check_input(path, f"input of case {case.name}")
             checked = OutputSet(inputs=[*inputs, model_path], overwrite=overwrite, root=output_dir)
             checked.claim(outputs["segmentation"], f"output of case {case.name}")
-            summary = segment_files(_logic(worker), inputs, outputs["segmentation"], model_path, device=device,
-                                    labels=labels, outputs=checked)
+            summary = segment_files(_logic(worker), inputs, outputs["segmentation"], model_path, options,
+                                    outputs=checked)
             return {f"{name} ml": volume for name, volume in summary["segments_ml"].items()}
 
         def report(result):
@@ -750,12 +764,9 @@ def batch_register(
     """
     from .batch import read_cases, run_cases
     from .jobs import ProcessWorker
-    from .registration import preset_names
 
     with _reported(as_json):
-        if preset not in preset_names():
-            raise CommandError(f"unknown preset {preset!r}: choose one of {', '.join(preset_names())}")
-        _check_device(device)
+        options = _checked_registration(preset, device)
         case_list = read_cases(cases, ("fixed", "moving"), optional=("moving_segmentation",))
         output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -773,15 +784,15 @@ def batch_register(
             checked = OutputSet(inputs=[Path(p) for p in case.files.values()], overwrite=overwrite, root=output_dir)
             for kind, path in outputs.items():
                 checked.claim(path, f"{kind} of case {case.name}")
-            summary = register_files(
-                _logic(worker), case.files["fixed"], case.files["moving"], outputs["transform"], preset=preset,
+            _, quality = register_files(
+                _logic(worker), case.files["fixed"], case.files["moving"], outputs["transform"], options,
                 output_volume=outputs["volume"], moving_segmentation=case.files.get("moving_segmentation"),
-                output_segmentation=outputs.get("segmentation"), device=device, outputs=checked,
+                output_segmentation=outputs.get("segmentation"), outputs=checked,
             )  # fmt: skip
-            quality = summary.get("quality", {})
-            result = {key: quality[key] for key in ("folding_percent", "log_jacobian_std") if quality.get(key) is not None}
-            if isinstance(quality.get("runtime_s"), dict) and "total" in quality["runtime_s"]:
-                result["engine_s"] = round(quality["runtime_s"]["total"], 2)
+            result = {key: getattr(quality, key) for key in ("folding_percent", "log_jacobian_std")
+                      if getattr(quality, key) is not None}  # fmt: skip
+            if "total" in quality.runtime_s:
+                result["engine_s"] = round(quality.runtime_s["total"], 2)
             return result
 
         try:

@@ -111,6 +111,8 @@ def _build_demo(
     from .logic import DeepSegLogic
     from .models.store import DEFAULT_MODEL_ID, ModelStore
     from .preview import write_checkerboard
+    from .registration.presets import RegistrationOptions
+    from .segmentation.options import SegmentationOptions
 
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -147,22 +149,24 @@ def _build_demo(
     lap("template tissue segments", f"registering the template to the subject ({preset})")
 
     logic = DeepSegLogic(context, InProcessWorker())
-    outcome = logic.register(subject, template, preset=preset, moving_segmentation=template_tissues, device=device)
-    subject_tissues = outcome.nodes["segmentation"]
+    outcome = logic.register(
+        subject, template, RegistrationOptions(preset=preset, device=device), moving_segmentation=template_tissues
+    )
+    subject_tissues = outcome.segmentation
     subject_tissues.SetName("subject tissues (from the template)")
     lap("register template to subject", f"segmenting the template with the {DEFAULT_MODEL_ID} model")
 
     model_path = ModelStore().verify(DEFAULT_MODEL_ID).model_path  # checksums of the shipped files
-    segmented = logic.segment(template, str(model_path), device=device)
-    model_tissues = segmented.nodes["segmentation"]
+    segmented = logic.segment(template, str(model_path), SegmentationOptions(device=device))
+    model_tissues = segmented.segmentation
     model_tissues.SetName(f"MNI152 tissues ({DEFAULT_MODEL_ID} model)")
     lap(f"segment the template with the {DEFAULT_MODEL_ID} model", "writing the files and the scene")
 
     subject_array, subject_grid = nodes.volume_to_array(subject)
-    subject_labels = outcome.data["propagated_labels"]
+    subject_labels = outcome.outputs.propagated_labels
     saved = {
         "subject": subject, "template": template, "template segmentation": template_tissues,
-        "transform": outcome.nodes["transform"], "registered template": outcome.nodes["volume"],
+        "transform": outcome.transform, "registered template": outcome.volume,
         "subject segmentation": subject_tissues, "model segmentation": model_tissues,
     }  # fmt: skip
     for kind, node in saved.items():
@@ -170,18 +174,18 @@ def _build_demo(
     storage.save_scene_bundle(context, outputs.stage(claimed["scene"]))
     written = {kind: claimed[kind] for kind in (*saved, "scene")}
     lap("write files and scene", "drawing the pictures")
-    table = outcome.data["label_table"]
+    table = outcome.label_table
     write_preview(
         outputs.stage(claimed["preview"]), subject_array, subject_grid, subject_labels, table,
         title="Subject T1 with tissue segments carried over from the MNI152 template",
     )
-    model_labels, model_table = segmented.data["labels"], segmented.data["label_table"]
+    model_labels, model_table = segmented.result.labels, segmented.result.label_table
     template_array, _ = nodes.volume_to_array(template)
     write_preview(
         outputs.stage(claimed["segmentation preview"]), template_array, template_grid, model_labels, model_table,
         title=f"MNI152 T1 segmented by DeepSeg's bundled {DEFAULT_MODEL_ID} model",
     )
-    registered, _ = nodes.volume_to_array(outcome.nodes["volume"])
+    registered, _ = nodes.volume_to_array(outcome.volume)
     write_checkerboard(
         outputs.stage(claimed["registration preview"]), subject_array, registered, subject_grid,
         title="Checkerboard: subject T1 and the registered MNI152 template",
@@ -191,7 +195,6 @@ def _build_demo(
 
     voxel_ml = abs(np.linalg.det(subject_grid[:3, :3])) / 1000.0
     template_ml = abs(np.linalg.det(template_grid[:3, :3])) / 1000.0
-    quality = outcome.report.get("quality", {})
     return {
         "inputs": {"subject": str(subject_t1_file()), "template": str(files["t1"])},
         "preset": preset,
@@ -208,8 +211,8 @@ def _build_demo(
             },
             "brain": _dice(labels > 0, model_labels > 0),
         },
-        "folding_percent": quality.get("folding_percent"),
-        "device": outcome.report.get("device"),
+        "folding_percent": outcome.quality.folding_percent,
+        "device": outcome.outputs.device,
         "files": {kind: str(path) for kind, path in written.items()},
         "timings_s": timings,
     }

@@ -17,6 +17,8 @@ scripts) and writes results into the scene there.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import importlib
 import itertools
 import logging
@@ -143,8 +145,21 @@ def _unlink(name: str) -> None:
         pass
 
 
-def _pack(values: dict[str, Any], owner: str, direction: str) -> dict[str, Any]:
-    """Moves every numpy array (also inside lists/tuples/dicts) into shared memory blocks of ``owner``."""
+def _with_fields(value: Any, convert: Callable[[Any], Any]) -> Any:
+    """A shallow copy of dataclass instance ``value`` with ``convert`` applied to each field (frozen ones too)."""
+    copied = copy.copy(value)
+    for item in dataclasses.fields(value):
+        object.__setattr__(copied, item.name, convert(getattr(value, item.name)))
+    return copied
+
+
+def _is_dataclass_instance(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+def _pack(values: Any, owner: str, direction: str) -> Any:
+    """Moves every numpy array (also inside lists, tuples, dicts and dataclasses) into shared memory blocks of
+    ``owner``; what is left is pickled."""
     counter = itertools.count()
 
     def pack(value: Any) -> Any:
@@ -154,9 +169,11 @@ def _pack(values: dict[str, Any], owner: str, direction: str) -> dict[str, Any]:
             return {key: pack(item) for key, item in value.items()}
         if isinstance(value, (list, tuple)):
             return type(value)(pack(item) for item in value)
+        if _is_dataclass_instance(value):
+            return _with_fields(value, pack)
         return value
 
-    return {key: pack(value) for key, value in values.items()}
+    return pack(values)
 
 
 def _unpack(values: Any, unlink: bool) -> Any:
@@ -166,6 +183,8 @@ def _unpack(values: Any, unlink: bool) -> Any:
         return {key: _unpack(item, unlink) for key, item in values.items()}
     if isinstance(values, (list, tuple)):
         return type(values)(_unpack(item, unlink) for item in values)
+    if _is_dataclass_instance(values):
+        return _with_fields(values, lambda item: _unpack(item, unlink))
     return values
 
 
@@ -391,7 +410,7 @@ def _worker_main(task_connection, event_connection) -> None:  # pragma: no cover
             outputs = resolve_task(task)(inputs, params, progress)
             if job_id in cancelled_jobs:
                 raise JobCancelled("cancelled by the user")
-            event_connection.send(("done", job_id, _pack(outputs or {}, owner, "o")))
+            event_connection.send(("done", job_id, _pack(outputs, owner, "o")))
         except JobCancelled:
             event_connection.send(("cancelled", job_id, "cancelled by the user"))
         except BaseException as error:  # noqa: BLE001 - every failure goes back as a message

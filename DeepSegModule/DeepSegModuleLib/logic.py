@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,27 +21,72 @@ import numpy as np
 from . import nodes, tasks
 from .context import SceneContext
 from .image_checks import check_finite
-from .jobs import InProcessWorker, Job, JobEvent, ProcessWorker
+from .jobs import InProcessWorker, Job, JobEvent, JobState, ProcessWorker
 from .labels import LabelInfo
 from .models.store import ModelStore  # no torch: the store only copies files and checks sha256s
+from .registration.presets import RegistrationOptions
+from .registration.results import QualityReport, RegistrationOutputs
+from .segmentation.options import SegmentationOptions
+from .segmentation.results import SegmentationResult
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class Outcome:
-    """What a finished run put into the scene, its report (timings, memory, quality, messages), and the engine's
-    raw arrays (``data``: label maps with the model's own label values, grids, label tables) for file writers."""
+class SegmentationOutcome:
+    """What a finished segmentation put into the scene, and the engine's result it came from.
 
-    nodes: dict[str, Any] = field(default_factory=dict)
-    report: dict[str, Any] = field(default_factory=dict)
-    data: dict[str, Any] = field(default_factory=dict)
+    Attributes:
+        segmentation: the segmentation node (one segment per kept label).
+        probabilities: label name -> probability volume node, when asked for.
+        result: the engine's :class:`~DeepSegModuleLib.segmentation.results.SegmentationResult` (the label map with
+            the model's own label values, its grid and label table, timings, memory, messages) for file writers.
+    """
+
+    segmentation: Any
+    probabilities: dict[str, Any]
+    result: SegmentationResult
+
+    @property
+    def report(self) -> dict[str, Any]:
+        """Timings, peak memory, device and messages as plain values."""
+        return self.result.report()
+
+
+@dataclass
+class RegistrationOutcome:
+    """What a finished registration put into the scene, and the engine's outputs it came from.
+
+    Attributes:
+        transform: the resampling transform (fixed point -> moving point): linear, or a grid transform.
+        volume: the moving volume resampled onto the fixed grid.
+        inverse_transform: the moving -> fixed transform, when asked for.
+        segmentation: the moving segmentation carried onto the fixed volume, when one was given.
+        outputs: the engine's :class:`~DeepSegModuleLib.registration.results.RegistrationOutputs`.
+        fixed_ijk_to_ras: the fixed grid (where ``outputs.propagated_labels`` lie).
+        label_table: the moving segmentation's labels (values as in ``outputs.propagated_labels``).
+    """
+
+    transform: Any
+    volume: Any
+    outputs: RegistrationOutputs
+    fixed_ijk_to_ras: np.ndarray
+    inverse_transform: Any = None
+    segmentation: Any = None
+    label_table: list[LabelInfo] | None = None
+
+    @property
+    def quality(self) -> QualityReport:
+        return self.outputs.quality
+
+
+Outcome = SegmentationOutcome | RegistrationOutcome
 
 
 class Run:
     """A run in progress: :meth:`poll` from the main thread until it returns True, or :meth:`wait`."""
 
-    def __init__(self, job: Job, apply: Callable[[dict[str, Any]], Outcome], context: SceneContext,
+    def __init__(self, job: Job, apply: Callable[[Any], Outcome], context: SceneContext,
                  on_event: Callable[[JobEvent], None] | None = None):
         self.job = job
         self._apply = apply
@@ -53,6 +98,11 @@ class Run:
     @property
     def finished(self) -> bool:
         return self.outcome is not None or self.error is not None
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the job ended because the user cancelled it."""
+        return self.job.state == JobState.CANCELLED
 
     def cancel(self) -> None:
         self.job.cancel()
@@ -193,27 +243,28 @@ class DeepSegLogic:
         self,
         input_volumes: Any | Sequence[Any],
         model: str | None = None,
+        options: SegmentationOptions | None = None,
         *,
         output_segmentation: Any = None,
-        labels: Sequence[str] | None = None,
-        probabilities: bool = False,
-        device: str = "auto",
-        overlap: float | None = None,
-        mirroring: bool = False,
-        precision: str = "auto",
-        trust_code: bool = False,
         on_event: Callable[[JobEvent], None] | None = None,
     ) -> Run:
         """Starts segmenting ``input_volumes`` (one volume node per model input) with ``model`` (a path, or the name
-        of a model in the local model store; None: the default model that ships with DeepSeg)."""
+        of a model in the local model store; None: the default model that ships with DeepSeg) and ``options``
+        (passed to the engine unchanged; a stored model the user trusted runs with ``trust_code``).
+
+        Raises:
+            ValueError: an unusable input or option; ChecksumError: a stored model was changed. Nothing is started.
+        """
         if model is None:
             from .models.store import DEFAULT_MODEL_ID
 
             model = DEFAULT_MODEL_ID
+        options = (options or SegmentationOptions()).checked()
         volumes = list(input_volumes) if isinstance(input_volumes, (list, tuple)) else [input_volumes]
         if not volumes or any(volume is None for volume in volumes):
             raise ValueError("choose an input volume")
-        trust_code = bool(trust_code) or self.trusted_in_store(model)
+        if not options.trust_code and self.trusted_in_store(model):
+            options = options.replace(trust_code=True)
         model = self.resolve_model(model)
         arrays, grids = [], []
         for volume in volumes:
@@ -223,12 +274,6 @@ class DeepSegLogic:
             grids.append(grid)
         if output_segmentation is not None and not output_segmentation.IsA("vtkMRMLSegmentationNode"):
             raise ValueError("the output must be a segmentation node (or None to create one)")
-        options = {
-            "device": device, "overlap": overlap, "mirroring": mirroring, "return_probabilities": probabilities,
-            "precision": precision, "trust_code": bool(trust_code),
-        }
-        if labels:
-            options["labels"] = list(labels)
         job = self.worker.submit(
             tasks.SEGMENT,
             {f"image{index}": array for index, array in enumerate(arrays)},
@@ -236,32 +281,38 @@ class DeepSegLogic:
         )
         reference = volumes[0]
 
-        def apply(outputs: dict[str, Any]) -> Outcome:
+        def apply(result: SegmentationResult) -> SegmentationOutcome:
             segmentation = nodes.labels_to_segmentation(
                 self.context,
-                outputs["labels"],
-                outputs["label_table"],
+                result.labels,
+                result.label_table,
                 reference_volume=reference,
                 segmentation_node=output_segmentation,
                 name=f"{reference.GetName()} segmentation",
                 include_empty=True,
             )
             _place_under_same_transform(segmentation, reference)
-            created = {"segmentation": segmentation}
-            by_value = {info.value: info for info in outputs["label_table"]}
-            for value, probability in outputs["probabilities"].items():
-                name = by_value[value].name if value in by_value else str(value)
-                created[f"probability {name}"] = nodes.probability_to_volume(
-                    self.context, probability, outputs["ijk_to_ras"], name=f"{reference.GetName()} p({name})"
+            by_value = {info.value: info.name for info in result.label_table}
+            probabilities = {}
+            for value, probability in result.probabilities.items():
+                name = by_value.get(value, str(value))
+                probabilities[name] = nodes.probability_to_volume(
+                    self.context, probability, result.ijk_to_ras, name=f"{reference.GetName()} p({name})"
                 )
-            data = {key: outputs[key] for key in ("labels", "ijk_to_ras", "label_table")}
-            return Outcome(created, outputs["report"], data)
+            return SegmentationOutcome(segmentation, probabilities, result)
 
         return Run(job, apply, self.context, on_event)
 
-    def segment(self, input_volumes: Any | Sequence[Any], model: str | None = None, timeout: float | None = None, **options: Any) -> Outcome:
+    def segment(
+        self,
+        input_volumes: Any | Sequence[Any],
+        model: str | None = None,
+        options: SegmentationOptions | None = None,
+        timeout: float | None = None,
+        **where: Any,
+    ) -> SegmentationOutcome:
         """Segments and returns when the segmentation is in the scene (see :meth:`start_segment`)."""
-        return self.start_segment(input_volumes, model, **options).wait(timeout)
+        return self.start_segment(input_volumes, model, options, **where).wait(timeout)
 
     # ------------------------------------------------------------------------------------ registration
 
@@ -269,26 +320,24 @@ class DeepSegLogic:
         self,
         fixed_volume: Any,
         moving_volume: Any,
+        options: RegistrationOptions | None = None,
         *,
-        preset: str = "deformable fast",
         fixed_mask: Any = None,
         moving_mask: Any = None,
         moving_segmentation: Any = None,
         output_transform: Any = None,
         output_volume: Any = None,
         output_segmentation: Any = None,
-        inverse: bool = False,
-        device: str = "auto",
         on_event: Callable[[JobEvent], None] | None = None,
-        **overrides: Any,
     ) -> Run:
-        """Starts registering ``moving_volume`` to ``fixed_volume``.
+        """Starts registering ``moving_volume`` to ``fixed_volume`` with ``options`` (preset, device, inverse).
 
         The result is a transform node holding the resampling transform (fixed point -> moving point): linear for
         "rigid"/"affine", a grid transform (linear and deformable parts combined) otherwise. Put the moving volume
-        under it to see it aligned with the fixed one. Optionally: the resampled moving volume, the moving
-        segmentation propagated onto the fixed volume, and the inverse transform.
+        under it to see it aligned with the fixed one. Optionally: the moving segmentation propagated onto the fixed
+        volume, and the inverse transform.
         """
+        options = (options or RegistrationOptions()).checked()
         fixed, fixed_grid = nodes.volume_to_array(fixed_volume, world=True)
         moving, moving_grid = nodes.volume_to_array(moving_volume, world=True)
         check_finite(fixed, f"fixed volume '{fixed_volume.GetName()}'")
@@ -301,59 +350,55 @@ class DeepSegLogic:
         label_table = None
         if moving_segmentation is not None:
             inputs["moving_labels"], label_table = _labels_on(self.context, moving_segmentation, moving_volume)
-        params = {
-            "fixed_ijk_to_ras": fixed_grid,
-            "moving_ijk_to_ras": moving_grid,
-            "preset": preset,
-            "device": device,
-            "inverse": inverse,
-            "overrides": overrides,
-        }
+        params = {"fixed_ijk_to_ras": fixed_grid, "moving_ijk_to_ras": moving_grid, "options": options}
         job = self.worker.submit(tasks.REGISTER, inputs, params)
-        moving_name = moving_volume.GetName()
+        moving_name, fixed_name = moving_volume.GetName(), fixed_volume.GetName()
 
-        def apply(outputs: dict[str, Any]) -> Outcome:
-            created: dict[str, Any] = {}
-            if "total_displacement_ras" in outputs:
-                created["transform"] = nodes.displacement_to_grid_transform(
-                    self.context, outputs["total_displacement_ras"], fixed_grid,
-                    name=f"{moving_name} to {fixed_volume.GetName()}", node=output_transform,
-                )
-            else:
-                created["transform"] = nodes.matrix_to_transform(
-                    self.context, outputs["fixed_to_moving_ras"],
-                    name=f"{moving_name} to {fixed_volume.GetName()}", node=output_transform,
-                )
-            if "inverse_total_displacement_ras" in outputs:
-                created["inverse transform"] = nodes.displacement_to_grid_transform(
-                    self.context, outputs["inverse_total_displacement_ras"], moving_grid,
-                    name=f"{fixed_volume.GetName()} to {moving_name}",
-                )
-            elif inverse:
-                created["inverse transform"] = nodes.matrix_to_transform(
-                    self.context, np.linalg.inv(outputs["fixed_to_moving_ras"]),
-                    name=f"{fixed_volume.GetName()} to {moving_name}",
-                )
-            created["volume"] = nodes.array_to_volume(
-                self.context, outputs["resampled_moving"], fixed_grid,
-                name=f"{moving_name} registered", node=output_volume,
-            )
-            if "propagated_labels" in outputs and label_table is not None:
-                created["segmentation"] = nodes.labels_to_segmentation(
-                    self.context, outputs["propagated_labels"], label_table, ijk_to_ras=fixed_grid,
+        def apply(outputs: RegistrationOutputs) -> RegistrationOutcome:
+            outcome = RegistrationOutcome(
+                transform=self._transform_node(
+                    outputs.total_displacement_ras, outputs.fixed_to_moving_ras, fixed_grid,
+                    f"{moving_name} to {fixed_name}", output_transform,
+                ),
+                volume=nodes.array_to_volume(
+                    self.context, outputs.resampled_moving, fixed_grid, name=f"{moving_name} registered",
+                    node=output_volume,
+                ),
+                outputs=outputs,
+                fixed_ijk_to_ras=fixed_grid,
+                label_table=label_table,
+            )  # fmt: skip
+            if options.inverse:
+                outcome.inverse_transform = self._transform_node(
+                    outputs.inverse_total_displacement_ras, np.linalg.inv(outputs.fixed_to_moving_ras), moving_grid,
+                    f"{fixed_name} to {moving_name}", None,
+                )  # fmt: skip
+            if outputs.propagated_labels is not None and label_table is not None:
+                outcome.segmentation = nodes.labels_to_segmentation(
+                    self.context, outputs.propagated_labels, label_table, ijk_to_ras=fixed_grid,
                     segmentation_node=output_segmentation, name=f"{moving_name} segmentation registered",
                     include_empty=True,
-                )
-            data = {"fixed_to_moving_ras": outputs["fixed_to_moving_ras"], "fixed_ijk_to_ras": fixed_grid}
-            if "propagated_labels" in outputs:
-                data.update(propagated_labels=outputs["propagated_labels"], label_table=label_table)
-            return Outcome(created, {"quality": outputs["quality"], "device": outputs["device"]}, data)
+                )  # fmt: skip
+            return outcome
 
         return Run(job, apply, self.context, on_event)
 
-    def register(self, fixed_volume: Any, moving_volume: Any, timeout: float | None = None, **options: Any) -> Outcome:
+    def _transform_node(self, displacement: np.ndarray | None, matrix: np.ndarray, grid: np.ndarray, name: str, node):
+        """A grid transform from a displacement field on ``grid``, or else a linear transform from ``matrix``."""
+        if displacement is not None:
+            return nodes.displacement_to_grid_transform(self.context, displacement, grid, name=name, node=node)
+        return nodes.matrix_to_transform(self.context, matrix, name=name, node=node)
+
+    def register(
+        self,
+        fixed_volume: Any,
+        moving_volume: Any,
+        options: RegistrationOptions | None = None,
+        timeout: float | None = None,
+        **where: Any,
+    ) -> RegistrationOutcome:
         """Registers and returns when the transform (and optional outputs) are in the scene."""
-        return self.start_register(fixed_volume, moving_volume, **options).wait(timeout)
+        return self.start_register(fixed_volume, moving_volume, options, **where).wait(timeout)
 
 
 def stored_model_ids(root: str | os.PathLike | None = None) -> list[str]:

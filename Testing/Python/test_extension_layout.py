@@ -507,7 +507,7 @@ def test_the_widget_table_describes_every_class_in_the_ui_by_its_own_members():
 PANEL_PARAMETERS = {
     # segmentation
     "inputVolume", "inputVolume2", "inputVolume3", "inputVolume4", "modelName", "labelsToKeep",
-    "outputSegmentation", "probabilityMaps", "trustModelCode",
+    "outputSegmentation", "probabilities", "trustModelCode",
     # registration
     "fixedVolume", "movingVolume", "fixedMask", "movingMask", "movingSegmentation", "registrationPreset",
     "outputTransform", "outputVolume", "registeredSegmentation", "inverseTransform", "showQualityReport",
@@ -535,8 +535,16 @@ def test_the_panel_offers_exactly_the_registration_engines_presets(deepseg_modul
     assert choice.choices == preset_names()
     assert deepseg_module.DeepSegModuleParameterNode.registrationPreset in preset_names()
     # The panel checks an existing output transform's kind before a run; it must agree with the presets.
-    linear = {name for name, config in PRESETS.items() if "deformable" not in config.stages}
-    assert set(deepseg_module.LINEAR_PRESETS) == linear
+    import slicer
+    from DeepSegModuleLib.registration.presets import RegistrationOptions
+
+    logic = deepseg_module.DeepSegModuleLogic
+    linear, grid = slicer.vtkMRMLLinearTransformNode(), slicer.vtkMRMLGridTransformNode()
+    for name, config in PRESETS.items():
+        right, wrong = (grid, linear) if "deformable" in config.stages else (linear, grid)
+        logic.checkOutputTransform(RegistrationOptions(preset=name), right)
+        with pytest.raises(ValueError, match=f"'{name}' preset writes"):
+            logic.checkOutputTransform(RegistrationOptions(preset=name), wrong)
 
 
 def test_icon_is_a_128_pixel_square_png():
@@ -841,28 +849,6 @@ OBLIQUE_IJK_TO_RAS = np.array(
 )
 
 
-def test_logic_gives_the_output_segmentation_the_input_geometry_on_a_headless_scene(deepseg_module, context):
-    import slicer
-
-    voxels = np.zeros((12, 10, 8), dtype=np.int16)
-    volume = _volume(context.scene, voxels, OBLIQUE_IJK_TO_RAS, "CT")
-    logic = deepseg_module.DeepSegModuleLogic(context=context)
-
-    segmentation = logic.prepareOutputSegmentation(volume)
-
-    assert segmentation.GetScene() is context.scene
-    assert segmentation.GetName() == "CT segmentation"
-    assert segmentation.GetNodeReferenceID(segmentation.GetReferenceImageGeometryReferenceRole()) == volume.GetID()
-    geometry = segmentation.GetSegmentation().GetConversionParameter(
-        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
-    )
-    assert geometry == slicer.vtkSegmentationConverter.SerializeImageGeometry(
-        slicer.util.vtkMatrixFromArray(OBLIQUE_IJK_TO_RAS), volume.GetImageData()
-    )
-    assert logic.prepareOutputSegmentation(volume, segmentation) is segmentation
-    assert context.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
-
-
 @pytest.mark.parametrize("fault", ["none", "no voxels", "three components", "nan geometry", "singular geometry"])
 def test_logic_rejects_unusable_input_and_leaves_the_scene_unchanged(deepseg_module, context, fault):
     volume = None
@@ -879,7 +865,7 @@ def test_logic_rejects_unusable_input_and_leaves_the_scene_unchanged(deepseg_mod
     nodes_before = context.node_ids()
 
     with pytest.raises(ValueError):
-        logic.prepareOutputSegmentation(volume)
+        logic.startSegment(volume, "any-model")
 
     assert context.node_ids() == nodes_before
 
@@ -987,7 +973,7 @@ def panel(deepseg_module, context, tmp_path, monkeypatch):
     widget._ensurePythonRequirements = lambda: None
     fields = {name: None for name in PANEL_PARAMETERS}
     fields.update(
-        modelName="", labelsToKeep="", probabilityMaps=False, trustModelCode=False, registrationPreset="rigid",
+        modelName="", labelsToKeep="", probabilities=False, trustModelCode=False, registrationPreset="rigid",
         inverseTransform=False,
         showQualityReport=True, device="cpu", overlap=0.25, mirroring=False,
     )  # fmt: skip

@@ -308,7 +308,7 @@ def test_logits_beyond_float16_range_are_blended_in_float32():
 def test_hundred_label_model_gives_the_labels_of_float32_blending(tmp_path, monkeypatch):
     folder = write_nnunet_folder(tmp_path, network_from_plans(plans(), classes=100), dataset=dataset_json(100))
     volume, _ = _case((12, 40, 36), seed=5)
-    options = SegmentationOptions(device="cpu", precision="fp32", return_probabilities=True)
+    options = SegmentationOptions(device="cpu", precision="fp32", probabilities=True)
     half = segment(volume, folder, options, cache=ModelCache())
     monkeypatch.setattr(
         inference, "nnunet_tiled_inference",

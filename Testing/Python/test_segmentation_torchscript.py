@@ -185,14 +185,14 @@ def test_keep_only_requested_labels_and_probabilities(tmp_path, sphere_case):
     _, _, volume, truth = sphere_case
     labels = [{"value": 1, "name": "Sphere"}, {"value": 2, "name": "Never"}]
     card = write_torchscript_model(tmp_path, Thresholder(classes=3), {"labels": labels})
-    options = SegmentationOptions(device="cpu", labels=["Never"], return_probabilities=True)
+    options = SegmentationOptions(device="cpu", labels=["Never"], probabilities=True)
     result = segment(volume, card, options, cache=ModelCache())
     assert [info.name for info in result.label_table] == ["Never"]
     assert not result.labels.any()
     assert set(result.probabilities) == {2}
     assert result.probabilities[2].shape == volume.array.shape and result.probabilities[2].dtype == np.float32
 
-    everything = segment(volume, card, SegmentationOptions(device="cpu", return_probabilities=True))
+    everything = segment(volume, card, SegmentationOptions(device="cpu", probabilities=True))
     sphere_probability = everything.probabilities[1]
     assert sphere_probability[truth].mean() > 0.8 and sphere_probability[~truth].mean() < 0.2
 

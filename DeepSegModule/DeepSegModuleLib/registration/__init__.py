@@ -14,8 +14,8 @@ from DeepSegModuleLib.lazy import lazy_attributes
 _SUBMODULE_OF = {
     "RegistrationCancelled": "engine", "RegistrationResult": "engine", "register": "engine",
     "PRESETS": "presets", "RegistrationConfig": "presets", "get_preset": "presets", "preset_names": "presets",
-    "with_overrides": "presets",
-    "QualityReport": "quality", "deformation_quality": "quality", "dice_per_label": "quality",
+    "with_overrides": "presets", "RegistrationOptions": "presets", "linear_preset_names": "presets",
+    "QualityReport": "results", "RegistrationOutputs": "results", "deformation_quality": "quality", "dice_per_label": "quality",
     "jacobian_determinant": "quality", "landmark_errors": "quality",
 }  # fmt: skip
 
@@ -26,14 +26,17 @@ __getattr__ = lazy_attributes(__name__, _SUBMODULE_OF, globals())
 __all__ = [
     "PRESETS",
     "QualityReport",
+    "RegistrationOutputs",
     "RegistrationCancelled",
     "RegistrationConfig",
+    "RegistrationOptions",
     "RegistrationResult",
     "deformation_quality",
     "dice_per_label",
     "get_preset",
     "jacobian_determinant",
     "landmark_errors",
+    "linear_preset_names",
     "preset_names",
     "register",
     "with_overrides",

@@ -220,3 +220,53 @@ def with_overrides(config: RegistrationConfig, **overrides: Any) -> Registration
     if unknown:
         raise ValueError(f"unknown registration parameter(s) {unknown}; valid ones are {sorted(valid)}")
     return dataclasses.replace(config, **overrides)
+
+
+def linear_preset_names() -> list[str]:
+    """Presets whose result is a linear transform (no deformable stage); the others give a grid transform."""
+    return [name for name, config in PRESETS.items() if "deformable" not in config.stages]
+
+
+@dataclass
+class RegistrationOptions:
+    """What the user chooses for one registration run, as one object from the panel or the command line to the
+    engine (it pickles; no torch).
+
+    Attributes:
+        preset: one of :func:`preset_names`, or a :class:`RegistrationConfig` of one's own.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        inverse: also compute the inverse transform (moving to fixed).
+    """
+
+    preset: str | RegistrationConfig = "deformable fast"
+    device: str = "auto"
+    inverse: bool = False
+
+    def config(self) -> RegistrationConfig:
+        """The preset's configuration.
+
+        Raises:
+            ValueError: an unknown preset name.
+        """
+        return self.preset if isinstance(self.preset, RegistrationConfig) else get_preset(self.preset)
+
+    def replace(self, **changes: Any) -> RegistrationOptions:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def linear(self) -> bool:
+        """True when the result is a linear transform."""
+        return "deformable" not in self.config().stages
+
+    def checked(self) -> RegistrationOptions:
+        """Returns self once the preset and the device are valid.
+
+        Raises:
+            ValueError: the first that is not, with the values it takes.
+        """
+        from DeepSegModuleLib.devices import check_device_name
+
+        self.config()
+        check_device_name(self.device)
+        return self

@@ -7,68 +7,14 @@ plain numpy arrays in Slicer's (k, j, i) order so they can also judge a field ma
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
+from DeepSegModuleLib.registration.results import QualityReport
+
 # Voxels per slab when deriving Jacobians (bounds memory on large grids).
 _SLAB_VOXELS = 2_000_000
-
-
-@dataclass
-class QualityReport:
-    """What a user checks after a registration.
-
-    Attributes:
-        folding_percent: Percent of voxels inside the quality mask whose Jacobian determinant of
-            the deformable part ``p -> p + d(p)`` is <= 0 (folded). ``None`` without a deformable stage.
-        log_jacobian_std: Standard deviation of ``log(det J)`` inside the mask (determinants
-            clipped at 1e-9), Learn2Reg's SDlogJ.
-        jacobian_min / jacobian_max: Extremes of det J inside the mask.
-        quality_mask: What the Jacobian statistics were taken over (``"fixed mask"`` or
-            ``"fixed foreground"``).
-        dice: Dice per label value of the propagated moving labels against the fixed labels.
-        mean_dice: Mean over the labels present in either map.
-        landmark_error_mm: Statistics of ``|phi(p_fixed) - p_moving|`` in mm (mean, median, max),
-            before (identity) and after registration.
-        runtime_s: Seconds per stage and in total.
-        peak_memory_mb: Peak CUDA memory allocated on a GPU, or the process' peak resident set on CPU.
-        peak_memory_kind: ``"cuda_max_memory_allocated"`` or ``"process_peak_rss"``.
-        final_similarity: Last loss value of each stage (lower is better).
-        iterations: Optimiser iterations run per stage, one count per pyramid level (a level ends
-            before its budget once its loss stops improving).
-        warnings: Problems a user must know about (heavy folding, weak modality match).
-        notes: What the engine decided on its own that changes the result (an automatic mask).
-    """
-
-    folding_percent: float | None = None
-    log_jacobian_std: float | None = None
-    jacobian_min: float | None = None
-    jacobian_max: float | None = None
-    quality_mask: str = ""
-    dice: dict[int, float] = field(default_factory=dict)
-    mean_dice: float | None = None
-    landmark_error_mm: dict[str, float] = field(default_factory=dict)
-    runtime_s: dict[str, float] = field(default_factory=dict)
-    peak_memory_mb: float | None = None
-    peak_memory_kind: str = ""
-    final_similarity: dict[str, float] = field(default_factory=dict)
-    iterations: dict[str, list[int]] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain dict (for JSON, the panel and logs)."""
-        return asdict(self)
-
-    def lines(self) -> list[str]:
-        """The report as short lines for a person (the panel's log, the command line)."""
-        from .report import report_lines
-
-        return report_lines(self.as_dict())
-
 
 
 def jacobian_determinant(displacement_ras: np.ndarray, ijk_to_ras: np.ndarray) -> np.ndarray:

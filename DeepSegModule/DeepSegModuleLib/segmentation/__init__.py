@@ -9,17 +9,22 @@ Public API::
 
 from __future__ import annotations
 
-from DeepSegModuleLib.segmentation.inference import SegmentationCancelled
-from DeepSegModuleLib.segmentation.pipeline import (
-    SegmentationOptions,
-    SegmentationResult,
-    check_inputs,
-    segment,
-    segment_with_models,
-)
-from DeepSegModuleLib.segmentation.volume import VolumeArray
+from DeepSegModuleLib.lazy import lazy_attributes
+
+# Names are imported from their submodules on first use: the panel and the command line read the options and
+# their choices (options.py, no torch) without importing the engine.
+_SUBMODULE_OF = {
+    "SegmentationCancelled": "inference",
+    "SegmentationOptions": "options", "PRECISIONS": "options",
+    "SegmentationResult": "results", "check_inputs": "pipeline", "segment": "pipeline",
+    "segment_with_models": "pipeline",
+    "VolumeArray": "volume",
+}  # fmt: skip
+
+__getattr__ = lazy_attributes(__name__, _SUBMODULE_OF, globals())
 
 __all__ = [
+    "PRECISIONS",
     "SegmentationCancelled",
     "SegmentationOptions",
     "SegmentationResult",

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from DeepSegModuleLib.models.description import LoadedModel, Tiling
 from DeepSegModuleLib.models.errors import ModelMismatchError
+from DeepSegModuleLib.segmentation.options import PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,6 @@ class SegmentationCancelled(Exception):
     """The user cancelled the run; nothing was written."""
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRECISION_ENVIRONMENT_VARIABLE = "DEEPSEG_PRECISION"
 
 

@@ -15,7 +15,6 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -35,79 +34,14 @@ from DeepSegModuleLib.segmentation.inference import (
     sliding_window_predict,
 )
 from DeepSegModuleLib.segmentation.normalization import normalize
+from DeepSegModuleLib.segmentation.options import SegmentationOptions
+from DeepSegModuleLib.segmentation.results import SegmentationResult
 from DeepSegModuleLib.segmentation.volume import VolumeArray, as_volume, resample_onto
 
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[str, float], None]
 CancelCheck = Callable[[], bool]
-
-
-@dataclass
-class SegmentationOptions:
-    """What the user can choose for one run.
-
-    Attributes:
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
-        overlap: sliding-window overlap; None uses the model's.
-        sw_batch_size: windows per network call; None uses the model's.
-        mirroring: mirroring test-time augmentation along the model's mirror axes (up to 8x slower).
-        precision: the network's arithmetic. ``"auto"`` (default): float16 autocast on CUDA, bfloat16
-            autocast on CPUs with native bfloat16 (AVX512-BF16/AMX; about 2x faster than float32 there,
-            labels agree with float32 at Dice >= 0.99), float32 elsewhere; ``$DEEPSEG_PRECISION``
-            overrides it. ``"fp32"``: exact float32 everywhere (what nnU-Net does on a CPU). ``"bf16"``,
-            ``"fp16"`` (CUDA only): force that autocast dtype.
-        labels: label values or names to keep (None: all); others become background after the argmax.
-        keep_largest_component: True for every label, or the values/names to apply it to.
-        fill_holes: True for every label, or the values/names to apply it to.
-        min_component_mm3: connected components smaller than this volume (mm^3) are removed.
-        return_probabilities: also return a float32 probability map per kept label on the input grid.
-        trust_code: a MONAI bundle's config may run code outside DeepSeg's allow-list (the user's explicit
-            choice; see :mod:`~DeepSegModuleLib.models.bundle_config`).
-    """
-
-    device: str = "auto"
-    overlap: float | None = None
-    sw_batch_size: int | None = None
-    mirroring: bool = False
-    precision: str = "auto"
-    labels: Sequence[int | str] | None = None
-    keep_largest_component: bool | Sequence[int | str] = False
-    fill_holes: bool | Sequence[int | str] = False
-    min_component_mm3: float = 0.0
-    return_probabilities: bool = False
-    trust_code: bool = False
-
-
-@dataclass
-class SegmentationResult:
-    """The engine's answer, on the first input's grid.
-
-    Attributes:
-        labels: integer label map in (k, j, i) order (uint8, or uint16 past 255).
-        ijk_to_ras: the grid of ``labels`` (the first input's).
-        label_table: one :class:`LabelInfo` per kept label, in value order.
-        probabilities: label value -> float32 probability map (k, j, i), when asked for.
-        timings: seconds per stage (``load``, ``preprocess``, ``inference``, ``resample``, ``postprocess``,
-            ``total``).
-        peak_memory: ``cuda_peak_bytes`` (this run) and ``process_peak_rss_bytes`` (the process's high-water
-            mark so far), in bytes.
-        model_from_cache: True when the model was already loaded.
-        device: where the network ran in the end (after any fallback).
-        messages: user-readable notes (fallbacks, skipped steps).
-        model_name: the model's name from its description.
-    """
-
-    labels: np.ndarray
-    ijk_to_ras: np.ndarray
-    label_table: list[LabelInfo]
-    probabilities: dict[int, np.ndarray] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    peak_memory: dict[str, int] = field(default_factory=dict)
-    model_from_cache: bool = False
-    device: str = "cpu"
-    messages: list[str] = field(default_factory=list)
-    model_name: str = ""
 
 
 class Preprocessor(Protocol):
@@ -300,7 +234,7 @@ def segment(
         MemoryError: out of memory after every fallback.
         SegmentationCancelled: ``cancel()`` returned True.
     """
-    options = options or SegmentationOptions()
+    options = (options or SegmentationOptions()).checked()
     started = time.perf_counter()
     timings: dict[str, float] = {}
     messages: list[str] = []
@@ -391,7 +325,7 @@ def segment(
         try:
             labels_ijk = _labels_from_outputs(outputs, description, preprocessor)
             probabilities = (
-                _probabilities(outputs, description, preprocessor, kept) if options.return_probabilities else {}
+                _probabilities(outputs, description, preprocessor, kept) if options.probabilities else {}
             )
         except Exception as error:
             if outputs.device.type != "cuda" or not is_out_of_memory(error):
@@ -401,7 +335,7 @@ def segment(
             torch.cuda.empty_cache()
             labels_ijk = _labels_from_outputs(outputs, description, preprocessor)
             probabilities = (
-                _probabilities(outputs, description, preprocessor, kept) if options.return_probabilities else {}
+                _probabilities(outputs, description, preprocessor, kept) if options.probabilities else {}
             )
         del outputs
         timings["resample"] = time.perf_counter() - step
@@ -491,7 +425,7 @@ def segment_with_models(
     names: list[str] = []
     for index, model in enumerate(models):
         prefix = f"model {index + 1}/{len(models)}: "
-        run_options = SegmentationOptions(**{**options.__dict__, "labels": None})
+        run_options = options.replace(labels=None)
         result = segment(
             images,
             model,

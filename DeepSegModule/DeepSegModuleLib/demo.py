@@ -83,10 +83,6 @@ def run_demo(
     :mod:`~DeepSegModuleLib.outputs`); nothing is written unless the whole demo succeeds.
     """
     from .outputs import OutputError, output_set
-    from .jobs import InProcessWorker
-    from .logic import DeepSegLogic
-    from .models.store import DEFAULT_MODEL_ID, ModelStore
-    from .preview import write_checkerboard
 
     output = Path(output)
     names = {

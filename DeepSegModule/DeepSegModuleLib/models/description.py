@@ -16,11 +16,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from DeepSegModuleLib.labels import LabelInfo
+
+if TYPE_CHECKING:
+    from DeepSegModuleLib.models.monai_bundle import BundleProcessing
 
 
 class ModelFormat(str, enum.Enum):
@@ -108,6 +111,28 @@ class InputSpec:
     normalization: NormalizationSpec = field(default_factory=NormalizationSpec)
 
 
+@dataclass(frozen=True)
+class NnunetPlan:
+    """What DeepSeg's nnU-Net runner needs from a trained model's plans.json, read once at load.
+
+    Attributes:
+        configuration: the configuration's name (``3d_fullres``, ``2d``...).
+        folds: the folds ensembled.
+        transpose_forward / transpose_backward: nnU-Net's axis permutation of the (k, j, i) array and its inverse.
+        use_mask_for_norm: per input channel, z-score inside the non-zero region only.
+        slice_wise: a 2D configuration run slice by slice.
+        in_plane_spacing: for a 2D configuration, the in-plane target spacing (the slice axis keeps the input's).
+    """
+
+    configuration: str
+    folds: tuple[str, ...]
+    transpose_forward: tuple[int, ...] = (0, 1, 2)
+    transpose_backward: tuple[int, ...] = (0, 1, 2)
+    use_mask_for_norm: tuple[bool, ...] = ()
+    slice_wise: bool = False
+    in_plane_spacing: tuple[float, ...] | None = None
+
+
 @dataclass
 class ModelDescription:
     """Everything the engine needs to run a segmentation model, whatever format it came in.
@@ -132,7 +157,9 @@ class ModelDescription:
             network input's spatial axes.
         source: the file or folder the model was read from.
         sha256: checksum of the model's weights file(s) when known.
-        extra: format-specific details (e.g. nnU-Net plans, bundle metadata) for the engine.
+        expects: what the model expects of its input (modality, body region, field of view, intensity range),
+            from its card; checked before a run (see :mod:`~DeepSegModuleLib.segmentation.expectations`).
+        nnunet: an nnU-Net model's plan (None for other formats).
     """
 
     name: str
@@ -151,7 +178,8 @@ class ModelDescription:
     tiling: Tiling = Tiling.MONAI
     source: str = ""
     sha256: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    expects: dict[str, Any] | None = None
+    nnunet: NnunetPlan | None = None
 
     def __post_init__(self) -> None:
         self.format = ModelFormat(self.format)
@@ -214,8 +242,8 @@ class LoadedModel:
         to_device: moves the model to another device and returns the new predictor; None when the
             model cannot move.
         load_seconds: how long reading the model took.
-        bundle_workflow: for MONAI bundles, the bundle's own pre/post-processing (see
-            :mod:`DeepSegModuleLib.models.monai_bundle`).
+        bundle: for MONAI bundles, the bundle's own pre- and post-processing and inferer settings (see
+            :class:`~DeepSegModuleLib.models.monai_bundle.BundleProcessing`); None for other formats.
     """
 
     description: ModelDescription
@@ -224,7 +252,7 @@ class LoadedModel:
     networks: Sequence[torch.nn.Module] = ()
     to_device: Callable[[torch.device], Predictor] | None = None
     load_seconds: float = 0.0
-    bundle_workflow: Any = None
+    bundle: BundleProcessing | None = None
 
     def move_to(self, device: torch.device | str) -> None:
         """Moves the weights to ``device`` (used by the out-of-memory fallback).

@@ -94,13 +94,15 @@ def _load_state_dict(weights: Path) -> Mapping[str, torch.Tensor]:
     return checkpoint
 
 
-class BundleWorkflow:
-    """A bundle's pre-processing, inferer settings and post-processing, applied to in-memory volumes."""
+class BundleProcessing:
+    """A bundle's pre-processing, inferer settings and post-processing, built once from its config when the model
+    loads; :class:`~DeepSegModuleLib.segmentation.runners.MonaiBundleRunner` applies them to in-memory volumes.
 
-    def __init__(self, parser: Any, description: ModelDescription, model: LoadedModel | None = None) -> None:
-        self.parser = parser
-        self.description = description
-        self.model = model
+    (Not MONAI's ``monai.bundle.BundleWorkflow``, which runs a whole bundle from its files: this holds only the
+    transforms DeepSeg runs around its own sliding window.)
+    """
+
+    def __init__(self, parser: Any) -> None:
         preprocessing = parser.get_parsed_content("preprocessing", instantiate=True)
         self.image_key = "image"
         for component in getattr(parser, "io_components", []):  # the safe builder leaves them unbuilt
@@ -126,7 +128,9 @@ class BundleWorkflow:
             )
         self.inferer = parser.get_parsed_content("inferer", instantiate=True) if "inferer" in parser else None
 
-    def _input(self, volumes: list) -> dict[str, Any]:
+    def input_dict(self, volumes: list) -> dict[str, Any]:
+        """Volumes on the first one's grid as the dict ``LoadImaged`` would have made: a channel-first MetaTensor
+        carrying the IJK-to-RAS matrix under the bundle's image key."""
         from monai.data import MetaTensor
 
         affine = torch.as_tensor(volumes[0].ijk_to_ras, dtype=torch.float64)
@@ -142,78 +146,7 @@ class BundleWorkflow:
         }
         return {self.image_key: MetaTensor(torch.from_numpy(data), affine=affine, meta=meta)}
 
-    def run(
-        self,
-        volumes: list,
-        device: torch.device,
-        options: Any,
-        progress: Callable[[str, float], None],
-        cancel: Callable[[], bool] | None,
-        timings: dict[str, float],
-        log: Callable[[str], None],
-    ) -> tuple[torch.Tensor, dict[int, np.ndarray]]:
-        """Runs the bundle on volumes already on the first one's grid; returns labels (i, j, k) on that grid."""
-        from monai.inferers import SlidingWindowInferer
-
-        from DeepSegModuleLib.segmentation.inference import sliding_window_predict
-        from DeepSegModuleLib.segmentation.volume import resample_onto
-
-        assert self.model is not None
-        step = time.perf_counter()
-        progress("preprocess", 0.0)
-        volumes = [volumes[0]] + [resample_onto(v, volumes[0]) for v in volumes[1:]]
-        self._check_resampled_size(volumes[0])
-        data = self.preprocessing(self._input(volumes))
-        image = data[self.image_key]
-        timings["preprocess"] = time.perf_counter() - step
-        progress("preprocess", 1.0)
-
-        step = time.perf_counter()
-        if isinstance(self.inferer, SlidingWindowInferer) or self.inferer is None:
-            overlap = self.description.overlap if options.overlap is None else float(options.overlap)
-            sw_batch = self.description.sw_batch_size if options.sw_batch_size is None else int(options.sw_batch_size)
-            mode = str(getattr(self.inferer, "mode", "gaussian"))
-            sigma = getattr(self.inferer, "sigma_scale", 0.125)
-            prediction = sliding_window_predict(
-                image[None].as_tensor(),
-                self.model,
-                overlap=overlap,
-                sw_batch_size=max(sw_batch, 1),
-                mirror_axes=self.description.mirror_axes if options.mirroring else (),
-                precision=options.precision,
-                progress=progress,
-                cancel=cancel,
-                log=log,
-                blend_mode=mode,
-                sigma_scale=sigma,
-            )[0]
-        else:
-            with torch.inference_mode():
-                prediction = self.inferer(image[None].to(self.model.device), self.model.predictor)[0]
-        from monai.data import MetaTensor
-
-        data["pred"] = MetaTensor(prediction.float().cpu(), affine=image.affine, meta=dict(image.meta))
-        data["pred"].applied_operations = []
-        timings["inference"] = time.perf_counter() - step
-
-        step = time.perf_counter()
-        if self.postprocessing is not None:
-            data = self.postprocessing(data)
-        pred = data["pred"]
-        labels = torch.as_tensor(pred)
-        if labels.ndim == 4:
-            labels = labels.argmax(0) if labels.shape[0] > 1 else labels[0]
-        labels = labels.round().to(torch.int64)
-        target_shape = volumes[0].array.shape[::-1]
-        if tuple(labels.shape) != tuple(target_shape):
-            log("The bundle's post-processing does not invert its resampling: mapping labels back to the input grid.")
-            labels = self._labels_to_input_grid(labels, pred, volumes[0])
-        lookup = torch.tensor(self.description.channel_to_label, dtype=torch.int64)
-        labels = lookup[labels.clamp(0, len(lookup) - 1)]
-        timings["resample"] = time.perf_counter() - step
-        return labels, {}
-
-    def _check_resampled_size(self, volume: Any) -> None:
+    def check_resampled_size(self, volume: Any) -> None:
         """The grid the bundle's Spacing(d) would make, checked against the voxel limit before it is made."""
         from DeepSegModuleLib import limits
 
@@ -228,7 +161,7 @@ class BundleWorkflow:
                 limits.VOXELS.check(float(np.prod(np.ceil(shape))), f"the input resampled to {tuple(target)} mm")
 
     @staticmethod
-    def _labels_to_input_grid(labels: torch.Tensor, pred: Any, reference: Any) -> torch.Tensor:
+    def labels_to_input_grid(labels: torch.Tensor, pred: Any, reference: Any) -> torch.Tensor:
         import SimpleITK as sitk
 
         from DeepSegModuleLib.segmentation.volume import VolumeArray, to_sitk
@@ -246,7 +179,7 @@ def load_monai_bundle(
     trust_code: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> LoadedModel:
-    """Reads a MONAI bundle folder into a :class:`LoadedModel` whose ``bundle_workflow`` runs it.
+    """Reads a MONAI bundle folder into a :class:`LoadedModel` whose ``bundle`` holds its own processing.
 
     Args:
         bundle: the bundle folder (``.zip`` files are unpacked safely by ``load_model``).
@@ -322,9 +255,8 @@ def load_monai_bundle(
             overlap=float(getattr(inferer, "overlap", 0.25)),
             sw_batch_size=int(getattr(inferer, "sw_batch_size", 1)),
             source=str(bundle),
-            extra={"metadata": metadata},
         )
-        workflow = BundleWorkflow(parser, description)
+        processing = BundleProcessing(parser)
     except (ModelFormatError, ModelFileError):
         raise
     except ImportError as error:
@@ -348,9 +280,8 @@ def load_monai_bundle(
         networks=[network],
         to_device=to_device,
         load_seconds=time.perf_counter() - started,
-        bundle_workflow=workflow,
+        bundle=processing,
     )
-    workflow.model = model
     return model
 
 

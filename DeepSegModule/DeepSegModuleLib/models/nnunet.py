@@ -35,6 +35,7 @@ from DeepSegModuleLib.models.description import (
     LoadedModel,
     ModelDescription,
     ModelFormat,
+    NnunetPlan,
     NormalizationMode,
     NormalizationSpec,
     Tiling,
@@ -478,17 +479,15 @@ def _load_nnunet_model(
         tiling=Tiling.NNUNET,
         mirror_axes=mirror_axes,
         source=str(folder),
-        extra={
-            "plans": plans,
-            "configuration_name": configuration_name,
-            "configuration": configuration,
-            "folds": fold_names,
-            "transpose_forward": list(plans.get("transpose_forward", [0, 1, 2])),
-            "transpose_backward": list(plans.get("transpose_backward", [0, 1, 2])),
-            "use_mask_for_norm": list(use_mask),
-            "slice_wise": slice_wise,
-            "in_plane_spacing": in_plane_spacing,
-        },
+        nnunet=NnunetPlan(
+            configuration=configuration_name,
+            folds=tuple(fold_names),
+            transpose_forward=tuple(int(a) for a in plans.get("transpose_forward", [0, 1, 2])),
+            transpose_backward=tuple(int(a) for a in plans.get("transpose_backward", [0, 1, 2])),
+            use_mask_for_norm=tuple(bool(m) for m in use_mask),
+            slice_wise=slice_wise,
+            in_plane_spacing=tuple(float(s) for s in in_plane_spacing) if in_plane_spacing is not None else None,
+        ),
     )
 
     def make_predictor(modules: list[torch.nn.Module]) -> Any:

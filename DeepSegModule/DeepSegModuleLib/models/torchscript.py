@@ -206,7 +206,8 @@ def parse_card(card: Mapping[str, Any], source: str = "model card") -> ModelDesc
             activation=activation,
             mirror_axes=tuple(int(a) for a in card.get("mirror_axes", ())),
             axis_order=str(card.get("axis_order", "ijk")),
-            extra={"card": dict(card)},
+            sha256=card.get("sha256") or None,
+            expects=dict(card["expects"]) if isinstance(card.get("expects"), dict) else None,
         )
     except ModelFormatError:
         raise
@@ -264,10 +265,8 @@ def load_torchscript_model(path: str | os.PathLike, device: torch.device | str =
             "the TorchScript file"
         )
     description, weights = read_card(card_path)
-    expected = description.extra["card"].get("sha256")
-    if expected:
-        verify_sha256(weights, expected)
-        description.sha256 = expected
+    if description.sha256:
+        verify_sha256(weights, description.sha256)
     device = torch.device(device)
     network = load_checked_torchscript(weights, map_location=device)
     network.eval()

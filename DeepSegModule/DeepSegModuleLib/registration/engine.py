@@ -42,8 +42,8 @@ from .geometry import (
     sample,
 )
 from .presets import RegistrationConfig, get_preset, with_overrides
+from .results import QualityReport
 from .quality import (
-    QualityReport,
     deformation_quality,
     dice_per_label,
     jacobian_determinant,

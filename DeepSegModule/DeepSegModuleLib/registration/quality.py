@@ -11,8 +11,6 @@ import sys
 import numpy as np
 import torch
 
-from DeepSegModuleLib.registration.results import QualityReport
-
 # Voxels per slab when deriving Jacobians (bounds memory on large grids).
 _SLAB_VOXELS = 2_000_000
 

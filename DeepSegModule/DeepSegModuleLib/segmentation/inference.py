@@ -12,16 +12,20 @@ import threading
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from DeepSegModuleLib.models.description import LoadedModel, Tiling
+from DeepSegModuleLib.models.description import LoadedModel, ModelDescription, Tiling
 from DeepSegModuleLib.models.errors import ModelMismatchError
 from DeepSegModuleLib.segmentation.options import PRECISIONS
 
 logger = logging.getLogger(__name__)
+
+
+T = TypeVar("T")
 
 
 class SegmentationCancelled(Exception):
@@ -78,6 +82,23 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if name == "fp16" and device.type != "cuda":
         raise ValueError("precision 'fp16' needs a CUDA GPU; use 'bf16' or 'fp32' on the CPU")
     return torch.bfloat16 if name == "bf16" else torch.float16
+
+
+def with_cpu_fallback(step: Callable[[torch.device], T], device: torch.device, log: Callable[[str], None],
+                      message: str) -> T:  # fmt: skip
+    """``step(device)``; when that runs out of GPU memory, ``log(message)`` and ``step`` once more on the CPU.
+
+    The one out-of-memory retry of a single step (preparing the image, resampling the outputs);
+    :func:`sliding_window_predict` walks the longer ladder of :func:`fallback_attempts` the same way.
+    """
+    try:
+        return step(device)
+    except Exception as error:
+        if device.type != "cuda" or not is_out_of_memory(error):
+            raise
+    log(message)
+    torch.cuda.empty_cache()
+    return step(torch.device("cpu"))
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -427,7 +448,6 @@ def sliding_window_predict(
     roi = description.patch_size
     tiling = Tiling(description.tiling)
     total = count_windows(image.shape[2:], roi, overlap, tiling)
-    calls = math.ceil(total / max(sw_batch_size, 1))
     last_error: BaseException | None = None
     for attempt in fallback_attempts(sw_batch_size, model.device):
         if attempt.message:
@@ -441,38 +461,9 @@ def sliding_window_predict(
             for network in model.networks:
                 keep_float32_ends(network, len(description.inputs), description.num_output_channels)
         predictor = WindowPredictor(model, mirror_axes, calls, progress, cancel, precision)
-        if tiling == Tiling.NNUNET:
-            try:
-                with torch.inference_mode():
-                    return nnunet_tiled_inference(
-                        image, predictor, roi, 1.0 - overlap, attempt.sw_batch_size,
-                        attempt.window_device, attempt.stitch_device,
-                    )  # fmt: skip
-            except Exception as error:
-                if not is_out_of_memory(error):
-                    raise
-                last_error = error
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                continue
-        from monai.inferers import SlidingWindowInferer  # 2 s of imports: paid when a window first runs
-
-        inferer = SlidingWindowInferer(
-            roi_size=roi,
-            sw_batch_size=attempt.sw_batch_size,
-            overlap=overlap,
-            mode=blend_mode,
-            sigma_scale=sigma_scale,
-            padding_mode="constant",
-            cval=0.0,
-            sw_device=attempt.window_device,
-            device=attempt.stitch_device,
-            cache_roi_weight_map=True,
-        )
         try:
             with torch.inference_mode():
-                output = inferer(image.to(attempt.stitch_device), predictor)
-            return output.as_tensor() if hasattr(output, "as_tensor") else output
+                return _tiled(image, predictor, description, tiling, overlap, attempt, blend_mode, sigma_scale)
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
@@ -484,3 +475,37 @@ def sliding_window_predict(
         + (" on the CPU" if model.device.type == "cpu" else "")
         + ": close other programs, crop the volume to the region of interest, or use a lower-resolution model"
     ) from last_error
+
+
+def _tiled(
+    image: torch.Tensor,
+    predictor: WindowPredictor,
+    description: ModelDescription,
+    tiling: Tiling,
+    overlap: float,
+    attempt: InferenceAttempt,
+    blend_mode: str,
+    sigma_scale: float | Sequence[float],
+) -> torch.Tensor:
+    """One attempt of :func:`sliding_window_predict`: nnU-Net's window grid, or MONAI's sliding window."""
+    roi = description.patch_size
+    if tiling == Tiling.NNUNET:
+        return nnunet_tiled_inference(
+            image, predictor, roi, 1.0 - overlap, attempt.sw_batch_size, attempt.window_device, attempt.stitch_device
+        )
+    from monai.inferers import SlidingWindowInferer  # 2 s of imports: paid when a window first runs
+
+    inferer = SlidingWindowInferer(
+        roi_size=roi,
+        sw_batch_size=attempt.sw_batch_size,
+        overlap=overlap,
+        mode=blend_mode,
+        sigma_scale=sigma_scale,
+        padding_mode="constant",
+        cval=0.0,
+        sw_device=attempt.window_device,
+        device=attempt.stitch_device,
+        cache_roi_weight_map=True,
+    )
+    output = inferer(image.to(attempt.stitch_device), predictor)
+    return output.as_tensor() if hasattr(output, "as_tensor") else output

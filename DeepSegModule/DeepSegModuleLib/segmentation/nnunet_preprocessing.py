@@ -11,7 +11,7 @@ outside the crop) and transposed back. The spline and linear resizes follow
 ``skimage.transform.resize(mode="edge", anti_aliasing=False)`` (``scipy.ndimage.zoom`` in grid mode,
 clipped to the input range), so results match nnU-Net's own predictor.
 
-For a 2d configuration (``extra["in_plane_spacing"]``) the target spacing is the input's own spacing along
+For a 2d configuration (``NnunetPlan.in_plane_spacing``) the target spacing is the input's own spacing along
 the first transposed axis, the slice axis, followed by the configuration's two in-plane spacings, as in
 nnU-Net: slices are never resampled along that axis.
 """
@@ -132,10 +132,12 @@ class NnunetPreprocessor:
 
     def __init__(self, description: ModelDescription) -> None:
         self.description = description
-        extra = description.extra
-        self.transpose_forward = list(extra.get("transpose_forward", [0, 1, 2]))
-        self.transpose_backward = list(extra.get("transpose_backward", [0, 1, 2]))
-        self.use_mask = list(extra.get("use_mask_for_norm", [False] * len(description.inputs)))
+        plan = description.nnunet
+        assert plan is not None, "an nnU-Net model carries its plan"
+        self.plan = plan
+        self.transpose_forward = list(plan.transpose_forward)
+        self.transpose_backward = list(plan.transpose_backward)
+        self.use_mask = list(plan.use_mask_for_norm) or [False] * len(description.inputs)
         self.shape_before_crop: tuple[int, ...] = ()
         self.crop: tuple[slice, ...] = ()
         self.spacing: list[float] = []
@@ -143,7 +145,7 @@ class NnunetPreprocessor:
 
     def target_spacing(self) -> tuple[float, ...]:
         """The model grid's spacing for this run's (transposed) input spacing."""
-        in_plane = self.description.extra.get("in_plane_spacing")
+        in_plane = self.plan.in_plane_spacing
         if in_plane is not None:
             return (self.spacing[0], *(float(s) for s in in_plane))
         return self.description.spacing or tuple(self.spacing)

@@ -148,6 +148,9 @@ def _detached_files(path: Path, header: dict) -> list[Path]:
                 raise ImageFileError(f"{path}: 'data file: {value}' is malformed") from None
         else:
             names = [value]
+    for name in names:
+        if not name or not name.isprintable():
+            raise ImageFileError(f"{path}: 'data file' names {name!r}, which is not a printable file name")
     return [folder / name for name in names]
 
 

@@ -12,7 +12,7 @@ from DeepSegModuleLib.lazy import lazy_attributes
 # Names are imported from their submodules on first use: the command line reads the preset names (presets.py,
 # no torch) to check an argument in a fraction of a second, without importing the engine.
 _SUBMODULE_OF = {
-    "RegistrationCancelled": "engine", "RegistrationResult": "engine", "register": "engine",
+    "RegistrationCancelled": "pyramid", "RegistrationResult": "resampling", "register": "engine",
     "PRESETS": "presets", "RegistrationConfig": "presets", "get_preset": "presets", "preset_names": "presets",
     "with_overrides": "presets", "RegistrationOptions": "presets", "linear_preset_names": "presets",
     "QualityReport": "results", "RegistrationOutputs": "results", "deformation_quality": "quality", "dice_per_label": "quality",

@@ -149,21 +149,12 @@ def _check_input(path: Path, what: str) -> Path:
 
 
 def resolve_model(model: str | None) -> Path:
-    """A model argument as a path: an existing file/folder, or a name in the model store (checksums verified);
-    None is the default model that ships with DeepSeg."""
-    from .models.store import DEFAULT_MODEL_ID, ModelStore, model_argument
+    """A model argument as a path (see :func:`~DeepSegModuleLib.models.store.resolve_model`); None is the default
+    model that ships with DeepSeg."""
+    from .models.store import ModelStore
+    from .models.store import resolve_model as resolve
 
-    if model is None:
-        store = ModelStore()
-        if DEFAULT_MODEL_ID not in store.bundled_ids():
-            raise CommandError(
-                f"the default model {DEFAULT_MODEL_ID!r} is missing from this installation (Resources/models): "
-                "reinstall DeepSeg, or pass --model (a model folder, file, or a store name)"
-            )
-        return store.verify(DEFAULT_MODEL_ID).model_path
-    store = ModelStore()
-    kind, value = model_argument(model, store)
-    return store.verify(str(value)).model_path if kind == "store" else Path(value)
+    return resolve(model, ModelStore())
 
 
 def _logic(worker=None):

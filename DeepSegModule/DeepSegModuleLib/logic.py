@@ -13,7 +13,6 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -200,32 +199,16 @@ class DeepSegLogic:
         return stored_model_ids(self.model_store_root)
 
     def resolve_model(self, model: str | os.PathLike) -> str:
-        """A model argument as a path for the worker: a file or folder as it is, a model store name as its folder
-        once its checksums are verified.
-
-        A stored model is re-hashed only when one of its files changed size or time since its last check, so a
-        large model (an nnU-Net folder of several folds) does not stall every run.
-
-        A path is a path (a separator, or a leading ``.`` or ``~``); a bare name is a stored model, and a name
-        that is both a stored model and a file here is refused (see :func:`~DeepSegModuleLib.models.store.model_argument`).
+        """A model argument as a path for the worker (see :func:`~DeepSegModuleLib.models.store.resolve_model`); a
+        stored model is re-hashed only when one of its files changed since this logic last checked it.
 
         Raises:
             ChecksumError: a stored model's file was damaged or changed since it was imported.
             ModelFileError: no such model, or an ambiguous name.
         """
-        from .models.store import model_argument
+        from .models.store import resolve_model
 
-        store = ModelStore(self.model_store_root)
-        kind, value = model_argument(str(model), store)
-        if kind == "path":
-            return str(value)
-        text = str(value)
-        stored = store.get(text)
-        signature = _file_signature(stored.path)
-        if self._verified_models.get(text) != signature:
-            stored = store.verify(text)
-            self._verified_models[text] = signature
-        return str(stored.model_path)
+        return str(resolve_model(model, ModelStore(self.model_store_root), self._verified_models))
 
     def trusted_in_store(self, model: str | os.PathLike) -> bool:
         """Whether ``model`` names a stored model whose own code the user has trusted (a recorded decision)."""
@@ -408,17 +391,6 @@ def stored_model_ids(root: str | os.PathLike | None = None) -> list[str]:
     its names lazily, and the store itself needs neither torch nor MONAI, so this imports neither.
     """
     return ModelStore(root).list_ids()
-
-
-def _file_signature(folder: Path) -> tuple:
-    """Relative path, size and modification time of every file under ``folder``: cheap to take, changes when a
-    file is replaced or edited."""
-    signature = []
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            status = path.stat()
-            signature.append((path.relative_to(folder).as_posix(), status.st_size, status.st_mtime_ns))
-    return tuple(signature)
 
 
 def _labels_on(context: SceneContext, segmentation: Any, volume: Any) -> tuple[np.ndarray, list[LabelInfo]]:

@@ -363,6 +363,50 @@ def model_argument(text: str, store: ModelStore) -> tuple[str, str | Path]:
     )
 
 
+def resolve_model(model: str | os.PathLike | None, store: ModelStore, verified: dict[str, tuple] | None = None) -> Path:
+    """A model argument as the path to load: None is the default model that ships with DeepSeg, a path is used as
+    it is (see :func:`model_argument`), a stored model's name is its folder once its checksums are verified.
+
+    ``verified`` (name -> the files' sizes and times at the last check), kept by a long-lived caller such as the
+    panel's logic, skips re-hashing a stored model whose files did not change since, so a large model (an
+    nnU-Net folder of several folds) does not stall every run.
+
+    Raises:
+        ModelFileError: no such model, an ambiguous name, or the default model missing from the installation.
+        ChecksumError: a stored model's file was damaged or changed since it was imported.
+    """
+    if model is None:
+        if DEFAULT_MODEL_ID not in store.bundled_ids():
+            raise ModelFileError(
+                f"the default model {DEFAULT_MODEL_ID!r} is missing from this installation (Resources/models): "
+                "reinstall DeepSeg, or pass --model (a model folder, file, or a store name)"
+            )
+        model = DEFAULT_MODEL_ID
+    kind, value = model_argument(str(model), store)
+    if kind == "path":
+        return Path(value)
+    name = str(value)
+    if verified is None:
+        return store.verify(name).model_path
+    stored = store.get(name)
+    signature = _file_signature(stored.path)
+    if verified.get(name) != signature:
+        stored = store.verify(name)
+        verified[name] = signature
+    return stored.model_path
+
+
+def _file_signature(folder: Path) -> tuple:
+    """Relative path, size and modification time of every file under ``folder``: cheap to take, changes when a
+    file is replaced or edited."""
+    signature = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            status = path.stat()
+            signature.append((path.relative_to(folder).as_posix(), status.st_size, status.st_mtime_ns))
+    return tuple(signature)
+
+
 def recorded_trust(model: str, store: ModelStore) -> bool:
     """Whether a model argument names a stored model whose own code the user has trusted
     (``deepseg models trust NAME`` or the panel's confirmation); False for a path or a name that resolves to none."""

@@ -121,20 +121,7 @@ class SlidingWindowRunner:
         )  # fmt: skip
 
     def infer(self, prepared: torch.Tensor, run: RunSettings) -> torch.Tensor:
-        description, options = self.model.description, run.options
-        overlap = description.overlap if options.overlap is None else float(options.overlap)
-        sw_batch = description.sw_batch_size if options.sw_batch_size is None else int(options.sw_batch_size)
-        return sliding_window_predict(
-            prepared,
-            self.model,
-            overlap=overlap,
-            sw_batch_size=max(sw_batch, 1),
-            mirror_axes=description.mirror_axes if options.mirroring else (),
-            precision=options.precision,
-            progress=run.progress,
-            cancel=run.cancel,
-            log=run.log,
-        )[0]
+        return _sliding_window(self.model, prepared, run)
 
     def to_labels(self, outputs: torch.Tensor, kept: list[int], run: RunSettings) -> tuple[torch.Tensor, dict]:
         description = self.model.description
@@ -186,23 +173,12 @@ class MonaiBundleRunner:
         from monai.inferers import SlidingWindowInferer
 
         image = prepared[self.bundle.image_key]
-        inferer, description, options = self.bundle.inferer, self.model.description, run.options
+        inferer = self.bundle.inferer
         if isinstance(inferer, SlidingWindowInferer) or inferer is None:
-            overlap = description.overlap if options.overlap is None else float(options.overlap)
-            sw_batch = description.sw_batch_size if options.sw_batch_size is None else int(options.sw_batch_size)
-            prediction = sliding_window_predict(
-                image[None].as_tensor(),
-                self.model,
-                overlap=overlap,
-                sw_batch_size=max(sw_batch, 1),
-                mirror_axes=description.mirror_axes if options.mirroring else (),
-                precision=options.precision,
-                progress=run.progress,
-                cancel=run.cancel,
-                log=run.log,
-                blend_mode=str(getattr(inferer, "mode", "gaussian")),
+            prediction = _sliding_window(
+                self.model, image[None].as_tensor(), run, blend_mode=str(getattr(inferer, "mode", "gaussian")),
                 sigma_scale=getattr(inferer, "sigma_scale", 0.125),
-            )[0]
+            )  # fmt: skip
         else:
             with torch.inference_mode():
                 prediction = inferer(image[None].to(self.model.device), self.model.predictor)[0]
@@ -224,6 +200,26 @@ class MonaiBundleRunner:
             labels = self.bundle.labels_to_input_grid(labels, pred, self.reference)
         lookup = torch.tensor(self.model.description.channel_to_label, dtype=torch.int64)
         return lookup[labels.clamp(0, len(lookup) - 1)], {}
+
+
+def _sliding_window(model: LoadedModel, image: torch.Tensor, run: RunSettings, **blending: Any) -> torch.Tensor:
+    """DeepSeg's sliding window over ``(1, C, ...)`` with the user's overlap, window batch and mirroring where set,
+    the model's own otherwise; returns the ``(channels, ...)`` outputs."""
+    description, options = model.description, run.options
+    overlap = description.overlap if options.overlap is None else float(options.overlap)
+    sw_batch = description.sw_batch_size if options.sw_batch_size is None else int(options.sw_batch_size)
+    return sliding_window_predict(
+        image,
+        model,
+        overlap=overlap,
+        sw_batch_size=max(sw_batch, 1),
+        mirror_axes=description.mirror_axes if options.mirroring else (),
+        precision=options.precision,
+        progress=run.progress,
+        cancel=run.cancel,
+        log=run.log,
+        **blending,
+    )[0]
 
 
 #: The runner of each model format.

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import nodes, storage
+from . import nodes, segments, storage
 from .context import SceneContext
 from .labels import BRAIN_TERMS, LabelInfo
 from .preview import write_preview
@@ -139,7 +139,7 @@ def _build_demo(
     labels = np.argmax(np.concatenate([background[None], probabilities]), axis=0).astype(np.uint8)
     for node, probability in zip((grey, white), probabilities):
         nodes.probability_to_volume(context, probability, template_grid, node=node)
-    template_tissues = nodes.labels_to_segmentation(
+    template_tissues = segments.labels_to_segmentation(
         context, labels, TISSUE_LABELS, reference_volume=template, name="MNI152 tissues"
     )
     lap("template tissue segments", f"registering the template to the subject ({preset})")

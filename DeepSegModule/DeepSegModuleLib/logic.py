@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from . import nodes, tasks
+from . import nodes, segments, tasks
 from .context import SceneContext
 from .image_checks import check_finite
 from .jobs import InProcessWorker, Job, JobEvent, JobState, ProcessWorker
@@ -265,7 +265,7 @@ class DeepSegLogic:
         reference = volumes[0]
 
         def apply(result: SegmentationResult) -> SegmentationOutcome:
-            segmentation = nodes.labels_to_segmentation(
+            segmentation = segments.labels_to_segmentation(
                 self.context,
                 result.labels,
                 result.label_table,
@@ -357,7 +357,7 @@ class DeepSegLogic:
                     f"{fixed_name} to {moving_name}", None,
                 )  # fmt: skip
             if outputs.propagated_labels is not None and label_table is not None:
-                outcome.segmentation = nodes.labels_to_segmentation(
+                outcome.segmentation = segments.labels_to_segmentation(
                     self.context, outputs.propagated_labels, label_table, ijk_to_ras=fixed_grid,
                     segmentation_node=output_segmentation, name=f"{moving_name} segmentation registered",
                     include_empty=True,
@@ -396,7 +396,7 @@ def stored_model_ids(root: str | os.PathLike | None = None) -> list[str]:
 def _labels_on(context: SceneContext, segmentation: Any, volume: Any) -> tuple[np.ndarray, list[LabelInfo]]:
     """Labels of a segmentation node (values 1..N) or a label map volume (its own values) on ``volume``'s grid."""
     if segmentation.IsA("vtkMRMLSegmentationNode"):
-        labels, _, table = nodes.segmentation_to_labels(context, segmentation, volume)
+        labels, _, table = segments.segmentation_to_labels(context, segmentation, volume)
         return labels, table
     labels, grid = nodes.volume_to_array(segmentation)
     volume_array, volume_grid = nodes.volume_to_array(volume)
@@ -412,7 +412,7 @@ def _labels_on(context: SceneContext, segmentation: Any, volume: Any) -> tuple[n
 def _mask_on(context: SceneContext, mask: Any, volume: Any) -> np.ndarray:
     """A mask node (label map volume or segmentation) as a boolean array on ``volume``'s grid."""
     if mask.IsA("vtkMRMLSegmentationNode"):
-        labels, _, _ = nodes.segmentation_to_labels(context, mask, volume)
+        labels, _, _ = segments.segmentation_to_labels(context, mask, volume)
         return labels > 0
     array, _ = nodes.volume_to_array(mask)
     if array.shape != nodes.volume_to_array(volume)[0].shape:

@@ -15,16 +15,13 @@ was; new nodes are added to the scene only once they are complete.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .labels import LabelInfo, as_label_table
-
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK as sitk
-    import torch
 
     from .context import SceneContext
 
@@ -120,7 +117,7 @@ def check_volume_node(node: Any) -> None:
     Raises:
         ValueError: saying what makes the node unusable and what to do.
     """
-    _require_scalar_volume(node)
+    require_scalar_volume(node)
     import vtk
 
     matrix = vtk.vtkMatrix4x4()
@@ -128,7 +125,7 @@ def check_volume_node(node: Any) -> None:
     check_affine(matrix, f"the geometry (IJK to RAS) of volume '{node.GetName()}'")
 
 
-def _require_scalar_volume(node: Any) -> None:
+def require_scalar_volume(node: Any) -> None:
     if node is None or not node.IsA("vtkMRMLScalarVolumeNode"):
         kind = node.GetClassName() if node is not None else "None"
         raise ValueError(f"expected a scalar volume node (vtkMRMLScalarVolumeNode or label map), got {kind}")
@@ -175,25 +172,12 @@ def volume_to_array(node: Any, world: bool = False) -> tuple[np.ndarray, np.ndar
     """
     from vtk.util import numpy_support
 
-    _require_scalar_volume(node)
+    require_scalar_volume(node)
     image = node.GetImageData()
     i_size, j_size, k_size = image.GetDimensions()
     scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
     array = scalars.reshape(k_size, j_size, i_size).copy()
     return array, volume_ijk_to_ras(node, world=world)
-
-
-def volume_to_tensor(node: Any, device: Any = None, dtype: Any = None, world: bool = False) -> tuple[torch.Tensor, np.ndarray]:
-    """Like :func:`volume_to_array` but returns a torch tensor (k, j, i) on ``device``."""
-    import torch
-
-    array, ijk_to_ras = volume_to_array(node, world=world)
-    if array.dtype == np.uint16:  # torch has no uint16 arithmetic on every device
-        array = array.astype(np.int32)
-    tensor = torch.from_numpy(array)
-    if dtype is not None or device is not None:
-        tensor = tensor.to(device=device, dtype=dtype)
-    return tensor, ijk_to_ras
 
 
 def _image_data_from_array(array: np.ndarray) -> Any:
@@ -327,266 +311,6 @@ def sitk_to_array(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     return sitk.GetArrayFromImage(image), ijk_to_ras
 
 
-def volume_to_sitk(node: Any, world: bool = False) -> sitk.Image:
-    """The volume node as a SimpleITK image (LPS geometry), voxel type preserved."""
-    array, ijk_to_ras = volume_to_array(node, world=world)
-    return array_to_sitk(array, ijk_to_ras)
-
-
-def sitk_to_volume(
-    context: SceneContext, image: sitk.Image, name: str = "Volume", node: Any = None, labelmap: bool = False
-) -> Any:
-    """Writes a SimpleITK image into a new or existing volume node (LPS -> RAS)."""
-    array, ijk_to_ras = sitk_to_array(image)
-    return array_to_volume(context, array, ijk_to_ras, name=name, node=node, labelmap=labelmap)
-
-
-# ----------------------------------------------------------------------------------------------- segmentations
-
-
-def _oriented_labelmap(labels: np.ndarray, ijk_to_ras: np.ndarray) -> Any:
-    """A vtkOrientedImageData holding ``labels`` with its image-to-world (IJK->RAS) geometry."""
-    import slicer
-    from vtk.util import numpy_support
-
-    oriented = slicer.vtkOrientedImageData()
-    k_size, j_size, i_size = labels.shape
-    oriented.SetDimensions(i_size, j_size, k_size)
-    scalars = numpy_support.numpy_to_vtk(np.ascontiguousarray(labels).reshape(-1), deep=True)
-    oriented.GetPointData().SetScalars(scalars)
-    oriented.SetImageToWorldMatrix(matrix_to_vtk(ijk_to_ras))
-    return oriented
-
-
-def _label_dtype(max_value: int) -> type:
-    if max_value <= np.iinfo(np.uint8).max:
-        return np.uint8
-    if max_value <= np.iinfo(np.int16).max:
-        return np.int16
-    return np.int32
-
-
-def labels_to_segmentation(
-    context: SceneContext,
-    labels: Any,
-    label_table: Iterable[Any] | Mapping[int, Any],
-    reference_volume: Any = None,
-    ijk_to_ras: Any = None,
-    segmentation_node: Any = None,
-    name: str = "Segmentation",
-    keep_labels: Sequence[str] | None = None,
-    include_empty: bool = False,
-    show_3d: bool = True,
-) -> Any:
-    """Writes a label array as segments: one segment per label, named and coloured from ``label_table``.
-
-    Into a new segmentation node, or into ``segmentation_node`` where only segments whose names match the
-    written labels are replaced (keeping their segment IDs and order) and every other segment is left as it
-    was. The segmentation's reference geometry comes from ``reference_volume`` (or the label grid).
-
-    Args:
-        context: the scene context.
-        labels: integer array (k, j, i); 0 is background.
-        label_table: the meaning of each value (see :func:`DeepSegModuleLib.labels.as_label_table`).
-        reference_volume: the volume the labels were computed on; gives the geometry and the reference.
-        ijk_to_ras: the label grid's geometry when no ``reference_volume`` is given.
-        segmentation_node: existing segmentation to update; None creates a new one.
-        name: name for a new segmentation node.
-        keep_labels: only these label names are written (others become background).
-        include_empty: also create segments for table labels with no voxel.
-        show_3d: create the closed-surface representation so segments show in 3D views.
-
-    Returns:
-        The segmentation node.
-
-    Raises:
-        ValueError: for a non-3D array, a shape that does not match the reference volume, a value in the
-            array with no entry in the table, unknown ``keep_labels`` names, or a non-integer array.
-            The scene is unchanged then.
-    """
-    import slicer
-
-    labels = check_volume_array(labels, "label array")
-    if not np.issubdtype(labels.dtype, np.integer):
-        rounded = np.rint(labels)
-        if not np.array_equal(rounded, labels):
-            raise ValueError("label array has non-integer values: pass integer labels (argmax), not probabilities")
-        labels = rounded.astype(np.int32)
-    table = as_label_table(label_table)
-
-    if reference_volume is not None:
-        _require_scalar_volume(reference_volume)
-        reference_shape = tuple(reversed(reference_volume.GetImageData().GetDimensions()))
-        if labels.shape != reference_shape:
-            raise ValueError(
-                f"label array shape {labels.shape} does not match reference volume "
-                f"'{reference_volume.GetName()}' shape {reference_shape} (both in k, j, i order): "
-                "resample the labels onto the reference grid first"
-            )
-        grid = volume_ijk_to_ras(reference_volume, world=False)
-        if ijk_to_ras is not None and not np.allclose(check_affine(ijk_to_ras), grid, atol=1e-5):
-            raise ValueError("ijk_to_ras differs from the reference volume's geometry: pass one or the other")
-    elif ijk_to_ras is not None:
-        grid = check_affine(ijk_to_ras)
-    else:
-        raise ValueError("give the label grid's geometry: a reference_volume or an ijk_to_ras matrix")
-
-    present = {int(v) for v in np.unique(labels) if v != 0}
-    by_value = {info.value: info for info in table}
-    missing = sorted(present - set(by_value))
-    if missing:
-        raise ValueError(
-            f"label array contains value(s) {missing} that the label table does not name: "
-            "add them to the label table (value, name, colour) or zero them out"
-        )
-    if keep_labels is not None:
-        names = {info.name for info in table}
-        unknown = [n for n in keep_labels if n not in names]
-        if unknown:
-            raise ValueError(f"unknown label name(s) {unknown}; the model's labels are {sorted(names)}")
-        table = [info for info in table if info.name in set(keep_labels)]
-    written = [info for info in table if include_empty or info.value in present]
-
-    if segmentation_node is not None and not segmentation_node.IsA("vtkMRMLSegmentationNode"):
-        raise ValueError(f"segmentation_node is a {segmentation_node.GetClassName()}, not a segmentation node")
-
-    # Everything is validated; from here on the scene is modified.
-    kept_values = np.array([info.value for info in written], dtype=labels.dtype)
-    written_labels = np.where(np.isin(labels, kept_values), labels, 0)
-    written_labels = written_labels.astype(_label_dtype(max((info.value for info in written), default=0)))
-    oriented = _oriented_labelmap(written_labels, grid)
-
-    is_new = segmentation_node is None
-    if is_new:
-        segmentation_node = slicer.vtkMRMLSegmentationNode()
-    segmentation = segmentation_node.GetSegmentation()
-    disabled = segmentation_node.StartModify()
-    try:
-        if is_new or segmentation.GetNumberOfSegments() == 0:
-            segmentation.SetSourceRepresentationName(BINARY_LABELMAP)
-        # An existing segmentation keeps its reference geometry: its other segments are defined on it.
-        if reference_volume is not None and (is_new or not _has_reference_geometry(segmentation)):
-            segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
-        elif is_new:
-            geometry = slicer.vtkSegmentationConverter.SerializeImageGeometry(oriented)
-            segmentation.SetConversionParameter(
-                slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(), geometry
-            )
-
-        for info in written:
-            segment_id, insert_before = _take_out_segment_named(segmentation, info.name)
-            segment = slicer.vtkSegment()
-            segment.SetName(info.name)
-            segment.SetColor(*[float(c) for c in info.rgb()])
-            segment.SetLabelValue(int(info.value))
-            segment.AddRepresentation(BINARY_LABELMAP, oriented)  # one shared layer for all written labels
-            terminology = info.terminology_string()
-            if terminology:
-                segment.SetTerminology(terminology)
-            if not segment_id:
-                segment_id = segmentation.GenerateUniqueSegmentID(info.name)
-            segmentation.AddSegment(segment, segment_id, insert_before)
-    finally:
-        segmentation_node.EndModify(disabled)
-
-    if is_new:
-        context.add_node(segmentation_node, name)
-    if segmentation_node.GetDisplayNode() is None:
-        segmentation_node.CreateDefaultDisplayNodes()
-    if reference_volume is not None and is_new:
-        _place_in_subject_hierarchy_next_to(context, segmentation_node, reference_volume)
-    if show_3d:
-        segmentation_node.CreateClosedSurfaceRepresentation()
-    return segmentation_node
-
-
-def _has_reference_geometry(segmentation: Any) -> bool:
-    import slicer
-
-    name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
-    return bool(segmentation.GetConversionParameter(name))
-
-
-def _take_out_segment_named(segmentation: Any, segment_name: str) -> tuple[str, str]:
-    """Removes the segment called ``segment_name`` (if any); returns its ID and the ID that followed it."""
-    segment_id = segmentation.GetSegmentIdBySegmentName(segment_name)
-    if not segment_id:
-        return "", ""
-    ids = list(segmentation.GetSegmentIDs())
-    position = ids.index(segment_id)
-    insert_before = ids[position + 1] if position + 1 < len(ids) else ""
-    segmentation.RemoveSegment(segment_id)
-    return segment_id, insert_before
-
-
-def _place_in_subject_hierarchy_next_to(context: SceneContext, node: Any, reference: Any) -> None:
-    """Puts ``node`` in the same subject-hierarchy folder (study) as ``reference``, as Slicer's modules do."""
-    hierarchy = context.subject_hierarchy()
-    if hierarchy is None:
-        return
-    reference_item = hierarchy.GetItemByDataNode(reference)
-    node_item = hierarchy.GetItemByDataNode(node)
-    if reference_item and node_item:
-        parent = hierarchy.GetItemParent(reference_item)
-        if parent:
-            hierarchy.SetItemParent(node_item, parent)
-
-
-def segmentation_to_labels(
-    context: SceneContext, segmentation_node: Any, reference_volume: Any = None, segment_names: Sequence[str] | None = None
-) -> tuple[np.ndarray, np.ndarray, list[LabelInfo]]:
-    """Exports segments as one label array using Slicer's own segmentation logic.
-
-    Label values are 1..N in segment order (or the order of ``segment_names``), on the reference volume's
-    grid when given, else on the segmentation's reference geometry.
-
-    Returns:
-        ``(labels (k, j, i), ijk_to_ras, label_table)``.
-    """
-    import slicer
-    import vtk
-
-    segmentation = segmentation_node.GetSegmentation()
-    if segment_names is None:
-        segment_ids = list(segmentation.GetSegmentIDs())
-    else:
-        segment_ids = []
-        for segment_name in segment_names:
-            segment_id = segmentation.GetSegmentIdBySegmentName(segment_name)
-            if not segment_id:
-                raise ValueError(f"segmentation '{segmentation_node.GetName()}' has no segment named '{segment_name}'")
-            segment_ids.append(segment_id)
-    if not segment_ids:
-        raise ValueError(f"segmentation '{segmentation_node.GetName()}' has no segments to export")
-
-    labelmap_node = slicer.vtkMRMLLabelMapVolumeNode()
-    context.scene.AddNode(labelmap_node)
-    try:
-        ids = vtk.vtkStringArray()
-        for segment_id in segment_ids:
-            ids.InsertNextValue(segment_id)
-        ok = context.segmentations_logic.ExportSegmentsToLabelmapNode(
-            segmentation_node, ids, labelmap_node, reference_volume
-        )
-        if not ok:
-            raise RuntimeError(f"Slicer could not export segmentation '{segmentation_node.GetName()}' to a label map")
-        labels, ijk_to_ras = volume_to_array(labelmap_node)
-    finally:
-        context.scene.RemoveNode(labelmap_node)
-    table = []
-    for value, segment_id in enumerate(segment_ids, start=1):
-        segment = segmentation.GetSegment(segment_id)
-        table.append(
-            LabelInfo(
-                value=value,
-                name=segment.GetName(),
-                color=tuple(segment.GetColor()),
-                terminology=segment.GetTerminology() or None,
-            )
-        )
-    return labels, ijk_to_ras, table
-
-
 # ----------------------------------------------------------------------------------------------- transforms
 
 
@@ -608,17 +332,6 @@ def matrix_to_transform(context: SceneContext, fixed_to_moving_ras: Any, name: s
     if is_new:
         context.add_node(node, name)
     return node
-
-
-def transform_to_matrix(node: Any) -> np.ndarray:
-    """The linear transform node's resampling matrix (fixed -> moving, its "from parent" matrix)."""
-    import vtk
-
-    if node is None or not node.IsLinear():
-        raise ValueError("expected a linear transform node")
-    matrix = vtk.vtkMatrix4x4()
-    node.GetMatrixTransformFromParent(matrix)
-    return matrix_from_vtk(matrix)
 
 
 def check_displacement(displacement_ras: Any, ijk_to_ras: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -688,43 +401,6 @@ def displacement_to_grid_transform(
     if is_new:
         context.add_node(node, name)
     return node
-
-
-def grid_transform_to_displacement(node: Any) -> tuple[np.ndarray, np.ndarray]:
-    """The (k, j, i, 3) displacement field and its IJK->RAS grid of a grid transform node (from parent)."""
-    from vtk.util import numpy_support
-
-    transform = node.GetTransformFromParent()
-    grid_transform = _find_grid_transform(transform)
-    if grid_transform is None:
-        raise ValueError(f"transform '{node.GetName()}' holds no displacement grid")
-    if grid_transform.GetInverseFlag():
-        raise ValueError(f"transform '{node.GetName()}' stores its grid as the inverse; invert the node first")
-    image = grid_transform.GetDisplacementGrid()
-    i_size, j_size, k_size = image.GetDimensions()
-    field = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(k_size, j_size, i_size, 3)
-    scale, shift = grid_transform.GetDisplacementScale(), grid_transform.GetDisplacementShift()
-    field = field.astype(np.float64) * scale + shift
-    directions = matrix_from_vtk(grid_transform.GetGridDirectionMatrix())[:3, :3] if grid_transform.GetGridDirectionMatrix() else np.eye(3)
-    grid = np.eye(4)
-    grid[:3, :3] = directions * np.array(image.GetSpacing())
-    grid[:3, 3] = image.GetOrigin()
-    return field, grid
-
-
-def _find_grid_transform(transform: Any) -> Any:
-    import slicer
-
-    if transform is None:
-        return None
-    if transform.IsA("vtkOrientedGridTransform"):
-        return slicer.vtkOrientedGridTransform.SafeDownCast(transform)
-    if transform.IsA("vtkGeneralTransform"):
-        for index in range(transform.GetNumberOfConcatenatedTransforms()):
-            found = _find_grid_transform(transform.GetConcatenatedTransform(index))
-            if found is not None:
-                return found
-    return None
 
 
 def transform_points(node: Any, points_ras: Any) -> np.ndarray:

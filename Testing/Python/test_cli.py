@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
-from DeepSegModuleLib import cli, nodes, storage
+from DeepSegModuleLib import cli, nodes, segments, storage
 from DeepSegModuleLib.context import SceneContext
 from segmentation_helpers import Thresholder, dice, grid_center, oblique_grid, sphere_volume, write_torchscript_model
 
@@ -65,7 +65,7 @@ def test_segment_writes_a_seg_nrrd_and_a_label_map_on_the_input_grid(tmp_path, c
     context = SceneContext.headless()
     segmentation = storage.load_segmentation(context, tmp_path / "sphere.seg.nrrd")
     reference = storage.load_volume(context, image)
-    labels, reference_grid, table = nodes.segmentation_to_labels(context, segmentation, reference)
+    labels, reference_grid, table = segments.segmentation_to_labels(context, segmentation, reference)
     assert [info.name for info in table] == ["Sphere"]
     assert dice(nodes.reorder_to_grid(labels, reference_grid, truth.shape, grid) == 1, truth) > 0.9
     assert (tmp_path / "p" / "Sphere.nii.gz").exists() and (tmp_path / "sphere.png").stat().st_size > 1000

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from DeepSegModuleLib import cli, nodes, storage
+from DeepSegModuleLib import cli, nodes, segments, storage
 from DeepSegModuleLib.context import SceneContext
 from DeepSegModuleLib.demo import TISSUE_LABELS
 
@@ -25,7 +25,7 @@ def test_demo_scene_opens_with_the_registration_and_segments_on_the_subject(demo
     tissues = by_name["subject tissues (from the template)"]
     assert any(node.IsA("vtkMRMLGridTransformNode") for node in added)
 
-    labels, _, table = nodes.segmentation_to_labels(context, tissues, subject)
+    labels, _, table = segments.segmentation_to_labels(context, tissues, subject)
     assert [info.name for info in table] == [info.name for info in TISSUE_LABELS]
     for info in table:
         assert "SCT^" in info.terminology
@@ -67,7 +67,7 @@ def test_demo_segments_the_template_with_the_bundled_model_where_its_own_maps_pu
     added = storage.load_scene_bundle(context, demo_output / "deepseg-demo.mrb")
     by_name = {node.GetName(): node for node in added if node.IsA("vtkMRMLStorableNode")}
     template = by_name["MNI152 T1"]
-    labels, _, table = nodes.segmentation_to_labels(context, by_name["MNI152 tissues (deepseg-brain model)"], template)
+    labels, _, table = segments.segmentation_to_labels(context, by_name["MNI152 tissues (deepseg-brain model)"], template)
     assert [info.name for info in table] == ["cerebrospinal fluid", "grey matter", "white matter"]
     assert all("SCT^" in info.terminology for info in table)
     # The same file, read on its own, has the segments too.
@@ -75,7 +75,7 @@ def test_demo_segments_the_template_with_the_bundled_model_where_its_own_maps_pu
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 3
     # The brain mask is where the template's own grey/white matter maps put the brain, and on this T1 the
     # model's white matter is brighter than its grey matter, its grey matter brighter than its CSF.
-    reference, _, _ = nodes.segmentation_to_labels(context, by_name["MNI152 tissues"], template)
+    reference, _, _ = segments.segmentation_to_labels(context, by_name["MNI152 tissues"], template)
     brain, model_brain = reference > 0, labels > 0
     assert 2.0 * (brain & model_brain).sum() / (brain.sum() + model_brain.sum()) > 0.85
     t1, _ = nodes.volume_to_array(template)

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from DeepSegModuleLib import nodes
+from DeepSegModuleLib import nodes, segments
 from DeepSegModuleLib.jobs import InProcessWorker, JobFailed, ProcessWorker
 from DeepSegModuleLib.logic import DeepSegLogic
 from DeepSegModuleLib.registration.presets import RegistrationOptions
@@ -45,7 +45,7 @@ def test_segment_in_the_persistent_worker_puts_the_segment_on_the_sphere(context
         pass
     outcome = run.outcome
     segmentation = outcome.segmentation
-    labels, _, table = nodes.segmentation_to_labels(context, segmentation, volume)
+    labels, _, table = segments.segmentation_to_labels(context, segmentation, volume)
     assert [info.name for info in table] == ["Sphere"]
     assert dice(labels == 1, truth) > 0.9
     assert segmentation.GetSegmentation().GetNthSegment(0).GetColor() == pytest.approx((0.9, 0.2, 0.1))
@@ -151,7 +151,7 @@ def test_segment_by_model_store_name_and_refuse_a_tampered_model(context, tmp_pa
     assert name == "bright-sphere" and logic.stored_model_ids() == sorted([*shipped, "bright-sphere"])
 
     outcome = logic.segment(volume, "bright-sphere", SegmentationOptions(device="cpu"))
-    labels, _, table = nodes.segmentation_to_labels(context, outcome.segmentation, volume)
+    labels, _, table = segments.segmentation_to_labels(context, outcome.segmentation, volume)
     assert [info.name for info in table] == ["Sphere"]
     assert dice(labels == 1, truth) > 0.9
     # A path is used as it is, and a name that is neither is left for the worker to report.

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import vtk
 from DeepSegModuleLib import nodes, storage
+from DeepSegModuleLib import segments as bridge
 from DeepSegModuleLib.labels import CodedEntry, LabelInfo, Terminology
 
 SHAPE = (9, 12, 14)
@@ -61,7 +62,7 @@ def voxel_centres_ras(mask: np.ndarray, grid: np.ndarray) -> np.ndarray:
 def test_segments_are_found_by_slicer_at_the_same_ras_positions(context, oblique_grid):
     labels = sample_labels()
     ct = reference_volume(context, oblique_grid)
-    segmentation = nodes.labels_to_segmentation(context, labels, TABLE, reference_volume=ct)
+    segmentation = bridge.labels_to_segmentation(context, labels, TABLE, reference_volume=ct)
 
     segments = segmentation.GetSegmentation()
     assert [segments.GetNthSegment(n).GetName() for n in range(segments.GetNumberOfSegments())] == [
@@ -86,7 +87,7 @@ def test_segments_are_found_by_slicer_at_the_same_ras_positions(context, oblique
 
 def test_names_colours_terminology_and_display(context, oblique_grid):
     ct = reference_volume(context, oblique_grid)
-    segmentation = nodes.labels_to_segmentation(context, sample_labels(), TABLE, reference_volume=ct)
+    segmentation = bridge.labels_to_segmentation(context, sample_labels(), TABLE, reference_volume=ct)
     segments = segmentation.GetSegmentation()
     kidney = segments.GetSegment(segments.GetSegmentIdBySegmentName("right kidney"))
     assert kidney.GetColor() == pytest.approx((0.73, 0.30, 0.25))
@@ -102,7 +103,7 @@ def test_names_colours_terminology_and_display(context, oblique_grid):
 
 def test_only_requested_labels_are_written(context, oblique_grid):
     ct = reference_volume(context, oblique_grid)
-    segmentation = nodes.labels_to_segmentation(
+    segmentation = bridge.labels_to_segmentation(
         context, sample_labels(), TABLE, reference_volume=ct, keep_labels=["spleen"], show_3d=False
     )
     segments = segmentation.GetSegmentation()
@@ -114,27 +115,27 @@ def test_only_requested_labels_are_written(context, oblique_grid):
 def test_existing_segmentation_replaces_only_same_named_segments(context, oblique_grid):
     ct = reference_volume(context, oblique_grid)
     labels = sample_labels()
-    segmentation = nodes.labels_to_segmentation(context, labels, TABLE, reference_volume=ct, show_3d=False)
+    segmentation = bridge.labels_to_segmentation(context, labels, TABLE, reference_volume=ct, show_3d=False)
     segments = segmentation.GetSegmentation()
     ids_before = [segments.GetNthSegmentID(n) for n in range(segments.GetNumberOfSegments())]
-    kidney_before, _, _ = nodes.segmentation_to_labels(context, segmentation, ct, ["right kidney"])
+    kidney_before, _, _ = bridge.segmentation_to_labels(context, segmentation, ct, ["right kidney"])
 
     # A second run that produces a different liver and a new "tumour" label.
     rerun = np.zeros(SHAPE, dtype=np.uint8)
     rerun[0:2, 0:2, 0:3] = 1
     rerun[5, 5, 5] = 7
     table = [LabelInfo(1, "liver", (1.0, 1.0, 0.0)), LabelInfo(7, "tumour", (0.0, 1.0, 0.0))]
-    same = nodes.labels_to_segmentation(context, rerun, table, reference_volume=ct, segmentation_node=segmentation)
+    same = bridge.labels_to_segmentation(context, rerun, table, reference_volume=ct, segmentation_node=segmentation)
 
     assert same is segmentation
     ids_after = [segments.GetNthSegmentID(n) for n in range(segments.GetNumberOfSegments())]
     assert ids_after[:3] == ids_before  # the liver kept its ID and its place
     assert len(ids_after) == 4 and segments.GetSegment(ids_after[3]).GetName() == "tumour"
-    liver, _, _ = nodes.segmentation_to_labels(context, segmentation, ct, ["liver"])
+    liver, _, _ = bridge.segmentation_to_labels(context, segmentation, ct, ["liver"])
     np.testing.assert_array_equal(liver > 0, rerun == 1)
-    kidney_after, _, _ = nodes.segmentation_to_labels(context, segmentation, ct, ["right kidney"])
+    kidney_after, _, _ = bridge.segmentation_to_labels(context, segmentation, ct, ["right kidney"])
     np.testing.assert_array_equal(kidney_after, kidney_before)
-    spleen, _, _ = nodes.segmentation_to_labels(context, segmentation, ct, ["spleen"])
+    spleen, _, _ = bridge.segmentation_to_labels(context, segmentation, ct, ["spleen"])
     np.testing.assert_array_equal(spleen > 0, labels == 5)
     assert segments.GetSegment(ids_after[0]).GetColor() == pytest.approx((1.0, 1.0, 0.0))
 
@@ -143,7 +144,7 @@ def test_seg_nrrd_keeps_names_colours_and_terminology(context, oblique_grid, tmp
     from DeepSegModuleLib.context import SceneContext
 
     ct = reference_volume(context, oblique_grid)
-    segmentation = nodes.labels_to_segmentation(context, sample_labels(), TABLE, reference_volume=ct)
+    segmentation = bridge.labels_to_segmentation(context, sample_labels(), TABLE, reference_volume=ct)
     path = storage.save_node(context, segmentation, tmp_path / "organs.seg.nrrd")
 
     other = SceneContext.headless()
@@ -156,7 +157,7 @@ def test_seg_nrrd_keeps_names_colours_and_terminology(context, oblique_grid, tmp
         assert segment.GetColor() == pytest.approx(info.color, abs=1e-4)
         if info.terminology is not None:
             assert segment.GetTerminology() == info.terminology_string()
-    labels, grid, _ = nodes.segmentation_to_labels(other, loaded, None, [info.name for info in TABLE])
+    labels, grid, _ = bridge.segmentation_to_labels(other, loaded, None, [info.name for info in TABLE])
     for value, info in enumerate(TABLE, start=1):
         expected = voxel_centres_ras(sample_labels() == info.value, oblique_grid)
         found = voxel_centres_ras(labels == value, grid)

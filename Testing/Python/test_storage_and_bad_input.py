@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from DeepSegModuleLib import nodes, storage
+from DeepSegModuleLib import nodes, segments, storage
+from node_readers import transform_to_matrix
 from DeepSegModuleLib.context import SceneContext
 from DeepSegModuleLib.labels import LabelInfo
 
@@ -20,7 +21,7 @@ def build_scene(context, grid):
     labels = np.zeros(SHAPE, np.uint8)
     labels[1:4, 2:6, 3:8] = 1
     labels[4:6, 0:2, 0:3] = 2
-    segmentation = nodes.labels_to_segmentation(
+    segmentation = segments.labels_to_segmentation(
         context, labels, [LabelInfo(1, "brain", (0.9, 0.7, 0.6)), LabelInfo(2, "tumor", (0.2, 0.9, 0.2))], reference_volume=ct
     )
     affine = nodes.matrix_to_transform(context, np.diag([1.0, 1.0, 1.0, 1.0]) + np.eye(4, k=3) * 2.0, name="affine")
@@ -46,12 +47,12 @@ def test_mrb_round_trips_through_scene_load(context, oblique_grid, tmp_path):
     np.testing.assert_array_equal(array, original)
     assert np.abs(grid - oblique_grid).max() < 1e-5
 
-    loaded_labels, loaded_grid, table = nodes.segmentation_to_labels(other, by_name["Segmentation"], by_name["CT"])
+    loaded_labels, loaded_grid, table = segments.segmentation_to_labels(other, by_name["Segmentation"], by_name["CT"])
     assert [info.name for info in table] == ["brain", "tumor"]
     assert table[1].color == pytest.approx((0.2, 0.9, 0.2), abs=1e-4)
     np.testing.assert_array_equal(loaded_labels, labels)
 
-    np.testing.assert_allclose(nodes.transform_to_matrix(by_name["affine"]), nodes.transform_to_matrix(affine))
+    np.testing.assert_allclose(transform_to_matrix(by_name["affine"]), transform_to_matrix(affine))
     point = (oblique_grid @ [1, 1, 1, 1.0])[:3]
     np.testing.assert_allclose(nodes.transform_points(by_name["warp"], point), [point + [1.5, 0, 0]], atol=1e-5)
 
@@ -91,23 +92,23 @@ BAD_CALLS = {
         "NaN",
     ),
     "label shape mismatch": (
-        lambda c, ct, seg, g: nodes.labels_to_segmentation(c, np.ones((6, 8, 9), np.uint8), {1: "a"}, reference_volume=ct),
+        lambda c, ct, seg, g: segments.labels_to_segmentation(c, np.ones((6, 8, 9), np.uint8), {1: "a"}, reference_volume=ct),
         "does not match reference volume",
     ),
     "label value missing from table": (
-        lambda c, ct, seg, g: nodes.labels_to_segmentation(
+        lambda c, ct, seg, g: segments.labels_to_segmentation(
             c, np.where(np.arange(np.prod(SHAPE)).reshape(SHAPE) % 3 == 0, 4, 1).astype(np.uint8), {1: "brain"},
             reference_volume=ct, segmentation_node=seg,
         ),
         r"value\(s\) \[4\]",
     ),
-    "2D labels": (lambda c, ct, seg, g: nodes.labels_to_segmentation(c, np.ones((8, 10), np.uint8), {1: "a"}, ijk_to_ras=g), "3D array"),
+    "2D labels": (lambda c, ct, seg, g: segments.labels_to_segmentation(c, np.ones((8, 10), np.uint8), {1: "a"}, ijk_to_ras=g), "3D array"),
     "probabilities as labels": (
-        lambda c, ct, seg, g: nodes.labels_to_segmentation(c, np.full(SHAPE, 0.4), {1: "a"}, reference_volume=ct),
+        lambda c, ct, seg, g: segments.labels_to_segmentation(c, np.full(SHAPE, 0.4), {1: "a"}, reference_volume=ct),
         "non-integer",
     ),
     "unknown label to keep": (
-        lambda c, ct, seg, g: nodes.labels_to_segmentation(c, np.ones(SHAPE, np.uint8), {1: "a"}, reference_volume=ct, keep_labels=["b"]),
+        lambda c, ct, seg, g: segments.labels_to_segmentation(c, np.ones(SHAPE, np.uint8), {1: "a"}, reference_volume=ct, keep_labels=["b"]),
         "unknown label name",
     ),
     "matrix with NaN": (lambda c, ct, seg, g: nodes.matrix_to_transform(c, np.full((4, 4), np.nan)), "NaN"),

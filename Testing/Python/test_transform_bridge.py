@@ -11,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from DeepSegModuleLib import nodes, storage
+from node_readers import grid_transform_to_displacement, transform_to_matrix
 from DeepSegModuleLib.context import SceneContext
 
 LPS = np.array([-1.0, -1.0, 1.0])
@@ -85,7 +86,7 @@ def test_grid_transform_h5_is_read_by_simpleitk_and_slicer_the_same_way(context,
         p = (oblique_grid @ [i, j, k, 1.0])[:3]
         np.testing.assert_allclose(nodes.transform_points(reloaded, p)[0], p + field[k, j, i], atol=1e-4)
 
-    back, back_grid = nodes.grid_transform_to_displacement(reloaded)
+    back, back_grid = grid_transform_to_displacement(reloaded)
     np.testing.assert_allclose(back, field, atol=1e-5)
     np.testing.assert_allclose(back_grid, oblique_grid, atol=1e-5)
 
@@ -97,7 +98,7 @@ def test_linear_transform_node_and_h5(context, tmp_path):
     fixed_to_moving[:3, :3] = rotation("y", 12.0) @ np.diag([1.1, 0.95, 1.0])
     fixed_to_moving[:3, 3] = [4.0, -7.5, 2.25]
     node = nodes.matrix_to_transform(context, fixed_to_moving, name="affine")
-    np.testing.assert_allclose(nodes.transform_to_matrix(node), fixed_to_moving)
+    np.testing.assert_allclose(transform_to_matrix(node), fixed_to_moving)
 
     points = np.array([[0.0, 0.0, 0.0], [10.0, -20.0, 30.0], [-55.5, 12.0, 3.0]])
     expected = (fixed_to_moving @ np.c_[points, np.ones(3)].T).T[:, :3]
@@ -109,7 +110,7 @@ def test_linear_transform_node_and_h5(context, tmp_path):
         for p, q in zip(points, expected):
             np.testing.assert_allclose(np.array(itk_transform.TransformPoint((p * LPS).tolist())) * LPS, q, atol=1e-6)
         reloaded = storage.load_transform(SceneContext.headless(), path)
-        np.testing.assert_allclose(nodes.transform_to_matrix(reloaded), fixed_to_moving, atol=1e-9)
+        np.testing.assert_allclose(transform_to_matrix(reloaded), fixed_to_moving, atol=1e-9)
 
 
 def test_moving_volume_under_the_transform_appears_where_the_fixed_anatomy_is(context):

@@ -1,7 +1,7 @@
 """Runs engine calls in a persistent worker, streams progress, cancels, and survives worker crashes.
 
 A *task* is a plain function ``task(inputs, params, progress) -> outputs`` named by ``"module:function"``:
-``inputs`` and ``outputs`` are dicts whose numpy arrays cross between processes through shared memory (no
+``inputs`` and ``outputs`` are dicts (or dataclasses) whose numpy arrays cross between processes through shared memory (no
 file round trips) and whose other values are pickled; ``progress(stage, fraction, message="")`` reports
 progress and raises :class:`JobCancelled` once the job has been cancelled.
 
@@ -17,8 +17,6 @@ scripts) and writes results into the scene there.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import importlib
 import itertools
 import logging
@@ -34,15 +32,16 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from .shared_arrays import SHARED_MEMORY_PREFIX, pack, release_shared_memory, unpack
 
 logger = logging.getLogger(__name__)
 
-SHARED_MEMORY_PREFIX = "deepseg"
+__all__ = ["SHARED_MEMORY_PREFIX", "InProcessWorker", "Job", "JobCancelled", "JobEvent", "JobFailed", "JobState",
+           "ProcessWorker", "kill_all_workers", "release_shared_memory", "resolve_task"]
+
 
 
 class JobCancelled(Exception):
@@ -72,135 +71,6 @@ class JobEvent:
 
 
 ProgressCallback = Callable[..., None]
-
-
-# ------------------------------------------------------------------------------------ arrays in shared memory
-
-
-@dataclass(frozen=True)
-class SharedArray:
-    """A picklable reference to a numpy array held in a named shared-memory block."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-
-def _block_name(owner: str, index: str) -> str:
-    # Short names: macOS limits shared-memory names to 31 characters.
-    return f"{SHARED_MEMORY_PREFIX}_{owner}_{index}"
-
-
-def _open_block(name: str, size: int = 0) -> shared_memory.SharedMemory:
-    """Creates (``size`` > 0) or attaches a block that Python's resource tracker does not own.
-
-    DeepSeg frees every block itself (the receiver unlinks it; a job's leftovers are unlinked when it ends),
-    and the tracker would otherwise warn about, or unlink, blocks that have changed hands between processes.
-    """
-    create = size > 0
-    try:
-        return shared_memory.SharedMemory(name=name, create=create, size=size, track=False)
-    except TypeError:  # Python < 3.13: no track argument
-        block = shared_memory.SharedMemory(name=name, create=create, size=size)
-        try:
-            from multiprocessing import resource_tracker
-
-            resource_tracker.unregister(block._name, "shared_memory")  # the name the tracker knows
-        except Exception as error:  # noqa: BLE001 - tracking is only a safety net
-            logger.debug("could not untrack shared memory %s: %s", name, error)
-        return block
-
-
-def _share(array: np.ndarray, name: str) -> SharedArray:
-    array = np.ascontiguousarray(array)
-    block = _open_block(name, size=max(array.nbytes, 1))
-    try:
-        np.ndarray(array.shape, dtype=array.dtype, buffer=block.buf)[...] = array
-    finally:
-        block.close()
-    return SharedArray(name, tuple(array.shape), array.dtype.str)
-
-
-def _take(reference: SharedArray, unlink: bool) -> np.ndarray:
-    block = _open_block(reference.name)
-    try:
-        array = np.ndarray(reference.shape, dtype=np.dtype(reference.dtype), buffer=block.buf).copy()
-    finally:
-        block.close()
-        if unlink:
-            _unlink(reference.name)
-    return array
-
-
-def _unlink(name: str) -> None:
-    path = Path("/dev/shm") / name
-    if path.parent.is_dir():
-        path.unlink(missing_ok=True)
-        return
-    try:  # pragma: no cover - not Linux
-        block = _open_block(name)
-        block.close()
-        block.unlink()
-    except FileNotFoundError:  # pragma: no cover
-        pass
-
-
-def _with_fields(value: Any, convert: Callable[[Any], Any]) -> Any:
-    """A shallow copy of dataclass instance ``value`` with ``convert`` applied to each field (frozen ones too)."""
-    copied = copy.copy(value)
-    for item in dataclasses.fields(value):
-        object.__setattr__(copied, item.name, convert(getattr(value, item.name)))
-    return copied
-
-
-def _is_dataclass_instance(value: Any) -> bool:
-    return dataclasses.is_dataclass(value) and not isinstance(value, type)
-
-
-def _pack(values: Any, owner: str, direction: str) -> Any:
-    """Moves every numpy array (also inside lists, tuples, dicts and dataclasses) into shared memory blocks of
-    ``owner``; what is left is pickled."""
-    counter = itertools.count()
-
-    def pack(value: Any) -> Any:
-        if isinstance(value, np.ndarray) and value.dtype != object:
-            return _share(value, _block_name(owner, f"{direction}{next(counter)}"))
-        if isinstance(value, dict):
-            return {key: pack(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(pack(item) for item in value)
-        if _is_dataclass_instance(value):
-            return _with_fields(value, pack)
-        return value
-
-    return pack(values)
-
-
-def _unpack(values: Any, unlink: bool) -> Any:
-    if isinstance(values, SharedArray):
-        return _take(values, unlink)
-    if isinstance(values, dict):
-        return {key: _unpack(item, unlink) for key, item in values.items()}
-    if isinstance(values, (list, tuple)):
-        return type(values)(_unpack(item, unlink) for item in values)
-    if _is_dataclass_instance(values):
-        return _with_fields(values, lambda item: _unpack(item, unlink))
-    return values
-
-
-def release_shared_memory(owner: str) -> int:
-    """Unlinks every leftover shared-memory block of job ``owner`` (e.g. a job killed mid-transfer)."""
-    folder = Path("/dev/shm")
-    if not folder.is_dir():  # pragma: no cover - not Linux: blocks are unlinked one by one as they are read
-        return 0
-    removed = 0
-    for path in folder.glob(f"{SHARED_MEMORY_PREFIX}_{owner}_*"):
-        try:
-            path.unlink()
-            removed += 1
-        except FileNotFoundError:
-            pass
-    return removed
 
 
 def resolve_task(task: str) -> Callable:
@@ -406,11 +276,11 @@ def _worker_main(task_connection, event_connection) -> None:  # pragma: no cover
             event_connection.send(("progress", _job_id, stage, float(fraction), message))
 
         try:
-            inputs = _unpack(packed_inputs, unlink=False)
+            inputs = unpack(packed_inputs, unlink=False)
             outputs = resolve_task(task)(inputs, params, progress)
             if job_id in cancelled_jobs:
                 raise JobCancelled("cancelled by the user")
-            event_connection.send(("done", job_id, _pack(outputs, owner, "o")))
+            event_connection.send(("done", job_id, pack(outputs, owner, "o")))
         except JobCancelled:
             event_connection.send(("cancelled", job_id, "cancelled by the user"))
         except BaseException as error:  # noqa: BLE001 - every failure goes back as a message
@@ -532,7 +402,7 @@ class ProcessWorker:
             job = Job(id=uuid.uuid4().hex[:8], task=task)
             owner = f"{os.getpid()}x{next(self._serial)}"
             job._cancel = lambda: self._cancel(job)
-            packed = _pack(dict(inputs or {}), owner, "i")
+            packed = pack(dict(inputs or {}), owner, "i")
             self._jobs[job.id] = (job, owner)
             try:
                 self._task_connection.send(("run", job.id, owner, task, packed, dict(params or {})))
@@ -596,7 +466,7 @@ class ProcessWorker:
             entry = self._jobs.get(job_id)
             if entry is None:
                 if kind == "done":  # a job cancelled meanwhile: free what it sent back
-                    _unpack(message[2], unlink=True)
+                    unpack(message[2], unlink=True)
                 continue
             job = entry[0]
             if kind == "started":
@@ -610,7 +480,7 @@ class ProcessWorker:
                     job._report(JobEvent("log", stage, fraction, text))
             elif kind == "done":
                 try:
-                    outputs = _unpack(message[2], unlink=True)
+                    outputs = unpack(message[2], unlink=True)
                 except Exception as error:  # noqa: BLE001
                     self._finish(job, JobState.FAILED, error=f"could not read the job's results: {error}")
                 else:

@@ -1,0 +1,179 @@
+"""What every ``deepseg`` command shares: one-line errors, JSON or text output, argument checks that run before
+anything heavy is imported, model resolution, the logic factory and the progress bar."""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from .file_runs import json_default, suffix
+
+
+class CommandError(Exception):
+    """A failure to report in one line (exit code 1)."""
+
+
+def emit(summary: dict[str, Any], as_json: bool, lines: list[str]) -> None:
+    if as_json:
+        typer.echo(json.dumps({"ok": True, **summary}, indent=2, default=json_default))
+    else:
+        for line in lines:
+            typer.echo(line)
+
+
+def _fail(message: str, as_json: bool) -> None:
+    message = " ".join(str(message).split())  # one line, whatever the exception held
+    if as_json:
+        typer.echo(json.dumps({"ok": False, "error": message}))
+    else:
+        typer.echo(f"deepseg: error: {message}", err=True)
+    raise typer.Exit(code=1)
+
+
+@contextmanager
+def reported(as_json: bool):
+    """Turns the errors a user can fix into one line and exit code 1."""
+    from .jobs import JobCancelled, JobFailed
+    from .models.errors import ModelError
+    from .storage import StorageError
+
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except (CommandError, StorageError, JobFailed, JobCancelled, OSError, ValueError, KeyError, ModelError) as error:
+        text = error.args[0] if isinstance(error, KeyError) and error.args else error
+        _fail(str(text), as_json)
+
+
+def check_output(path: Path | None, allowed: tuple[str, ...], what: str) -> None:
+    """Fails before any work when an output cannot be written where the user asked."""
+    if path is None:
+        return
+    if suffix(path) not in allowed:
+        raise CommandError(f"{what} {path} must end in one of {', '.join(allowed)}")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise CommandError(f"output folder {folder} does not exist: create it or choose another {what}")
+    if not os.access(folder, os.W_OK):
+        raise CommandError(f"output folder {folder} is not writable: choose another {what}")
+
+
+def checked_options(options):
+    """The options object once its fields are valid (no torch), else the reason as the command's one line; CUDA
+    on a machine without a GPU is refused here too, before anything is read (torch: under 1 s)."""
+    try:
+        options.checked()
+    except ValueError as error:
+        raise CommandError(f"--{str(error).replace('_', '-')}") from None
+    device = str(options.device).strip().lower()
+    if device.startswith("cuda") and (not _torch_built_with_cuda() or not _cuda_available()):
+        raise CommandError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu or auto")
+    return options
+
+
+def _torch_built_with_cuda() -> bool:
+    """Whether the installed torch is a CUDA build, read from its version file (importing torch takes a second)."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    try:
+        text = (Path(list(spec.submodule_search_locations)[0]) / "version.py").read_text(encoding="utf-8")
+    except OSError:
+        return True  # cannot tell: let torch answer
+    match = re.search(r"^cuda\b[^=\n]*=\s*(.+)$", text, re.MULTILINE)
+    return match is None or match.group(1).strip() not in ("None", "''", '""')
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def check_input(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise CommandError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise CommandError(f"{what} {path} is a folder: pass an image file (.nii.gz, .nrrd, .mha)")
+    return path
+
+
+def resolve_model(model: str | None) -> Path:
+    """A model argument as a path (see :func:`~DeepSegModuleLib.models.store.resolve_model`); None is the default
+    model that ships with DeepSeg."""
+    from .models.store import ModelStore
+    from .models.store import resolve_model as resolve
+
+    return resolve(model, ModelStore())
+
+
+def logic_factory(worker=None):
+    """A factory of logics on a context; one case per command runs the engine in this process, while a batch
+    passes its persistent worker so the model stays loaded from case to case."""
+    from .jobs import InProcessWorker
+    from .logic import DeepSegLogic
+
+    shared = worker or InProcessWorker()
+    return lambda context: DeepSegLogic(context, shared)
+
+
+@contextmanager
+def progress_bar(quiet: bool):
+    """Yields an ``on_event`` callback that drives a progress bar (stage name, bar, time left) on stderr.
+
+    On a terminal it is a live rich progress bar; when stderr is a file or a pipe, one line per stage; with
+    ``--json`` (``quiet``) nothing, so standard output stays machine-readable.
+    """
+    if quiet:
+        yield lambda event: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        last_stage = [""]
+
+        def log_stage(event) -> None:
+            if event.kind == "progress" and event.stage != last_stage[0]:
+                last_stage[0] = event.stage
+                typer.echo(f"  {event.stage} ...", err=True)
+
+        yield log_stage
+        return
+    with Progress(TextColumn("{task.description:<16}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("starting", total=1.0)
+
+        def update(event) -> None:
+            if event.kind == "progress":
+                progress.update(task, description=event.stage, completed=event.fraction)
+
+        yield update
+
+
+def label_names(text: str | None) -> list[str] | None:
+    """``--labels a,b`` as names; None (all labels) when empty."""
+    names = [name.strip() for name in (text or "").split(",") if name.strip()]
+    return names or None
+
+
+def checked_registration(preset: str, device: str, inverse: bool = False):
+    """The registration options of the flags, checked before anything is read."""
+    from .registration.presets import RegistrationOptions, preset_names
+
+    options = RegistrationOptions(preset=preset, device=device, inverse=inverse)
+    try:
+        options.config()
+    except ValueError:
+        raise CommandError(f"unknown preset {preset!r}: choose one of {', '.join(preset_names())}") from None
+    return checked_options(options)

@@ -1,0 +1,193 @@
+"""One case from files to files, all or nothing: read the images, run the logic, write Slicer's own files.
+
+:func:`segment_files` and :func:`register_files` are what ``deepseg segment``/``register`` run for one case and what
+``deepseg batch`` runs for each case (with a worker shared by the cases). Outputs are checked and claimed through
+:mod:`~DeepSegModuleLib.outputs`: nothing is written unless the whole case succeeds, and nothing the run did not
+create is replaced.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .outputs import OutputSet
+
+LABEL_MAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+SEGMENTATION_SUFFIX = ".seg.nrrd"
+TRANSFORM_SUFFIXES = (".h5", ".tfm")
+
+
+def suffix(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in (SEGMENTATION_SUFFIX, ".nii.gz", ".nii", ".nrrd", ".mha", ".h5", ".tfm", ".json", ".png"):
+        if name.endswith(suffix):
+            return suffix
+    return path.suffix.lower()
+
+
+def json_default(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def segment_files(
+    logic_factory, inputs: list[Path], output: Path, model_path: Path, options, *, probabilities: Path | None = None,
+    preview: Path | None = None, on_event=None, outputs: OutputSet | None = None,
+) -> dict[str, Any]:
+    """One case: reads ``inputs``, segments with ``model_path`` and ``options`` (a
+    :class:`~DeepSegModuleLib.segmentation.options.SegmentationOptions`), writes ``output`` (and the probability
+    maps into the folder ``probabilities``, the ``preview``); all or nothing.
+
+    ``logic_factory(context)`` gives the :class:`DeepSegLogic` to run with (its worker may be shared by cases).
+    ``outputs`` holds the checked output paths (see :mod:`~DeepSegModuleLib.outputs`); by default the outputs are
+    checked here, with no file replaced.
+    """
+    if outputs is None:
+        outputs = OutputSet(inputs=[*inputs, model_path])
+        outputs.claim(output, "output")
+    from . import nodes, storage
+    from .context import SceneContext
+
+    context = SceneContext.headless()
+    volumes = [storage.load_volume(context, path) for path in inputs]
+    options = options.replace(probabilities=probabilities is not None)
+    outcome = logic_factory(context).start_segment(volumes, str(model_path), options, on_event=on_event).wait()
+    result = outcome.result
+    try:
+        if suffix(output) == SEGMENTATION_SUFFIX:
+            storage.save_node(context, outcome.segmentation, outputs.stage(output))
+        else:
+            storage.save_array_like_file(outputs.stage(output), result.labels, result.ijk_to_ras, like=inputs[0])
+        probability_files = {}
+        for name, node in outcome.probabilities.items():
+            path = probabilities / f"{_file_safe(name)}.nii.gz"
+            storage.save_node(context, node, outputs.stage(path))
+            probability_files[name] = str(path)
+        if preview is not None:
+            from .preview import write_preview
+
+            image, grid = nodes.volume_to_array(volumes[0])
+            write_preview(outputs.stage(preview), image, grid, result.labels, result.label_table,
+                          title=f"{inputs[0].name}: {model_path.name}")  # fmt: skip
+        outputs.commit()
+    except BaseException:
+        outputs.rollback()
+        raise
+    return {
+        "output": str(output),
+        "model": str(model_path),
+        "segments_ml": result.volumes_ml(),
+        "probabilities": probability_files,
+        **result.report(),
+    }
+
+
+def _file_safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "label"
+
+
+def register_files(
+    logic_factory, fixed: Path, moving: Path, output_transform: Path, options, *, output_volume: Path | None = None,
+    moving_segmentation: Path | None = None, output_segmentation: Path | None = None, fixed_mask: Path | None = None,
+    moving_mask: Path | None = None, inverse_transform: Path | None = None, report: Path | None = None,
+    preview: Path | None = None, outputs: OutputSet | None = None, on_event=None,
+):
+    """One pair: reads the images, registers ``moving`` to ``fixed`` with ``options`` (a
+    :class:`~DeepSegModuleLib.registration.presets.RegistrationOptions`), writes the transform (and the extras); all
+    or nothing. ``logic_factory(context)`` gives the :class:`DeepSegLogic` (its worker may be shared by cases);
+    ``outputs`` holds the checked output paths (by default they are checked here, with no file replaced).
+
+    Returns:
+        The summary (plain values, for JSON) and the :class:`~DeepSegModuleLib.registration.results.QualityReport`.
+    """
+    from . import nodes, storage
+    from .context import SceneContext
+
+    if outputs is None:
+        outputs = OutputSet(inputs=[p for p in (fixed, moving, moving_segmentation, fixed_mask, moving_mask) if p])
+        for path in (output_transform, inverse_transform, output_volume, output_segmentation, report, preview):
+            if path is not None:
+                outputs.claim(path)
+    options = options.replace(inverse=inverse_transform is not None)
+    context = SceneContext.headless()
+    fixed_node = storage.load_volume(context, fixed)
+    moving_node = storage.load_volume(context, moving)
+
+    def load_labels(path: Path | None):
+        if path is None:
+            return None
+        if suffix(path) == SEGMENTATION_SUFFIX:
+            return storage.load_segmentation(context, path)
+        return storage.load_volume(context, path, labelmap=True)
+
+    outcome = logic_factory(context).start_register(
+        fixed_node, moving_node, options, fixed_mask=load_labels(fixed_mask), moving_mask=load_labels(moving_mask),
+        moving_segmentation=load_labels(moving_segmentation), on_event=on_event,
+    ).wait()
+    check_points = _check_points(fixed_node)
+    mapped = nodes.transform_points(outcome.transform, check_points)
+    preset = options.preset if isinstance(options.preset, str) else "custom"
+    try:
+        storage.save_node(context, outcome.transform, outputs.stage(output_transform))
+        if inverse_transform is not None:
+            storage.save_node(context, outcome.inverse_transform, outputs.stage(inverse_transform))
+        if output_volume is not None:
+            storage.save_node(context, outcome.volume, outputs.stage(output_volume))
+        if output_segmentation is not None:
+            if suffix(output_segmentation) == SEGMENTATION_SUFFIX:
+                storage.save_node(context, outcome.segmentation, outputs.stage(output_segmentation))
+            else:
+                storage.save_array_like_file(
+                    outputs.stage(output_segmentation), outcome.outputs.propagated_labels, outcome.fixed_ijk_to_ras,
+                    like=fixed,
+                )
+        summary = {
+            "output_transform": str(output_transform),
+            "transform_kind": "linear" if outcome.transform.IsA("vtkMRMLLinearTransformNode") else "grid",
+            "preset": preset,
+            "check_points": {"fixed_ras": check_points.tolist(), "moving_ras": mapped.tolist()},
+            "quality": outcome.quality.as_dict(),
+            "device": outcome.outputs.device,
+        }
+        if report is not None:
+            outputs.stage(report).write_text(json.dumps(summary, indent=2, default=json_default), encoding="utf-8")
+        if preview is not None:
+            _write_registration_preview(outputs.stage(preview), fixed_node, moving_node, outcome.volume,
+                                        title=f"{fixed.name} and {moving.name}: {preset}")  # fmt: skip
+        outputs.commit()
+    except BaseException:
+        outputs.rollback()
+        raise
+    return summary, outcome.quality
+
+
+def _write_registration_preview(path: Path, fixed_node, moving_node, registered_node, title: str) -> Path:
+    from . import nodes
+    from .preview import write_registration_preview
+    from .segmentation.volume import VolumeArray, resample_onto
+
+    fixed, grid = nodes.volume_to_array(fixed_node, world=True)
+    moving, moving_grid = nodes.volume_to_array(moving_node, world=True)
+    before = resample_onto(VolumeArray(moving, moving_grid), VolumeArray(fixed, grid)).array
+    after, _ = nodes.volume_to_array(registered_node, world=True)
+    return write_registration_preview(path, fixed, before, after, grid, title=title)
+
+
+def _check_points(volume_node) -> np.ndarray:
+    """The fixed image's centre and points a quarter of the way in along each axis (RAS), for the report."""
+    from . import nodes
+
+    array, grid = nodes.volume_to_array(volume_node, world=True)
+    size = np.array(array.shape[::-1], dtype=float) - 1
+    fractions = np.array([[0.5, 0.5, 0.5], [0.25, 0.5, 0.5], [0.5, 0.25, 0.5], [0.5, 0.5, 0.25], [0.75, 0.75, 0.75]])
+    ijk = fractions * size
+    return (grid @ np.c_[ijk, np.ones(len(ijk))].T).T[:, :3]

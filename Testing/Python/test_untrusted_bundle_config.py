@@ -282,11 +282,11 @@ def test_every_allowed_argument_that_sounds_like_io_is_guarded_or_reviewed():
     import re
 
     from DeepSegModuleLib.models import bundle_allowlist as allow
-    from DeepSegModuleLib.models.bundle_config import _allowed
+    from DeepSegModuleLib.models.bundle_expressions import allowed_names
 
     sounds_like_io = re.compile(r"pretrain|download|url|path|file|reader|writer|dir$|save|load|progress|hub|cache")
     unreviewed = {}
-    for name, target in _allowed()[0].items():
+    for name, target in allowed_names()[0].items():
         try:
             parameters = inspect.signature(target).parameters
         except (TypeError, ValueError):

@@ -236,9 +236,9 @@ def test_a_file_reader_keyed_by_reference_gives_the_image_key(tmp_path):
 
 
 def test_a_lambda_keeps_working_call_after_call(tmp_path, monkeypatch):
-    from DeepSegModuleLib.models import bundle_config
+    from DeepSegModuleLib.models import bundle_expressions
 
-    monkeypatch.setattr(bundle_config, "MAX_EVALUATION_STEPS", 500)
+    monkeypatch.setattr(bundle_expressions, "MAX_EVALUATION_STEPS", 500)
     function = _resolve("$lambda x: sum([i for i in range(20)]) + x", tmp_path)
     assert [function(i) for i in range(100)][-1] == 190 + 99
 

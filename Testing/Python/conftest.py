@@ -46,3 +46,26 @@ def oblique_ijk_to_ras(
 @pytest.fixture(params=["RAS", "LPS"])
 def oblique_grid(request) -> np.ndarray:
     return oblique_ijk_to_ras(source=request.param)
+
+
+@pytest.fixture
+def broken_copy(tmp_path):
+    """A copy of the module folder, the .ui and the resources, for the checkers to find faults in."""
+    import shutil
+
+    from extension_checks import MODULE_DIR, MODULE_NAME, REPOSITORY
+
+    copy = tmp_path / "repo"
+    shutil.copytree(MODULE_DIR, copy / MODULE_NAME, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(REPOSITORY / "Resources", copy / "Resources")
+    return copy / MODULE_NAME
+
+
+@pytest.fixture
+def deepseg_module():
+    """The module file imported under Slicer's stubbed GUI (slicer_stubs.py), on slicer-core's real MRML."""
+    import slicer_stubs
+    from extension_checks import MODULE_FILE
+
+    with slicer_stubs.stubbed_slicer():
+        yield slicer_stubs.load_module_file(MODULE_FILE)

@@ -77,7 +77,7 @@ def test_the_default_model_finds_the_brain_of_the_template(default_model, templa
 
 
 def test_every_file_of_the_bundled_model_is_packaged_with_the_extension():
-    from test_extension_layout import MODULE_DIR, listed_resources
+    from extension_checks import MODULE_DIR, listed_resources
 
     folder = ModelStore().get(DEFAULT_MODEL_ID).path
     shipped = {f"models/{DEFAULT_MODEL_ID}/{path.name}" for path in folder.iterdir() if path.is_file()}

@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from test_extension_layout import MODULE_DIR, module_python_files
+from extension_checks import MODULE_DIR, module_python_files
 
 #: Standard-library modules Python 3.12 removed (PEP 594 and PEP 632), with what to use instead.
 REMOVED_IN_3_12 = {

@@ -69,3 +69,17 @@ def deepseg_module():
 
     with slicer_stubs.stubbed_slicer():
         yield slicer_stubs.load_module_file(MODULE_FILE)
+
+
+@pytest.fixture(scope="session")
+def mni() -> dict[str, np.ndarray]:
+    """The MNI152 T1 at 2 mm with its brain mask, in Slicer's (k, j, i) order."""
+    from nilearn import datasets
+
+    template = datasets.load_mni152_template(resolution=2)
+    brain = datasets.load_mni152_brain_mask(resolution=2)
+    return {
+        "image": np.asarray(template.get_fdata(), dtype=np.float32).transpose(2, 1, 0).copy(),
+        "brain": (np.asarray(brain.get_fdata()) > 0.5).transpose(2, 1, 0).copy(),
+        "ijk_to_ras": np.asarray(template.affine, dtype=np.float64),
+    }

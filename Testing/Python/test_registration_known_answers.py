@@ -1,142 +1,31 @@
-"""The registration engine against known answers, on a real MRI and on oblique anisotropic grids.
-
-The MNI152 T1 template (shipped inside nilearn, no download) is the moving image; the fixed image is
-that template sampled through a known mapping ``psi`` (fixed RAS point -> moving RAS point). The
-engine's ``phi`` must then reproduce ``psi``: that is the error a user would measure. Everything is
-checked with scipy's interpolation, independently of the engine's own warping code.
-"""
+"""The registration engine end to end against known answers: an affine plus smooth deformation of a real MRI, rigid
+motions, other contrasts, a brain-extracted template against a head, a cropped real T1, oblique anisotropic grids,
+folding reported and the TorchScript initialiser used. Each case moves the MNI152 T1 through a known ``psi`` and
+checks the engine's ``phi`` with scipy (see registration_cases.py)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from DeepSegModuleLib.registration import (
-    RegistrationCancelled,
-    deformation_quality,
-    get_preset,
-    jacobian_determinant,
-    register,
-)
-from DeepSegModuleLib.registration.geometry import (
-    Grid,
-    SliceStack,
-    grid_points,
-    integrate_velocity,
-    kji_voxel_to_normalized,
-    sample,
-)
-from DeepSegModuleLib.registration.similarity import mind_ssc
+from DeepSegModuleLib.registration import RegistrationCancelled, deformation_quality, register
 from scipy import ndimage
-
-# One thread: the CI machine's two cores are shared, and OpenMP threads that spin-wait on a busy
-# machine made these tests ten times slower with two threads than with one.
-torch.set_num_threads(1)
-
-FIXED_SPACING_MM = 3.0
-
-
-# ----------------------------------------------------------------------------------------------
-# Helpers (independent of the engine)
-
-
-def rotation_xyz(degrees: tuple[float, float, float]) -> np.ndarray:
-    ax, ay, az = np.deg2rad(degrees)
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
-def voxel_centres_ras(shape_kji: tuple[int, int, int], ijk_to_ras: np.ndarray) -> np.ndarray:
-    """``(k, j, i, 3)`` RAS positions of a grid's voxel centres."""
-    k, j, i = np.meshgrid(*[np.arange(n) for n in shape_kji], indexing="ij")
-    ijk1 = np.stack([i, j, k, np.ones_like(i)], axis=-1).astype(np.float64)
-    return (ijk1 @ ijk_to_ras.T)[..., :3]
-
-
-def sample_at_ras(volume_kji: np.ndarray, ijk_to_ras: np.ndarray, points_ras: np.ndarray, order: int = 1) -> np.ndarray:
-    """scipy interpolation of a (k, j, i) volume at RAS points (zero outside, like grid_sample's zeros)."""
-    ijk = (points_ras - ijk_to_ras[:3, 3]) @ np.linalg.inv(ijk_to_ras[:3, :3]).T
-    coordinates = np.stack([ijk[..., 2], ijk[..., 1], ijk[..., 0]])
-    return ndimage.map_coordinates(volume_kji, coordinates, order=order, mode="grid-constant", cval=0.0)
-
-
-def apply_4x4(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    return points @ matrix[:3, :3].T + matrix[:3, 3]
-
-
-def rotation_angle_degrees(rotation: np.ndarray) -> float:
-    return float(np.degrees(np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1.0, 1.0))))
-
-
-@pytest.fixture(scope="module")
-def mni() -> dict[str, np.ndarray]:
-    """The MNI152 T1 at 2 mm with its brain mask, in Slicer's (k, j, i) order."""
-    from nilearn import datasets
-
-    template = datasets.load_mni152_template(resolution=2)
-    brain = datasets.load_mni152_brain_mask(resolution=2)
-    return {
-        "image": np.asarray(template.get_fdata(), dtype=np.float32).transpose(2, 1, 0).copy(),
-        "brain": (np.asarray(brain.get_fdata()) > 0.5).transpose(2, 1, 0).copy(),
-        "ijk_to_ras": np.asarray(template.affine, dtype=np.float64),
-    }
-
-
-def fixed_grid_over(mni: dict[str, np.ndarray], spacing: float) -> tuple[tuple[int, int, int], np.ndarray]:
-    """An axis-aligned grid of ``spacing`` mm over the template's field of view."""
-    extent = (np.array(mni["image"].shape[::-1]) - 1) * np.linalg.norm(mni["ijk_to_ras"][:3, :3], axis=0)
-    sizes = (np.floor(extent / spacing) + 1).astype(int)
-    ijk_to_ras = np.eye(4)
-    ijk_to_ras[:3, :3] = np.diag([spacing] * 3)
-    ijk_to_ras[:3, 3] = mni["ijk_to_ras"][:3, 3]
-    return tuple(int(n) for n in sizes[::-1]), ijk_to_ras  # type: ignore[return-value]
-
-
-def make_known_case(mni: dict[str, np.ndarray], linear: np.ndarray, displacement_mm: float, seed: int) -> dict:
-    """Fixed image = template sampled at ``psi(p) = linear @ (p + d_true(p))`` on a 3 mm grid."""
-    shape, fixed_ijk_to_ras = fixed_grid_over(mni, FIXED_SPACING_MM)
-    points = voxel_centres_ras(shape, fixed_ijk_to_ras)
-    displacement = np.zeros(shape + (3,))
-    if displacement_mm > 0:
-        rng = np.random.default_rng(seed)
-        coarse = rng.normal(size=(5, 5, 5, 3))
-        zoom = np.array(shape) / 5.0
-        displacement = np.stack(
-            [ndimage.zoom(coarse[..., c], zoom, order=3)[: shape[0], : shape[1], : shape[2]] for c in range(3)],
-            axis=-1,
-        )
-        displacement *= displacement_mm / np.linalg.norm(displacement, axis=-1).max()
-    truth = apply_4x4(linear, points + displacement)
-    fixed = sample_at_ras(mni["image"], mni["ijk_to_ras"], truth, order=3).astype(np.float32)
-    fixed_brain = sample_at_ras(mni["brain"].astype(np.float32), mni["ijk_to_ras"], truth, order=0) > 0.5
-    return {
-        "fixed": fixed,
-        "fixed_ijk_to_ras": fixed_ijk_to_ras,
-        "points": points,
-        "truth": truth,
-        "brain": fixed_brain,
-        "true_displacement": displacement,
-    }
-
-
-def brain_centre(mni: dict[str, np.ndarray]) -> np.ndarray:
-    points = voxel_centres_ras(mni["brain"].shape, mni["ijk_to_ras"])
-    return points[mni["brain"]].mean(axis=0)
-
-
-def linear_about(centre: np.ndarray, matrix: np.ndarray, translation: np.ndarray) -> np.ndarray:
-    transform = np.eye(4)
-    transform[:3, :3] = matrix
-    transform[:3, 3] = centre - matrix @ centre + translation
-    return transform
+from registration_cases import (
+    FIXED_SPACING_MM,
+    apply_4x4,
+    brain_centre,
+    linear_about,
+    make_known_case,
+    oblique_grid,
+    phantom,
+    rotation_angle_degrees,
+    rotation_xyz,
+    sample_at_ras,
+    voxel_centres_ras,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,18 +214,6 @@ def test_multimodal_preset_registers_inverted_contrast_that_ncc_warns_about(rigi
         case["brain"]
     ]
     assert np.median(error) < 1.0, f"median error {np.median(error):.2f} mm with mutual information"
-
-
-def test_mind_descriptors_ignore_scaled_shifted_and_negated_intensities(mni):
-    """What makes MIND a multimodal measure: the same anatomy in another contrast gets the same descriptor."""
-    image = torch.as_tensor(mni["image"][::2, ::2, ::2].copy())[None, None]
-    descriptor = mind_ssc(image)
-    assert descriptor.shape == (1, 12, *image.shape[2:])
-    assert torch.allclose(mind_ssc(5.0 - 3.0 * image), descriptor, atol=1e-4)
-    # ... while a different anatomy (the image shifted by two voxels) gets a different one.
-    moved = torch.roll(image, 2, dims=2)
-    brain = torch.as_tensor(mni["brain"][::2, ::2, ::2].copy())[None, None]
-    assert float(((mind_ssc(moved) - descriptor) ** 2)[brain.expand_as(descriptor)].mean()) > 0.01
 
 
 def test_multimodal_preset_recovers_a_deformation_against_another_contrast(deformable_case, mni):
@@ -548,174 +425,7 @@ def test_a_small_t1_registers_to_the_template_in_few_iterations_without_a_modali
 
 
 # ----------------------------------------------------------------------------------------------
-# Numerical building blocks
-
-
-def test_scaling_and_squaring_matches_monai_dvf2ddf():
-    """exp(v) in grid_sample units is MONAI's DVF2DDF (voxel units, border padding), the documented model."""
-    from monai.networks.blocks import DVF2DDF
-
-    # A smooth field of a few voxels on a 9 x 12 x 10 grid, (k, j, i) voxel components.
-    shape = (9, 12, 10)
-    coarse = np.random.default_rng(0).normal(size=(3, 3, 4, 4))
-    velocity_voxels = torch.as_tensor(
-        np.stack(
-            [
-                ndimage.zoom(coarse[c], np.array(shape) / np.array(coarse.shape[1:]), order=1)[:9, :12, :10]
-                for c in range(3)
-            ]
-        )
-        * 2.0
-    )[None].float()
-    assert tuple(velocity_voxels.shape[2:]) == shape
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # MONAI notes that it falls back to torch's grid_sample
-        expected = DVF2DDF(num_steps=7, mode="bilinear", padding_mode="border")(velocity_voxels)
-    to_normalized = torch.as_tensor(kji_voxel_to_normalized(shape), dtype=torch.float32)
-    velocity = torch.einsum("ab,nbdhw->nadhw", to_normalized, velocity_voxels)
-    displacement = torch.einsum("ab,nbdhw->nadhw", torch.linalg.inv(to_normalized), integrate_velocity(velocity, 7))
-    assert float(expected.abs().max()) > 1.0  # a displacement of voxels, not a trivial one
-    np.testing.assert_allclose(displacement.numpy(), expected.numpy(), atol=1e-4)
-
-
-def test_sampling_split_across_threads_matches_grid_sample():
-    """With several threads the points are split into batch items; values and gradients stay grid_sample's."""
-    # Too many slices for a slice stack: the 3D kernel, split across threads, samples it.
-    volume = torch.rand(1, 2, 300, 120, 4)
-    assert not SliceStack.suits(volume)
-    points = (torch.rand(1, 30, 40, 41, 3) * 2.2 - 1.1).requires_grad_(True)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        split = sample(volume, points)
-        (split_gradient,) = torch.autograd.grad((split * split).sum(), points)
-    finally:
-        torch.set_num_threads(threads)
-    expected = torch.nn.functional.grid_sample(
-        volume, points, mode="bilinear", padding_mode="zeros", align_corners=True
-    )
-    (expected_gradient,) = torch.autograd.grad((expected * expected).sum(), points)
-    assert split.shape == expected.shape
-    torch.testing.assert_close(split, expected)
-    torch.testing.assert_close(split_gradient, expected_gradient)
-
-
-@pytest.mark.parametrize("shape", [(11, 13, 12), (1, 7, 9), (6, 1, 5), (5, 4, 1)])
-@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
-def test_slice_stack_samples_as_grid_sample(shape, padding_mode):
-    """The 2D sampler on stacked slices gives grid_sample's trilinear values and point gradients, and its nearest values."""
-    generator = torch.Generator().manual_seed(1)
-    volume = torch.rand(1, 2, *shape, generator=generator, dtype=torch.float64)
-    # Points well beyond every edge too, where zeros padding must not reach into a neighbouring slice.
-    points = (torch.rand(1, 9, 10, 11, 3, generator=generator, dtype=torch.float64) * 3.0 - 1.5).requires_grad_(True)
-    stack = SliceStack(volume)
-    values = sample(stack, points, padding_mode=padding_mode)
-    (gradient,) = torch.autograd.grad((values * values).sum(), points)
-    expected = torch.nn.functional.grid_sample(volume, points, padding_mode=padding_mode, align_corners=True)
-    (expected_gradient,) = torch.autograd.grad((expected * expected).sum(), points)
-    assert values.shape == expected.shape
-    torch.testing.assert_close(values, expected)
-    torch.testing.assert_close(gradient, expected_gradient)
-
-    labels = torch.randint(0, 4, (1, 1, *shape), generator=generator).double()
-    with torch.no_grad():
-        nearest = sample(SliceStack(labels), points, mode="nearest")
-        expected_nearest = torch.nn.functional.grid_sample(labels, points, mode="nearest", align_corners=True)
-    assert torch.equal(nearest, expected_nearest)
-
-
-def test_grid_points_are_the_voxel_centres_in_the_frame():
-    grid = Grid(
-        (5, 6, 7), np.array([[0.9, 0.1, 0.0, 3.0], [0.0, 1.1, 0.2, -4.0], [0.1, 0.0, 2.0, 5.0], [0, 0, 0, 1.0]])
-    )
-    to_frame = np.diag([0.5, 2.0, 1.0, 1.0])
-    to_frame[:3, 3] = [1.0, -2.0, 0.5]
-    k, j, i = np.meshgrid(np.arange(5), np.arange(6), np.arange(7), indexing="ij")
-    expected = (np.stack([i, j, k, np.ones_like(i)], axis=-1) @ (to_frame @ grid.ijk_to_ras).T)[..., :3]
-    np.testing.assert_allclose(grid_points(grid, to_frame, torch.device("cpu")).numpy(), expected, atol=1e-5)
-    np.testing.assert_allclose(
-        grid_points(grid, to_frame, torch.device("cpu"), (2, 4)).numpy(), expected[2:4], atol=1e-5
-    )
-
-
-def test_small_optimisation_loops_run_on_one_thread_and_the_setting_comes_back(monkeypatch):
-    """Loops over small tensors run single-threaded (thread wake-ups cost more than they save); the caller's count returns."""
-    rng = np.random.default_rng(0)
-    image = np.zeros((24, 24, 24), np.float32)
-    image[6:18, 5:19, 7:17] = 1
-    image += 0.1 * rng.random(image.shape).astype(np.float32)
-    counts = []
-    original = torch.set_num_threads
-    threads = torch.get_num_threads()
-    try:
-        original(2)
-        monkeypatch.setattr(torch, "set_num_threads", lambda n: (counts.append(n), original(n))[1])
-        register(
-            image,
-            np.eye(4),
-            np.roll(image, 1, axis=0),
-            np.eye(4),
-            "deformable fast",
-            device="cpu",
-            linear_iterations=(5, 5),
-            deformable_iterations=(5,),
-        )
-        assert torch.get_num_threads() == 2
-    finally:
-        original(threads)
-    # One thread for each linear stage and deformable level, two again after each.
-    assert counts == [1, 2] * 3, counts
-
-
-def test_a_registration_imports_neither_monai_nor_torch_dynamo():
-    """Importing either takes seconds, longer than registering a 2 mm brain; NCC presets need neither."""
-    script = (
-        "import sys, numpy as np\n"
-        "from DeepSegModuleLib.registration import register\n"
-        "rng = np.random.default_rng(0)\n"
-        "image = np.zeros((24, 24, 24), np.float32); image[6:18, 5:19, 7:17] = 1\n"
-        "image += 0.1 * rng.random(image.shape).astype(np.float32)\n"
-        "register(image, np.eye(4), np.roll(image, 1, axis=0), np.eye(4), 'deformable fast', device='cpu',\n"
-        "         linear_iterations=(5, 5), deformable_iterations=(5,))\n"
-        "print(sorted(m for m in ('monai', 'torch._dynamo') if m in sys.modules))\n"
-    )
-    library = Path(__file__).resolve().parents[2] / "DeepSegModule"
-    completed = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=library,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert completed.stdout.strip().splitlines()[-1] == "[]", completed.stdout + completed.stderr
-
-
-# ----------------------------------------------------------------------------------------------
 # Oblique, anisotropic grids: the RAS conventions
-
-
-def phantom(points_ras: np.ndarray) -> np.ndarray:
-    """A smooth, asymmetric object defined in RAS mm (so any grid can sample it exactly)."""
-    blobs = [
-        ((0.0, 0.0, 0.0), (14.0, 10.0, 8.0), 1.0),
-        ((9.0, 6.0, -4.0), (4.0, 5.0, 3.0), 0.8),
-        ((-8.0, 4.0, 6.0), (3.0, 3.0, 6.0), -0.6),
-        ((2.0, -9.0, 3.0), (5.0, 2.5, 3.0), 0.7),
-    ]
-    value = np.zeros(points_ras.shape[:-1])
-    for centre, widths, weight in blobs:
-        offsets = (points_ras - np.array(centre)) / np.array(widths)
-        value += weight * np.exp(-0.5 * np.sum(offsets**2, axis=-1))
-    return value.astype(np.float32)
-
-
-def oblique_grid(spacing, degrees, shape_kji, centre_ras) -> np.ndarray:
-    ijk_to_ras = np.eye(4)
-    ijk_to_ras[:3, :3] = rotation_xyz(degrees) @ np.diag(spacing)
-    middle = (np.array(shape_kji[::-1]) - 1) / 2
-    ijk_to_ras[:3, 3] = np.array(centre_ras) - ijk_to_ras[:3, :3] @ middle
-    return ijk_to_ras
 
 
 def test_translation_in_ras_mm_is_recovered_on_oblique_anisotropic_grids():
@@ -836,75 +546,3 @@ def test_heavy_folding_is_reported_with_a_warning(rigid_case, mni):
         fixed, fixed_ijk_to_ras, mni["image"], mni["ijk_to_ras"], "deformable fast", device="cpu", **settings
     )
     assert diffeomorphic.quality.folding_percent < 0.5
-
-
-def test_jacobian_of_a_known_field_on_an_oblique_grid():
-    ijk_to_ras = oblique_grid((1.2, 1.0, 2.0), (20.0, -15.0, 30.0), (10, 12, 14), (0.0, 0.0, 0.0))
-    points = voxel_centres_ras((10, 12, 14), ijk_to_ras)
-    # d(p) = (G - I) p has the constant Jacobian G whatever the grid's orientation.
-    stretch = np.array([[1.2, 0.1, 0.0], [0.0, 0.9, 0.05], [0.0, 0.0, 1.1]])
-    determinant = jacobian_determinant((points @ (stretch - np.eye(3)).T).astype(np.float32), ijk_to_ras)
-    np.testing.assert_allclose(determinant, np.linalg.det(stretch), rtol=1e-4)
-    mirrored = np.diag([-1.0, 1.0, 1.0])
-    assert deformation_quality(points @ (mirrored - np.eye(3)).T, ijk_to_ras)["folding_percent"] == 100.0
-
-
-# ----------------------------------------------------------------------------------------------
-# Bad input
-
-
-def small_volume(seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).random((16, 16, 16)).astype(np.float32)
-
-
-def test_2d_input_is_refused_with_advice():
-    with pytest.raises(ValueError, match="3D volume"):
-        register(np.ones((64, 64), np.float32), np.eye(4), small_volume(), np.eye(4), "rigid")
-    with pytest.raises(ValueError, match="3D volume"):
-        register(np.ones((1, 64, 64), np.float32), np.eye(4), small_volume(), np.eye(4), "rigid")
-
-
-def test_empty_mask_is_refused():
-    with pytest.raises(ValueError, match="fixed_mask is empty"):
-        register(small_volume(), np.eye(4), small_volume(1), np.eye(4), "rigid", fixed_mask=np.zeros((16, 16, 16)))
-    with pytest.raises(ValueError, match="moving_mask is empty"):
-        register(
-            small_volume(), np.eye(4), small_volume(1), np.eye(4), "rigid", moving_mask=np.zeros((16, 16, 16), bool)
-        )
-
-
-def test_images_that_do_not_overlap_are_refused_unless_aligned_first():
-    far_away = np.eye(4)
-    far_away[:3, 3] = (500.0, 0.0, 0.0)
-    with pytest.raises(ValueError, match="do not overlap"):
-        register(small_volume(), np.eye(4), small_volume(1), far_away, "rigid", initial_alignment="none")
-
-
-def test_unknown_preset_and_parameter_are_refused():
-    with pytest.raises(ValueError, match="unknown registration preset"):
-        get_preset("syn")
-    with pytest.raises(ValueError, match="unknown registration parameter"):
-        get_preset("rigid", learning_rate=1.0)
-    with pytest.raises(ValueError, match="stages"):
-        get_preset("rigid", stages=("deformable", "rigid"))
-    assert get_preset("Deformable_Fast", regularization_weight=3.0).regularization_weight == 3.0
-
-
-def test_unusable_device_and_initial_transform_are_refused():
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA GPU"):
-            register(small_volume(), np.eye(4), small_volume(1), np.eye(4), "rigid", device="cuda")
-    with pytest.raises(ValueError, match="invertible 4x4"):
-        register(
-            small_volume(), np.eye(4), small_volume(1), np.eye(4), "rigid", initial_fixed_to_moving_ras=np.zeros((4, 4))
-        )
-    with pytest.raises(ValueError, match="corresponding"):
-        register(
-            small_volume(),
-            np.eye(4),
-            small_volume(1),
-            np.eye(4),
-            "rigid",
-            fixed_landmarks_ras=np.zeros((3, 3)),
-            moving_landmarks_ras=np.zeros((4, 3)),
-        )

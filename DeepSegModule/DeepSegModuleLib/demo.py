@@ -28,6 +28,7 @@ import numpy as np
 from . import nodes, segments, storage
 from .context import SceneContext
 from .labels import BRAIN_TERMS, LabelInfo
+from .models.store import DEFAULT_MODEL_ID
 from .preview import write_preview
 
 TISSUE_LABELS = [
@@ -105,8 +106,7 @@ def _build_demo(
 ) -> dict:
     from .jobs import InProcessWorker
     from .logic import DeepSegLogic
-    from .models.store import DEFAULT_MODEL_ID, ModelStore
-    from .preview import write_checkerboard
+    from .models.store import ModelStore
     from .registration.presets import RegistrationOptions
     from .segmentation.options import SegmentationOptions
 
@@ -132,16 +132,7 @@ def _build_demo(
     subject = storage.load_volume(context, subject_t1_file(), name="subject T1")
     lap("read MRIs and tissue maps", "making the template's tissue segments")
 
-    _, template_grid = nodes.volume_to_array(template)
-    probabilities = np.stack([nodes.volume_to_array(grey)[0], nodes.volume_to_array(white)[0]]).astype(np.float32)
-    probabilities = np.clip(probabilities / max(float(probabilities.max()), 1e-6), 0.0, 1.0)
-    background = np.clip(1.0 - probabilities.sum(axis=0), 0.0, 1.0)
-    labels = np.argmax(np.concatenate([background[None], probabilities]), axis=0).astype(np.uint8)
-    for node, probability in zip((grey, white), probabilities):
-        nodes.probability_to_volume(context, probability, template_grid, node=node)
-    template_tissues = segments.labels_to_segmentation(
-        context, labels, TISSUE_LABELS, reference_volume=template, name="MNI152 tissues"
-    )
+    labels, template_tissues = _template_tissues(context, template, grey, white)
     lap("template tissue segments", f"registering the template to the subject ({preset})")
 
     logic = DeepSegLogic(context, InProcessWorker())
@@ -158,8 +149,6 @@ def _build_demo(
     model_tissues.SetName(f"MNI152 tissues ({DEFAULT_MODEL_ID} model)")
     lap(f"segment the template with the {DEFAULT_MODEL_ID} model", "writing the files and the scene")
 
-    subject_array, subject_grid = nodes.volume_to_array(subject)
-    subject_labels = outcome.outputs.propagated_labels
     saved = {
         "subject": subject, "template": template, "template segmentation": template_tissues,
         "transform": outcome.transform, "registered template": outcome.volume,
@@ -170,32 +159,66 @@ def _build_demo(
     storage.save_scene_bundle(context, outputs.stage(claimed["scene"]))
     written = {kind: claimed[kind] for kind in (*saved, "scene")}
     lap("write files and scene", "drawing the pictures")
-    table = outcome.label_table
-    write_preview(
-        outputs.stage(claimed["preview"]), subject_array, subject_grid, subject_labels, table,
-        title="Subject T1 with tissue segments carried over from the MNI152 template",
+    _write_pictures(outputs, claimed, subject, template, outcome, segmented)
+    written.update({kind: claimed[kind] for kind in ("preview", "segmentation preview", "registration preview")})
+    lap("pictures")
+
+    summary = _summary(subject, template, labels, outcome, segmented)
+    return {
+        "inputs": {"subject": str(subject_t1_file()), "template": str(files["t1"])},
+        "preset": preset,
+        "model": str(model_path),
+        **summary,
+        "files": {kind: str(path) for kind, path in written.items()},
+        "timings_s": timings,
+    }
+
+
+def _template_tissues(context: SceneContext, template: Any, grey: Any, white: Any) -> tuple[np.ndarray, Any]:
+    """The template's grey and white matter maps as a label map (the larger probability, above the rest) and as a
+    segmentation on the template; the maps become 0..1 probability volumes."""
+    _, template_grid = nodes.volume_to_array(template)
+    probabilities = np.stack([nodes.volume_to_array(grey)[0], nodes.volume_to_array(white)[0]]).astype(np.float32)
+    probabilities = np.clip(probabilities / max(float(probabilities.max()), 1e-6), 0.0, 1.0)
+    background = np.clip(1.0 - probabilities.sum(axis=0), 0.0, 1.0)
+    labels = np.argmax(np.concatenate([background[None], probabilities]), axis=0).astype(np.uint8)
+    for node, probability in zip((grey, white), probabilities):
+        nodes.probability_to_volume(context, probability, template_grid, node=node)
+    tissues = segments.labels_to_segmentation(
+        context, labels, TISSUE_LABELS, reference_volume=template, name="MNI152 tissues"
     )
-    model_labels, model_table = segmented.result.labels, segmented.result.label_table
-    template_array, _ = nodes.volume_to_array(template)
+    return labels, tissues
+
+
+def _write_pictures(outputs: Any, claimed: dict[str, Path], subject: Any, template: Any, outcome: Any, segmented: Any) -> None:
+    """The subject with the carried-over tissues, the template with the model's, and the registration's checkerboard."""
+    from .preview import write_checkerboard
+
+    subject_array, subject_grid = nodes.volume_to_array(subject)
+    template_array, template_grid = nodes.volume_to_array(template)
     write_preview(
-        outputs.stage(claimed["segmentation preview"]), template_array, template_grid, model_labels, model_table,
-        title=f"MNI152 T1 segmented by DeepSeg's bundled {DEFAULT_MODEL_ID} model",
-    )
+        outputs.stage(claimed["preview"]), subject_array, subject_grid, outcome.outputs.propagated_labels,
+        outcome.label_table, title="Subject T1 with tissue segments carried over from the MNI152 template",
+    )  # fmt: skip
+    write_preview(
+        outputs.stage(claimed["segmentation preview"]), template_array, template_grid, segmented.result.labels,
+        segmented.result.label_table, title=f"MNI152 T1 segmented by DeepSeg's bundled {DEFAULT_MODEL_ID} model",
+    )  # fmt: skip
     registered, _ = nodes.volume_to_array(outcome.volume)
     write_checkerboard(
         outputs.stage(claimed["registration preview"]), subject_array, registered, subject_grid,
         title="Checkerboard: subject T1 and the registered MNI152 template",
     )
-    written.update({kind: claimed[kind] for kind in ("preview", "segmentation preview", "registration preview")})
-    lap("pictures")
 
-    voxel_ml = abs(np.linalg.det(subject_grid[:3, :3])) / 1000.0
-    template_ml = abs(np.linalg.det(template_grid[:3, :3])) / 1000.0
+
+def _summary(subject: Any, template: Any, labels: np.ndarray, outcome: Any, segmented: Any) -> dict:
+    """Segment volumes on both images, the model's agreement with the template's own tissue maps, folding, device."""
+    subject_labels, table = outcome.outputs.propagated_labels, outcome.label_table
+    model_labels, model_table = segmented.result.labels, segmented.result.label_table
+    voxel_ml = abs(np.linalg.det(nodes.volume_to_array(subject)[1][:3, :3])) / 1000.0
+    template_ml = abs(np.linalg.det(nodes.volume_to_array(template)[1][:3, :3])) / 1000.0
     return {
-        "inputs": {"subject": str(subject_t1_file()), "template": str(files["t1"])},
-        "preset": preset,
         "subject_segments_ml": {info.name: round(float((subject_labels == info.value).sum() * voxel_ml), 1) for info in table},
-        "model": str(model_path),
         "template_segments_ml": {
             info.name: round(float((model_labels == info.value).sum() * template_ml), 1) for info in model_table
         },
@@ -209,6 +232,4 @@ def _build_demo(
         },
         "folding_percent": outcome.quality.folding_percent,
         "device": outcome.outputs.device,
-        "files": {kind: str(path) for kind, path in written.items()},
-        "timings_s": timings,
     }

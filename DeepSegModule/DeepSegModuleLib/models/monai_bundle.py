@@ -212,50 +212,8 @@ def load_monai_bundle(
     else:
         parser = safe
     try:
-        weights = _weights(bundle)
-        if weights.suffix == ".ts":
-            from DeepSegModuleLib.models.torchscript_check import load_checked_torchscript
-
-            network = load_checked_torchscript(weights, map_location=device)
-        else:
-            network = parser.get_parsed_content("network_def", instantiate=True)
-            state = _load_state_dict(weights)
-            try:
-                network.load_state_dict(state, strict=True)
-            except RuntimeError as error:
-                raise ModelFileError(
-                    f"{weights} does not match the bundle's network_def ({str(error).splitlines()[0]}); the weights "
-                    "belong to another version of this bundle"
-                ) from error
-            network.to(device)
-        network.eval()
-        labels, channels = _labels_from_metadata(metadata, bundle)
-        # the built inferer carries the config's values after references and expressions are resolved
-        inferer = parser.get_parsed_content("inferer", instantiate=True) if "inferer" in parser else None
-        roi = getattr(inferer, "roi_size", None)
-        inputs_meta = metadata.get("network_data_format", {}).get("inputs", {})
-        image_meta = inputs_meta.get("image") or next(iter(inputs_meta.values()), {})
-        if roi is None or isinstance(roi, str):
-            roi = image_meta.get("spatial_shape", [96, 96, 96])
-        try:
-            roi = [int(r) for r in roi]
-        except (TypeError, ValueError):
-            raise ModelFormatError(f"{config_path}: the inferer's roi_size {roi!r} is not a list of integers") from None
-        channel_names = image_meta.get("channel_def") or {"0": image_meta.get("modality", "image")}
-        description = ModelDescription(
-            name=str(metadata.get("name") or bundle.name),
-            format=ModelFormat.MONAI_BUNDLE,
-            inputs=[
-                InputSpec(name=str(name), modality=str(image_meta.get("modality", "")))
-                for name in channel_names.values()
-            ],
-            labels=labels,
-            channel_to_label=channels,
-            patch_size=tuple(roi),
-            overlap=float(getattr(inferer, "overlap", 0.25)),
-            sw_batch_size=int(getattr(inferer, "sw_batch_size", 1)),
-            source=str(bundle),
-        )
+        network = _network(parser, bundle, device)
+        description = _description(parser, metadata, bundle, config_path)
         processing = BundleProcessing(parser)
     except (ModelFormatError, ModelFileError):
         raise
@@ -273,7 +231,7 @@ def load_monai_bundle(
         network.to(target)
         return network
 
-    model = LoadedModel(
+    return LoadedModel(
         description=description,
         predictor=network,
         device=device,
@@ -282,7 +240,59 @@ def load_monai_bundle(
         load_seconds=time.perf_counter() - started,
         bundle=processing,
     )
-    return model
+
+
+def _network(parser: Any, bundle: Path, device: torch.device) -> torch.nn.Module:
+    """The bundle's network with its weights (a checked TorchScript file, or the config's network_def and a
+    weights-only state dict), in evaluation mode on ``device``."""
+    weights = _weights(bundle)
+    if weights.suffix == ".ts":
+        from DeepSegModuleLib.models.torchscript_check import load_checked_torchscript
+
+        network = load_checked_torchscript(weights, map_location=device)
+    else:
+        network = parser.get_parsed_content("network_def", instantiate=True)
+        state = _load_state_dict(weights)
+        try:
+            network.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            raise ModelFileError(
+                f"{weights} does not match the bundle's network_def ({str(error).splitlines()[0]}); the weights "
+                "belong to another version of this bundle"
+            ) from error
+        network.to(device)
+    network.eval()
+    return network
+
+
+def _description(parser: Any, metadata: Mapping[str, Any], bundle: Path, config_path: Path) -> ModelDescription:
+    """Inputs and labels from the bundle's metadata; window size, overlap and window batch from its built inferer
+    (which carries the config's values after references and expressions are resolved)."""
+    labels, channels = _labels_from_metadata(metadata, bundle)
+    inferer = parser.get_parsed_content("inferer", instantiate=True) if "inferer" in parser else None
+    roi = getattr(inferer, "roi_size", None)
+    inputs_meta = metadata.get("network_data_format", {}).get("inputs", {})
+    image_meta = inputs_meta.get("image") or next(iter(inputs_meta.values()), {})
+    if roi is None or isinstance(roi, str):
+        roi = image_meta.get("spatial_shape", [96, 96, 96])
+    try:
+        roi = [int(r) for r in roi]
+    except (TypeError, ValueError):
+        raise ModelFormatError(f"{config_path}: the inferer's roi_size {roi!r} is not a list of integers") from None
+    channel_names = image_meta.get("channel_def") or {"0": image_meta.get("modality", "image")}
+    return ModelDescription(
+        name=str(metadata.get("name") or bundle.name),
+        format=ModelFormat.MONAI_BUNDLE,
+        inputs=[
+            InputSpec(name=str(name), modality=str(image_meta.get("modality", ""))) for name in channel_names.values()
+        ],
+        labels=labels,
+        channel_to_label=channels,
+        patch_size=tuple(roi),
+        overlap=float(getattr(inferer, "overlap", 0.25)),
+        sw_batch_size=int(getattr(inferer, "sw_batch_size", 1)),
+        source=str(bundle),
+    )
 
 
 def trusted_code_summary(bundle: str | os.PathLike) -> list[str]:

@@ -403,17 +403,8 @@ def _load_nnunet_model(
         plans = json.loads((folder / "plans.json").read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ModelFormatError(f"{folder}: dataset.json or plans.json is not valid JSON ({error})") from error
-    fold_names = [str(f) for f in folds] if folds is not None else available_folds(folder, checkpoint_name)
-    if not fold_names:
-        raise ModelFileError(f"{folder} has no fold_*/{checkpoint_name}; copy the trained folds into the model folder")
-    checkpoints = []
-    for fold in fold_names:
-        path = folder / f"fold_{fold}" / checkpoint_name
-        if not path.is_file():
-            raise ModelFileError(f"{path} does not exist; available folds: {available_folds(folder, checkpoint_name)}")
-        checkpoints.append(load_checkpoint(path))
-    first = checkpoints[0]
-    configuration_name = (first.get("init_args") or {}).get("configuration")
+    fold_names, checkpoints = _checkpoints(folder, folds, checkpoint_name)
+    configuration_name = (checkpoints[0].get("init_args") or {}).get("configuration")
     if not configuration_name:
         match = re.search(r"__([^_].*)$", folder.name)
         configuration_name = match.group(1) if match else "3d_fullres"
@@ -426,13 +417,54 @@ def _load_nnunet_model(
             f"{folder}: configuration {configuration_name!r} has patch_size {configuration.get('patch_size')} and "
             f"spacing {configuration.get('spacing')}; nnU-Net configurations are 2D or 3D with one of each per axis"
         )
-    slice_wise = dimensions == 2
     labels, channels = _labels(dataset, folder)
+    inputs = _inputs(dataset, plans, configuration)
+    networks = _networks(folder, fold_names, checkpoints, checkpoint_name, configuration, len(inputs), len(channels),
+                         dimensions == 2, device)  # fmt: skip
+    if orientation == "auto":
+        identity = f"{folder} {dataset.get('name', '')} {plans.get('dataset_name', '')}"
+        orientation = "RAS" if "totalsegmentator" in identity.lower() else None
+    description = _description(
+        folder, dataset, plans, configuration_name, configuration, checkpoints[0], fold_names, inputs, labels,
+        channels, orientation,
+    )  # fmt: skip
+
+    def to_device(target: torch.device) -> Any:
+        for module in networks:
+            module.to(target)
+        return _ensemble(networks)
+
+    return LoadedModel(
+        description=description,
+        predictor=_ensemble(networks),
+        device=device,
+        networks=networks,
+        to_device=to_device,
+        load_seconds=time.perf_counter() - started,
+    )
+
+
+def _checkpoints(folder: Path, folds: Sequence[int | str] | None, checkpoint_name: str) -> tuple[list[str], list]:
+    """The folds to ensemble and their checkpoints (weights only)."""
+    fold_names = [str(f) for f in folds] if folds is not None else available_folds(folder, checkpoint_name)
+    if not fold_names:
+        raise ModelFileError(f"{folder} has no fold_*/{checkpoint_name}; copy the trained folds into the model folder")
+    checkpoints = []
+    for fold in fold_names:
+        path = folder / f"fold_{fold}" / checkpoint_name
+        if not path.is_file():
+            raise ModelFileError(f"{path} does not exist; available folds: {available_folds(folder, checkpoint_name)}")
+        checkpoints.append(load_checkpoint(path))
+    return fold_names, checkpoints
+
+
+def _inputs(dataset: dict, plans: dict, configuration: dict) -> list[InputSpec]:
+    """One input per channel of dataset.json, normalised as the plans say."""
     channel_names = dataset.get("channel_names") or dataset.get("modality") or {"0": "image"}
     properties = plans.get("foreground_intensity_properties_per_channel", {})
     schemes = configuration.get("normalization_schemes", [])
     use_mask = configuration.get("use_mask_for_norm", [False] * len(schemes))
-    inputs = [
+    return [
         InputSpec(
             name=str(name),
             modality=str(name),
@@ -440,10 +472,18 @@ def _load_nnunet_model(
         )
         for c, name in enumerate(channel_names.values())
     ]
+
+
+def _networks(
+    folder: Path, fold_names: list[str], checkpoints: list, checkpoint_name: str, configuration: dict, inputs: int,
+    outputs: int, slice_wise: bool, device: torch.device,
+) -> list[torch.nn.Module]:  # fmt: skip
+    """The plans' network once per fold, with that fold's weights, in evaluation mode on ``device``."""
+    networks = []
+    fold = fold_names[0]
     try:
-        networks = []
         for fold, checkpoint in zip(fold_names, checkpoints):
-            network = build_network(configuration, len(inputs), len(channels))
+            network = build_network(configuration, inputs, outputs)
             network.load_state_dict(checkpoint["network_weights"])
             if slice_wise:
                 network = SliceWiseNetwork(network)
@@ -453,7 +493,17 @@ def _load_nnunet_model(
             f"{folder}/fold_{fold}/{checkpoint_name} does not fit the network in plans.json "
             f"({str(error).splitlines()[0]}); the checkpoint and plans belong to different trainings"
         ) from error
-    mirror_axes = first.get("inference_allowed_mirroring_axes")
+    return networks
+
+
+def _description(
+    folder: Path, dataset: dict, plans: dict, configuration_name: str, configuration: dict, first_checkpoint: dict,
+    fold_names: list[str], inputs: list[InputSpec], labels: list, channels: list[int], orientation: str | None,
+) -> ModelDescription:  # fmt: skip
+    """What the engine needs to know of the model: windows, spacing, mirroring, labels and the typed plan."""
+    dimensions = len(configuration["patch_size"])
+    slice_wise = dimensions == 2
+    mirror_axes = first_checkpoint.get("inference_allowed_mirroring_axes")
     mirror_axes = tuple(int(a) for a in mirror_axes) if mirror_axes is not None else tuple(range(dimensions))
     patch_size = tuple(int(s) for s in configuration["patch_size"])
     spacing: tuple[float, ...] | None = tuple(float(s) for s in configuration["spacing"])
@@ -462,10 +512,8 @@ def _load_nnunet_model(
         # Windows of one slice; the 2D axes are the 3D grid's last two, so the checkpoint's mirror axes shift.
         patch_size, mirror_axes = (1, *patch_size), tuple(a + 1 for a in mirror_axes)
         in_plane_spacing, spacing = spacing, None  # the slice axis keeps each input's own spacing
-    if orientation == "auto":
-        identity = f"{folder} {dataset.get('name', '')} {plans.get('dataset_name', '')}"
-        orientation = "RAS" if "totalsegmentator" in identity.lower() else None
-    description = ModelDescription(
+    use_mask = configuration.get("use_mask_for_norm", [False] * len(inputs))
+    return ModelDescription(
         name=str(dataset.get("name") or plans.get("dataset_name") or folder.name),
         format=ModelFormat.NNUNET_V2,
         inputs=inputs,
@@ -490,28 +538,16 @@ def _load_nnunet_model(
         ),
     )
 
-    def make_predictor(modules: list[torch.nn.Module]) -> Any:
-        if len(modules) == 1:
-            return modules[0]
 
-        def ensemble(windows: torch.Tensor) -> torch.Tensor:
-            total = modules[0](windows).float()
-            for module in modules[1:]:
-                total += module(windows).float()
-            return total / len(modules)
+def _ensemble(modules: list[torch.nn.Module]) -> Any:
+    """One network as it is; several folds as the mean of their outputs."""
+    if len(modules) == 1:
+        return modules[0]
 
-        return ensemble
+    def ensemble(windows: torch.Tensor) -> torch.Tensor:
+        total = modules[0](windows).float()
+        for module in modules[1:]:
+            total += module(windows).float()
+        return total / len(modules)
 
-    def to_device(target: torch.device) -> Any:
-        for module in networks:
-            module.to(target)
-        return make_predictor(networks)
-
-    return LoadedModel(
-        description=description,
-        predictor=make_predictor(networks),
-        device=device,
-        networks=networks,
-        to_device=to_device,
-        load_seconds=time.perf_counter() - started,
-    )
+    return ensemble

@@ -34,6 +34,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -153,6 +154,35 @@ def export(network: torch.nn.Module, output: Path, figures: dict | None = None, 
     return card_path
 
 
+def _step(network, optimizer, loss_function, generator, device: torch.device, precision: str) -> tuple[float, float]:
+    """One optimiser step on a fresh synthetic scan; returns the loss and the brain Dice of that scan."""
+    image, target = generator.sample()
+    network.train()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = network(image[None].to(device))
+    loss, brain_dice = loss_function(logits.float(), target[None].to(device))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach()), float(brain_dice)
+
+
+def _poly_rate(base: float, iteration: int, iterations: int, elapsed: float, budget_s: float | None) -> float:
+    """nnU-Net's polynomial decay over the iterations, or over the time budget when that runs out first."""
+    progress = (iteration - 1) / iterations
+    if budget_s is not None:
+        progress = max(progress, elapsed / budget_s)
+    return base * (1.0 - min(progress, 0.99)) ** 0.9
+
+
+def _header(output: Path, **settings) -> Any:
+    """``train.log``, opened, with the run's settings as its first line."""
+    log = (output / "train.log").open("w", encoding="utf-8")
+    log.write(" ".join(f"{key}={value}" for key, value in settings.items()) + "\n")
+    log.flush()
+    return log
+
+
 def train(
     output: Path,
     iterations: int = 900,
@@ -210,7 +240,6 @@ def train(
     np.random.seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
-    template = template or template_labels(spacing=int(SPACING_MM), brain=brain)
     settings = SynthSettings(
         crop=tuple(crop),
         random_contrast_probability=random_contrast_probability,
@@ -219,7 +248,7 @@ def train(
     )
     if outer_csf_mm is not None:
         settings.outer_csf_mm = settings.layered_outer_csf_mm = tuple(float(v) for v in outer_csf_mm)
-    generator = BrainSynth(template, settings, seed=seed)
+    generator = BrainSynth(template or template_labels(spacing=int(SPACING_MM), brain=brain), settings, seed=seed)
     network = build_network().to(device)
     if initial_weights is not None:
         network.load_state_dict(torch.load(initial_weights, map_location=device, weights_only=True))
@@ -228,15 +257,13 @@ def train(
     loss_function = BrainLoss()
     budget_s = minutes * 60.0 if minutes else None
 
-    log = (output / "train.log").open("w", encoding="utf-8")
-    log.write(
-        f"seed={seed} iterations={iterations} minutes={minutes} crop={list(crop)} lr={learning_rate} "
-        f"random_contrast_probability={random_contrast_probability} initial_weights={initial_weights} "
-        f"layered_head_probability={layered_head_probability} brain={brain} "
-        f"outer_csf_like_csf_probability={outer_csf_like_csf_probability} outer_csf_mm={outer_csf_mm} "
-        f"precision={precision} parameters={parameters} device={device} threads={torch.get_num_threads()}\n"
-    )
-    log.flush()
+    log = _header(
+        output, seed=seed, iterations=iterations, minutes=minutes, crop=list(crop), lr=learning_rate,
+        random_contrast_probability=random_contrast_probability, initial_weights=initial_weights,
+        layered_head_probability=layered_head_probability, brain=brain,
+        outer_csf_like_csf_probability=outer_csf_like_csf_probability, outer_csf_mm=outer_csf_mm,
+        precision=precision, parameters=parameters, device=device, threads=torch.get_num_threads(),
+    )  # fmt: skip
     recent: list[tuple[float, float]] = []
     done = 0
     with (output / "loss.csv").open("w", newline="", encoding="utf-8") as loss_file:
@@ -245,32 +272,21 @@ def train(
         loop_started = time.perf_counter()
         for iteration in range(1, iterations + 1):
             elapsed = time.perf_counter() - loop_started
-            progress = (iteration - 1) / iterations
-            if budget_s is not None:
-                if elapsed >= budget_s:
-                    log.write(f"stopped by the {minutes} minute cap after {done} iterations\n")
-                    break
-                progress = max(progress, elapsed / budget_s)
-            learning_rate_now = learning_rate * (1.0 - min(progress, 0.99)) ** 0.9
+            if budget_s is not None and elapsed >= budget_s:
+                log.write(f"stopped by the {minutes} minute cap after {done} iterations\n")
+                break
+            learning_rate_now = _poly_rate(learning_rate, iteration, iterations, elapsed, budget_s)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate_now
-            image, target = generator.sample()
-            network.train()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                logits = network(image[None].to(device))
-            loss, brain_dice = loss_function(logits.float(), target[None].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            value, brain_dice = _step(network, optimizer, loss_function, generator, device, precision)
             done = iteration
-            value = float(loss.detach())
             if not np.isfinite(value):
                 raise FloatingPointError(f"the loss became {value} at iteration {iteration}; lower --learning-rate")
             seconds = time.perf_counter() - started
             writer.writerow(
-                [iteration, f"{seconds:.1f}", f"{learning_rate_now:.6f}", f"{value:.5f}", f"{float(brain_dice):.4f}"]
+                [iteration, f"{seconds:.1f}", f"{learning_rate_now:.6f}", f"{value:.5f}", f"{brain_dice:.4f}"]
             )
-            recent.append((value, float(brain_dice)))
+            recent.append((value, brain_dice))
             recent = recent[-log_every:]
             if iteration % log_every == 0 or iteration == iterations:
                 loss_file.flush()
@@ -292,15 +308,8 @@ def train(
         "last_losses": [round(v, 4) for v, _ in recent],
         "last_brain_dice": [round(d, 4) for _, d in recent],
     }
-    training = {
-        "iterations": done,
-        "seed": seed,
-        "minutes": summary["minutes"],
-        "device": str(device),
-        "precision": precision,
-        "parameters": parameters,
-    }
-    summary["card"] = str(export(network, output, training=training))
+    training = {key: summary[key] for key in ("iterations", "seed", "minutes", "parameters")}
+    summary["card"] = str(export(network, output, training={**training, "device": str(device), "precision": precision}))
     log.write(json.dumps(summary) + "\n")
     log.close()
     return summary

@@ -304,9 +304,9 @@ def _squaring_steps(velocity: torch.Tensor, half_sizes: torch.Tensor, config: Re
     """Squaring steps while optimising: enough that each scaled velocity stays under 1/8 control voxel.
 
     Adaptive scaling and squaring (Arsigny et al. 2006): a field that moves by a fraction of a
-    voxel needs fewer squarings than ``config.integration_steps``, which the result itself uses.
-    On the benchmark pair the two integrations differ by 0.05 mm at most (0.001 mm in the median),
-    and small fields (the first iterations) cost one or two grid samplings instead of seven.
+    voxel needs fewer squarings than ``config.integration_steps``, which the result itself uses; the
+    two integrations agree to a small fraction of a millimetre (docs/registration.md), and small
+    fields (the first iterations) cost one or two grid samplings instead of seven.
     """
     with torch.no_grad():
         in_voxels = velocity * half_sizes

@@ -85,8 +85,8 @@ def automatic_masks(
     """Masks for an image that is empty outside an organ the other image shows with its surroundings.
 
     A brain-extracted template registered to a head with skull is the common case: unmasked, the
-    similarity is best with the template's brain stretched over the whole head (Dice of the brain
-    0.68 on the seg3d head, for every tool we measured). Compared only inside the template's
+    similarity is best with the template's brain stretched over the whole head (for every tool we
+    measured; docs/registration.md has the figures). Compared only inside the template's
     signal, the skull and scalp no longer pull it outwards. Only the image with an empty
     background and the clearly smaller signal gets a mask; two heads, or two templates, get none.
 
@@ -261,8 +261,7 @@ def warn_modality(report: QualityReport, highest: float, lowest: float, extracte
     )
     if extracted:
         # Before alignment a brain-extracted image lies partly over the other's skull and scalp,
-        # which lowers the correlation of two T1 images as well (0.24 and -0.47 for the MNI
-        # template against the seg3d head).
+        # which lowers the correlation of two T1 images as well (docs/registration.md).
         message += (
             "; one image is brain-extracted, which lowers this correlation before alignment even for "
             "one modality: if both are e.g. T1, keep the preset"

@@ -163,7 +163,7 @@ def linear_directions(pyramid: Pyramid) -> tuple[str, ...]:
     side, it would instead decide which of those samples count, through the transform being
     optimised: shrinking or shifting the masked image's footprint then picks the subset of the
     other image that correlates best (a brain-extracted template against a head shrank to a
-    third of its volume, Dice 0.47 where sampling the template gives 0.91). So the samples are
+    third of its volume; docs/registration.md, "Where the linear stages sample"). So the samples are
     taken inside the mask: with only a moving mask, the moving voxels inside it, mapped into
     the fixed image through the inverse of the linear transform. With masks on both sides each
     mask would select the other side's samples, so both directions are compared and averaged

@@ -149,10 +149,9 @@ PRESETS: dict[str, RegistrationConfig] = {
     "affine": RegistrationConfig(stages=("rigid", "affine")),
     # The image similarity is evaluated at 4 mm (the velocity on an 8 mm control grid): about
     # ANTs SyN's default schedule, which stops at half of a 2 mm template's resolution. The linear
-    # stages stop at 4 mm too: the deformable stage corrects what a 2 mm linear level would refine
-    # (on the MNI known-answer case the median error stayed 0.50 mm without it, at half the linear time).
-    # One deformable level: an 8 mm level before it shrank the MNI brain onto the seg3d head's
-    # (Dice 0.885 against 0.900 without it) and gained 0.03 mm on the known answer, in the same time.
+    # stages stop at 4 mm too: the deformable stage corrects what a 2 mm linear level would refine.
+    # One deformable level: an 8 mm level before it shrank a brain-extracted template onto a head's
+    # brain. docs/registration.md ("Why the presets are what they are") has the measurements.
     "deformable fast": RegistrationConfig(
         stages=("rigid", "affine", "deformable"),
         linear_spacings_mm=(8.0, 4.0),
@@ -169,10 +168,9 @@ PRESETS: dict[str, RegistrationConfig] = {
         deformable_learning_rate_mm=0.4,
     ),
     # Different modalities: global mutual information for the linear stages, MIND-SSC descriptors
-    # (local structure, whatever the contrast) for the deformable one. Against global MI for the
-    # deformable stage (8 and 4 mm, weight 2): the same error on a multimodal known answer (0.58
-    # against 0.56 mm) in half the time, and less distortion of a same-subject T1 / FLAIR and T1 / T2
-    # pair whose true motion is rigid (1.19 and 1.02 mm median against 1.53 and 2.11).
+    # (local structure, whatever the contrast) for the deformable one: against global MI for the
+    # deformable stage, the same accuracy in half the time and less distortion of same-subject pairs
+    # whose true motion is rigid (docs/registration.md has the measurements).
     "multimodal": RegistrationConfig(
         stages=("rigid", "affine", "deformable"),
         linear_similarity="mi",

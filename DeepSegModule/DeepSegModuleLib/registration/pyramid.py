@@ -168,8 +168,8 @@ def threads_for(device: torch.device, voxels: int):
 
     Below ``_PARALLEL_MIN_VOXELS`` an operation takes tens of microseconds, about what waking and
     joining a second OpenMP thread costs (more on a shared machine, where the thread waits for a
-    core): the loops ran 20-25% faster on one thread than on two, and used no more than one core
-    on two. The caller's setting is back afterwards, and for the final resampling.
+    core), so such loops run faster on one thread than on two (docs/registration.md, "Speed on a
+    CPU"). The caller's setting is back afterwards, and for the final resampling.
     """
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1 or voxels >= _PARALLEL_MIN_VOXELS:

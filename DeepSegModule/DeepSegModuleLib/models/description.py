@@ -254,6 +254,29 @@ class LoadedModel:
     load_seconds: float = 0.0
     bundle: BundleProcessing | None = None
 
+    @classmethod
+    def of_network(
+        cls, description: ModelDescription, network: torch.nn.Module, device: torch.device, started: float,
+        bundle: BundleProcessing | None = None,
+    ) -> LoadedModel:  # fmt: skip
+        """A model that is one network on ``device`` (TorchScript, a MONAI bundle), loaded since ``started``
+        (``time.perf_counter()``)."""
+        import time
+
+        def to_device(target: torch.device) -> torch.nn.Module:
+            network.to(target)
+            return network
+
+        return cls(
+            description=description,
+            predictor=network,
+            device=device,
+            networks=[network],
+            to_device=to_device,
+            load_seconds=time.perf_counter() - started,
+            bundle=bundle,
+        )
+
     def move_to(self, device: torch.device | str) -> None:
         """Moves the weights to ``device`` (used by the out-of-memory fallback).
 

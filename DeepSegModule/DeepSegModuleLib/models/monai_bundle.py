@@ -227,19 +227,7 @@ def load_monai_bundle(
             "the bundle's own scripts or a newer MONAI, update MONAI or the bundle."
         ) from error
 
-    def to_device(target: torch.device) -> Any:
-        network.to(target)
-        return network
-
-    return LoadedModel(
-        description=description,
-        predictor=network,
-        device=device,
-        networks=[network],
-        to_device=to_device,
-        load_seconds=time.perf_counter() - started,
-        bundle=processing,
-    )
+    return LoadedModel.of_network(description, network, device, started, bundle=processing)
 
 
 def _network(parser: Any, bundle: Path, device: torch.device) -> torch.nn.Module:

@@ -271,15 +271,4 @@ def load_torchscript_model(path: str | os.PathLike, device: torch.device | str =
     network = load_checked_torchscript(weights, map_location=device)
     network.eval()
 
-    def to_device(target: torch.device) -> Any:
-        network.to(target)
-        return network
-
-    return LoadedModel(
-        description=description,
-        predictor=network,
-        device=device,
-        networks=[network],
-        to_device=to_device,
-        load_seconds=time.perf_counter() - started,
-    )
+    return LoadedModel.of_network(description, network, device, started)

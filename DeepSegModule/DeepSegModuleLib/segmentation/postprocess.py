@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 from scipy import ndimage
@@ -10,18 +10,17 @@ from scipy import ndimage
 _CONNECTIVITY = ndimage.generate_binary_structure(3, 1)
 
 
-def _label_box(labels: np.ndarray, value: int) -> tuple[slice, ...] | None:
-    boxes = ndimage.find_objects((labels == value).astype(np.uint8))
-    return boxes[0] if boxes and boxes[0] is not None else None
+def _regions(labels: np.ndarray, values: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """Each present label value with the view of ``labels`` on its bounding box (edits go into ``labels``)."""
+    for value in values:
+        boxes = ndimage.find_objects((labels == value).astype(np.uint8))
+        if boxes and boxes[0] is not None:
+            yield value, labels[boxes[0]]
 
 
 def keep_largest_component(labels: np.ndarray, values: Iterable[int]) -> None:
     """For each label value, keeps only its largest connected component (in place)."""
-    for value in values:
-        box = _label_box(labels, value)
-        if box is None:
-            continue
-        region = labels[box]
+    for value, region in _regions(labels, values):
         components, count = ndimage.label(region == value, structure=_CONNECTIVITY)
         if count <= 1:
             continue
@@ -32,11 +31,7 @@ def keep_largest_component(labels: np.ndarray, values: Iterable[int]) -> None:
 
 def fill_holes(labels: np.ndarray, values: Iterable[int]) -> None:
     """For each label value, fills enclosed background holes with that value (in place)."""
-    for value in values:
-        box = _label_box(labels, value)
-        if box is None:
-            continue
-        region = labels[box]
+    for value, region in _regions(labels, values):
         filled = ndimage.binary_fill_holes(region == value, structure=_CONNECTIVITY)
         region[filled & (region == 0)] = value
 
@@ -45,11 +40,7 @@ def remove_small_components(labels: np.ndarray, values: Iterable[int], min_voxel
     """Sets connected components smaller than ``min_voxels`` voxels to background (in place)."""
     if min_voxels <= 1:
         return
-    for value in values:
-        box = _label_box(labels, value)
-        if box is None:
-            continue
-        region = labels[box]
+    for value, region in _regions(labels, values):
         components, count = ndimage.label(region == value, structure=_CONNECTIVITY)
         if count == 0:
             continue

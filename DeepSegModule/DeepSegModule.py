@@ -30,7 +30,7 @@ from DeepSegModuleLib.devices import DEVICES
 from DeepSegModuleLib.models.store import DEFAULT_MODEL_ID
 from DeepSegModuleLib.registration.presets import RegistrationOptions, preset_names
 from DeepSegModuleLib.resources import resource_path
-from DeepSegModuleLib.segmentation.options import SegmentationOptions
+from DeepSegModuleLib.segmentation.options import SegmentationOptions, label_names
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTransformNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
@@ -104,7 +104,7 @@ class DeepSegModuleParameterNode:
     Segmentation:
     inputVolume, inputVolume2..4 - the model's inputs in its order (most models take one image).
     modelName - a model in the local model store, or the path of a model folder, .zip or TorchScript file.
-    labelsToKeep - label names to write, separated by commas; empty for all.
+    labels - label names to write, separated by commas; empty for all.
     outputSegmentation - where segments are written; a new segmentation is created when empty.
     probabilities - also write one probability volume per label.
     trustModelCode - let a MONAI bundle run its own code (shown, and confirmed, before each run that needs it).
@@ -126,7 +126,7 @@ class DeepSegModuleParameterNode:
     inputVolume3: vtkMRMLScalarVolumeNode
     inputVolume4: vtkMRMLScalarVolumeNode
     modelName: str = DEFAULT_MODEL_ID
-    labelsToKeep: str = ""
+    labels: str = ""
     outputSegmentation: vtkMRMLSegmentationNode
     probabilities: bool = False
     trustModelCode: bool = False
@@ -712,7 +712,7 @@ class DeepSegModuleLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def labelNames(text: str) -> list[str]:
         """The "labels to keep" field as names: comma-separated, blanks ignored; empty means all labels."""
-        return [name.strip() for name in (text or "").split(",") if name.strip()]
+        return label_names(text) or []
 
     @staticmethod
     def segmentationInputs(parameterNode) -> list:
@@ -822,7 +822,7 @@ class DeepSegModuleLogic(ScriptedLoadableModuleLogic):
         """The options the panel describes (``trustCode``: the user confirmed the model's own code)."""
         return SegmentationOptions(
             device=parameterNode.device, overlap=parameterNode.overlap, mirroring=parameterNode.mirroring,
-            labels=cls.labelNames(parameterNode.labelsToKeep) or None, probabilities=parameterNode.probabilities,
+            labels=cls.labelNames(parameterNode.labels) or None, probabilities=parameterNode.probabilities,
             trust_code=trustCode,
         )  # fmt: skip
 
@@ -970,7 +970,7 @@ class DeepSegModuleTest(ScriptedLoadableModuleTest):
                 inputVolume3=None,
                 inputVolume4=None,
                 modelName=modelId,
-                labelsToKeep="",
+                labels="",
                 outputSegmentation=None,
                 probabilities=False,
                 device="cpu",

@@ -12,13 +12,6 @@ from pathlib import Path
 
 import typer
 
-from .file_runs import (
-    LABEL_MAP_SUFFIXES,
-    SEGMENTATION_SUFFIX,
-    TRANSFORM_SUFFIXES,
-    register_files,
-    segment_files,
-)
 from .cli_batch import batch_app
 from .cli_common import (
     CommandError,
@@ -27,14 +20,21 @@ from .cli_common import (
     checked_options,
     checked_registration,
     emit,
-    label_names,
     logic_factory,
     progress_bar,
     reported,
     resolve_model,
 )
 from .cli_models import models_app
+from .file_runs import (
+    LABEL_MAP_SUFFIXES,
+    SEGMENTATION_SUFFIX,
+    TRANSFORM_SUFFIXES,
+    register_files,
+    segment_files,
+)
 from .outputs import OutputSet
+from .segmentation.options import label_names
 
 app = typer.Typer(
     name="deepseg",

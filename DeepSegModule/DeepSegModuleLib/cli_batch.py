@@ -12,13 +12,13 @@ from .cli_common import (
     check_input,
     checked_options,
     checked_registration,
-    label_names,
     logic_factory,
     reported,
     resolve_model,
 )
 from .file_runs import json_default, register_files, segment_files
 from .outputs import OutputSet
+from .segmentation.options import label_names
 
 batch_app = typer.Typer(help="Run over a cohort: resumable, one failed case does not stop the others.",
                         no_args_is_help=True, rich_markup_mode=None)

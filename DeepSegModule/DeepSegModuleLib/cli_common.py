@@ -161,12 +161,6 @@ def progress_bar(quiet: bool):
         yield update
 
 
-def label_names(text: str | None) -> list[str] | None:
-    """``--labels a,b`` as names; None (all labels) when empty."""
-    names = [name.strip() for name in (text or "").split(",") if name.strip()]
-    return names or None
-
-
 def checked_registration(preset: str, device: str, inverse: bool = False):
     """The registration options of the flags, checked before anything is read."""
     from .registration.presets import RegistrationOptions, preset_names

@@ -359,7 +359,7 @@ def png_size(path: Path) -> tuple[int, int]:
 #: The parameter node's fields: what the panel lets a user set.
 PANEL_PARAMETERS = {
     # segmentation
-    "inputVolume", "inputVolume2", "inputVolume3", "inputVolume4", "modelName", "labelsToKeep",
+    "inputVolume", "inputVolume2", "inputVolume3", "inputVolume4", "modelName", "labels",
     "outputSegmentation", "probabilities", "trustModelCode",
     # registration
     "fixedVolume", "movingVolume", "fixedMask", "movingMask", "movingSegmentation", "registrationPreset",

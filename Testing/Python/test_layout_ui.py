@@ -139,7 +139,7 @@ def test_ui_checks_catch_a_widget_that_cannot_show_its_parameter_and_a_doubly_bo
     text = ui_path.read_text()
     # A check box bound to the overlap (a float), and the model name bound a second time.
     text = text.replace("<string>mirroring</string>", "<string>overlap</string>")
-    text = text.replace("<string>labelsToKeep</string>", "<string>modelName</string>")
+    text = text.replace("<string>labels</string>", "<string>modelName</string>")
     ui_path.write_text(text)
     source = MODULE_FILE.read_text()
     problems = parameter_binding_problems(source, ui_path)

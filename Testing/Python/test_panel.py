@@ -89,7 +89,7 @@ def panel(deepseg_module, context, tmp_path, monkeypatch):
     widget._ensurePythonRequirements = lambda: None
     fields = {name: None for name in PANEL_PARAMETERS}
     fields.update(
-        modelName="", labelsToKeep="", probabilities=False, trustModelCode=False, registrationPreset="rigid",
+        modelName="", labels="", probabilities=False, trustModelCode=False, registrationPreset="rigid",
         inverseTransform=False,
         showQualityReport=True, device="cpu", overlap=0.25, mirroring=False,
     )  # fmt: skip

@@ -73,3 +73,10 @@ class SegmentationOptions:
     def replace(self, **changes) -> SegmentationOptions:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+
+def label_names(text: str | None) -> list[str] | None:
+    """Label names typed as one line (the panel's field, ``--labels``): comma-separated, blanks ignored; None (all
+    labels) when there are none."""
+    names = [name.strip() for name in (text or "").split(",") if name.strip()]
+    return names or None

@@ -175,6 +175,29 @@ def _poly_rate(base: float, iteration: int, iterations: int, elapsed: float, bud
     return base * (1.0 - min(progress, 0.99)) ** 0.9
 
 
+class _Record:
+    """Writes each iteration to ``loss.csv`` and the mean of the last ``every`` to ``train.log``."""
+
+    def __init__(self, loss_file: Any, log: Any, started: float, every: int, iterations: int) -> None:
+        self.loss_file, self.log, self.started, self.every, self.iterations = loss_file, log, started, every, iterations
+        self.writer = csv.writer(loss_file)
+        self.writer.writerow(["iteration", "seconds", "learning_rate", "loss", "brain_dice"])
+        self.recent: list[tuple[float, float]] = []
+
+    def __call__(self, iteration: int, learning_rate: float, loss: float, brain_dice: float) -> None:
+        seconds = time.perf_counter() - self.started
+        self.writer.writerow([iteration, f"{seconds:.1f}", f"{learning_rate:.6f}", f"{loss:.5f}", f"{brain_dice:.4f}"])
+        self.recent = [*self.recent, (loss, brain_dice)][-self.every :]
+        if iteration % self.every == 0 or iteration == self.iterations:
+            self.loss_file.flush()
+            mean_loss, mean_dice = np.mean(self.recent, axis=0)
+            self.log.write(
+                f"iteration {iteration} time {seconds:.0f}s lr {learning_rate:.5f} "
+                f"loss {mean_loss:.4f} brain dice {mean_dice:.4f}\n"
+            )
+            self.log.flush()
+
+
 def _header(output: Path, **settings) -> Any:
     """``train.log``, opened, with the run's settings as its first line."""
     log = (output / "train.log").open("w", encoding="utf-8")
@@ -264,11 +287,9 @@ def train(
         outer_csf_like_csf_probability=outer_csf_like_csf_probability, outer_csf_mm=outer_csf_mm,
         precision=precision, parameters=parameters, device=device, threads=torch.get_num_threads(),
     )  # fmt: skip
-    recent: list[tuple[float, float]] = []
     done = 0
     with (output / "loss.csv").open("w", newline="", encoding="utf-8") as loss_file:
-        writer = csv.writer(loss_file)
-        writer.writerow(["iteration", "seconds", "learning_rate", "loss", "brain_dice"])
+        record = _Record(loss_file, log, started, log_every, iterations)
         loop_started = time.perf_counter()
         for iteration in range(1, iterations + 1):
             elapsed = time.perf_counter() - loop_started
@@ -282,20 +303,7 @@ def train(
             done = iteration
             if not np.isfinite(value):
                 raise FloatingPointError(f"the loss became {value} at iteration {iteration}; lower --learning-rate")
-            seconds = time.perf_counter() - started
-            writer.writerow(
-                [iteration, f"{seconds:.1f}", f"{learning_rate_now:.6f}", f"{value:.5f}", f"{brain_dice:.4f}"]
-            )
-            recent.append((value, brain_dice))
-            recent = recent[-log_every:]
-            if iteration % log_every == 0 or iteration == iterations:
-                loss_file.flush()
-                mean_loss, mean_dice = np.mean(recent, axis=0)
-                log.write(
-                    f"iteration {iteration} time {seconds:.0f}s lr {learning_rate_now:.5f} "
-                    f"loss {mean_loss:.4f} brain dice {mean_dice:.4f}\n"
-                )
-                log.flush()
+            record(iteration, learning_rate_now, value, brain_dice)
             if iteration % checkpoint_every == 0:
                 torch.save(network.state_dict(), output / "checkpoint.pt")
     torch.save(network.state_dict(), output / "checkpoint.pt")
@@ -305,8 +313,8 @@ def train(
         "seed": seed,
         "crop_voxels": list(crop),
         "parameters": parameters,
-        "last_losses": [round(v, 4) for v, _ in recent],
-        "last_brain_dice": [round(d, 4) for _, d in recent],
+        "last_losses": [round(v, 4) for v, _ in record.recent],
+        "last_brain_dice": [round(d, 4) for _, d in record.recent],
     }
     training = {key: summary[key] for key in ("iterations", "seed", "minutes", "parameters")}
     summary["card"] = str(export(network, output, training={**training, "device": str(device), "precision": precision}))

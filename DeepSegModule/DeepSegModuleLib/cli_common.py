@@ -10,8 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from typer.core import TyperCommand
 
 from .file_runs import json_default, suffix
+
+
+class PlainUsage(TyperCommand):
+    """A command whose usage line names its required arguments as click does (``NAME``), not in typer's braces
+    (``{NAME}``), which read as a literal to type."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = super().collect_usage_pieces(ctx)
+        return [piece[1:-1] if piece.startswith("{") and piece.endswith("}") else piece for piece in pieces]
 
 
 class CommandError(Exception):

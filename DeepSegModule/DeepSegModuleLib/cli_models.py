@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from .cli_common import emit, reported
+from .cli_common import PlainUsage, emit, reported
 
 models_app = typer.Typer(help="Manage the local model store (~/.deepseg/models, or $DEEPSEG_MODEL_DIR).",
                          no_args_is_help=True, rich_markup_mode=None)
@@ -47,7 +47,7 @@ def models_list(as_json: bool = typer.Option(False, "--json")) -> None:
         emit({"store": str(store.root), "models": entries}, as_json, lines or [f"  (no models in {store.root})"])
 
 
-@models_app.command("import")
+@models_app.command("import", cls=PlainUsage)
 def models_import(
     source: str = typer.Argument(
         ..., metavar="SOURCE", help="A model folder, .zip, TorchScript file, or an http(s)/file URL."
@@ -78,7 +78,7 @@ def models_import(
               [f"imported {stored.model_id} into {stored.path} ({len(stored.files)} files, sha256 recorded)"])
 
 
-@models_app.command("info")
+@models_app.command("info", cls=PlainUsage)
 def models_info(name: str = typer.Argument(..., metavar="NAME"), as_json: bool = typer.Option(False, "--json")) -> None:
     """Show a stored model's files, checksums status and, where readable, its labels.
 
@@ -107,7 +107,7 @@ def models_info(name: str = typer.Argument(..., metavar="NAME"), as_json: bool =
         emit(info, as_json, lines)
 
 
-@models_app.command("trust")
+@models_app.command("trust", cls=PlainUsage)
 def models_trust(
     name: str = typer.Argument(..., metavar="NAME"),
     revoke: bool = typer.Option(False, "--revoke", help="Withdraw the decision: run the model untrusted again."),
@@ -130,7 +130,7 @@ def models_trust(
         emit({"id": name, "trusted": bool(updated.trusted), "what_runs": what_runs}, as_json, lines)
 
 
-@models_app.command("remove")
+@models_app.command("remove", cls=PlainUsage)
 def models_remove(name: str = typer.Argument(..., metavar="NAME"), as_json: bool = typer.Option(False, "--json")) -> None:
     """Delete a model from the store.
 

@@ -283,6 +283,13 @@ def test_version_flag_and_help_that_reads_right(capsys):
     assert json_line.split()[0] == "--json"  # a flag: no value after it
     code, _, err = run(capsys)
     assert code == 2 and err.startswith("Usage: ") and "COMMAND" in err and "error" not in err.splitlines()[0]
+    # Every command's usage line reads as click's do: required arguments as NAME, no Python types or braces.
+    for command in ("segment", "register", "demo", "version", "models list", "models import", "models info",
+                    "models trust", "models remove", "batch segment", "batch register"):  # fmt: skip
+        code, out, _ = run(capsys, *command.split(), "--help")
+        usage = out.splitlines()[0]
+        assert code == 0 and usage.startswith("Usage: ") and usage.endswith(f"{command} [OPTIONS]" + usage.split("[OPTIONS]", 1)[1]), usage
+        assert not any(mark in usage for mark in ("{", "}", "<", "list[", "Path")), usage
 
 
 def test_previews_read_like_slicers_views_on_an_asymmetric_phantom(tmp_path):

@@ -181,3 +181,26 @@ def checked_registration(preset: str, device: str, inverse: bool = False):
     except ValueError:
         raise CommandError(f"unknown preset {preset!r}: choose one of {', '.join(preset_names())}") from None
     return checked_options(options)
+
+
+def file_size(size: float) -> str:
+    """``"812 kB"``, ``"1.2 GB"``: a byte count as a person reads it (decimal units, as download sizes are given)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit in ("B", "kB") else f"{size:.1f} {unit}"
+        size /= 1000.0
+    return f"{size:.1f} GB"
+
+
+def download_progress(url: str, on_event):
+    """A ``download(progress=...)`` callback that drives :func:`progress_bar`: the stage names the file and its
+    size, the bar its fraction, so a terminal shows the time left."""
+    from .download import file_name_of
+    from .jobs import JobEvent
+
+    def report(received: int, total: int | None) -> None:
+        size = f", {file_size(total)}" if total else ""
+        fraction = received / total if total else 0.0
+        on_event(JobEvent("progress", stage=f"downloading {file_name_of(url)}{size}", fraction=fraction))
+
+    return report

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from .cli_common import PlainUsage, emit, reported
+from .cli_common import PlainUsage, download_progress, emit, file_size, progress_bar, reported
 
 models_app = typer.Typer(help="Manage the local model store (~/.deepseg/models, or $DEEPSEG_MODEL_DIR).",
                          no_args_is_help=True, rich_markup_mode=None)
@@ -55,6 +56,7 @@ def models_import(
     sha256: str | None = typer.Option(None, help="Expected sha256 of the file or archive (refused otherwise)."),
     name: str | None = typer.Option(None, "--name", help="Store the model under this name."),
     replace: bool = typer.Option(False, help="Replace a stored model of the same name."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines (errors still show)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Copy a model into the store (checksums recorded, archives extracted safely).
@@ -66,16 +68,19 @@ def models_import(
 
     with reported(as_json):
         store = ModelStore()
+        lines = []
         if is_url(source):
-            with tempfile.TemporaryDirectory(prefix="deepseg-download-") as folder:
-                path = download(source, folder, expected_sha256=sha256)
+            with tempfile.TemporaryDirectory(prefix="deepseg-download-") as folder, progress_bar(as_json or quiet) as on_event:
+                started = time.monotonic()
+                path = download(source, folder, expected_sha256=sha256, progress=download_progress(source, on_event))
+                lines.append(f"downloaded {file_size(path.stat().st_size)} in {time.monotonic() - started:.1f} s")
                 # A URL should name one file holding the whole model: a .zip of a bundle, nnU-Net folder or
                 # TorchScript file with its card.
                 stored = store.import_model(path, model_id=name, replace=replace)
         else:
             stored = store.import_model(Path(source).expanduser(), model_id=name, expected_sha256=sha256, replace=replace)
-        emit({"id": stored.model_id, "path": str(stored.path), "files": stored.files}, as_json,
-              [f"imported {stored.model_id} into {stored.path} ({len(stored.files)} files, sha256 recorded)"])
+        lines.append(f"imported {stored.model_id} into {stored.path} ({len(stored.files)} files, sha256 recorded)")
+        emit({"id": stored.model_id, "path": str(stored.path), "files": stored.files}, as_json, lines)
 
 
 @models_app.command("info", cls=PlainUsage)

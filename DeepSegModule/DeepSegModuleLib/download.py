@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 CHUNK_BYTES = 1 << 20
@@ -41,12 +42,14 @@ def download(
     expected_sha256: str | None = None,
     timeout_s: float | None = None,
     expected_size: int | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> Path:
     """Downloads ``url`` into ``folder`` under its own (sanitised) file name and returns the path.
 
     Bounded: the size (``expected_size``, else ``Content-Length``, never more than ``DEEPSEG_MAX_DOWNLOAD_BYTES``),
     the time without a byte (``timeout_s``, default ``DEEPSEG_DOWNLOAD_STALL_S``) and the whole transfer
-    (``DEEPSEG_DOWNLOAD_DEADLINE_S``); see :mod:`~DeepSegModuleLib.limits`.
+    (``DEEPSEG_DOWNLOAD_DEADLINE_S``); see :mod:`~DeepSegModuleLib.limits`. ``progress(received, total)`` is called
+    once the server has answered and after every chunk (``total`` in bytes, None when the server does not say).
 
     Raises:
         DownloadError: the server cannot be reached or answers with an error, the transfer breaks, stalls or runs
@@ -75,6 +78,9 @@ def download(
                             f"{limits.DOWNLOAD_BYTES.variable} if this is the file you meant"
                         )
                     received = 0
+                    total = int(expected_length) if expected_length is not None else expected_size
+                    if progress is not None:
+                        progress(0, total)
                     # read1 returns as soon as some bytes arrive, so a server that trickles a byte at a time
                     # still meets the deadline check between reads
                     read = getattr(response, "read1", response.read)
@@ -96,6 +102,8 @@ def download(
                         output.write(chunk)
                         digest.update(chunk)
                         received += len(chunk)
+                        if progress is not None:
+                            progress(received, total)
             except urllib.error.HTTPError as error:
                 raise DownloadError(f"{url} answered {error.code} {error.reason}: check the address") from None
             except (urllib.error.URLError, TimeoutError, ConnectionError) as error:

@@ -144,14 +144,20 @@ def test_models_import_from_a_url_checks_the_sha256(tmp_path, capsys, model_stor
 
     code, out, err = run(capsys, "models", "import", f"{base}/sphere.zip", "--sha256", digest, "--name", "web", "--json")
     assert code == 0, err
-    assert json.loads(out)["id"] == "web"
+    assert json.loads(out)["id"] == "web" and "downloading" not in err  # --json: standard error stays quiet
     code, out, _ = run(capsys, "models", "info", "web", "--json")
     assert json.loads(out)["format"] == "torchscript"
 
     file_url = (tmp_path / "copy.zip").as_uri()
     shutil.copy(archive, tmp_path / "copy.zip")
-    code, _, err = run(capsys, "models", "import", file_url, "--name", "from-file")
+    code, out, err = run(capsys, "models", "import", file_url, "--name", "from-file")
     assert code == 0, err
+    # Progress names the file and its size (one line per stage when standard error is not a terminal).
+    size = archive.stat().st_size
+    assert f"downloading copy.zip, {size / 1000:.0f} kB" in err or f"downloading copy.zip, {size} B" in err, err
+    assert "downloaded " in out
+    code, out, err = run(capsys, "models", "import", file_url, "--name", "quietly", "-q")
+    assert code == 0 and "downloading" not in err
 
 
 def test_register_writes_transform_volume_and_label_map_that_keeps_its_values(tmp_path, capsys):

@@ -75,8 +75,13 @@ def server():
 
 def test_a_good_download_is_verified_and_kept(server, tmp_path):
     body = b"PK" + b"x" * 1000
-    path = download(f"{server}/ok.zip", tmp_path, expected_sha256=hashlib.sha256(body).hexdigest())
+    seen = []
+    path = download(f"{server}/ok.zip", tmp_path, expected_sha256=hashlib.sha256(body).hexdigest(),
+                    progress=lambda received, total: seen.append((received, total)))  # fmt: skip
     assert path.read_bytes() == body and path.name == "ok.zip"
+    # Progress from nothing to everything, against the size the server announced.
+    assert seen[0] == (0, len(body)) and seen[-1] == (len(body), len(body))
+    assert [received for received, _ in seen] == sorted(received for received, _ in seen)
 
 
 @pytest.mark.parametrize(

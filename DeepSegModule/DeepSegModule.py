@@ -576,14 +576,9 @@ def _missingRequirements(requirementsFile: str) -> list[str]:
 
 def _formatDuration(seconds: float) -> str:
     """``"45 s"``, ``"3 min 20 s"``: what a progress line needs, no more precise than an estimate is."""
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes} min {seconds:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
+    from DeepSegModuleLib.jobs import format_duration
+
+    return format_duration(seconds)
 
 
 def qualityReportLines(quality) -> list[str]:

@@ -17,11 +17,35 @@ from .cli_common import (
     resolve_model,
 )
 from .file_runs import json_default, register_files, segment_files
+from .jobs import format_duration
 from .outputs import OutputSet
 from .segmentation.options import label_names
 
 batch_app = typer.Typer(help="Run over a cohort: resumable, one failed case does not stop the others.",
                         no_args_is_help=True, rich_markup_mode=None)
+
+
+def case_lines(total: int, quiet: bool):
+    """An ``on_result`` for :func:`~DeepSegModuleLib.batch.run_cases` that prints ``[i/n] case: status (seconds)`` on
+    standard error, with the time left for the cases still to run (from the mean of those run so far)."""
+    done, run_seconds = [0], []
+
+    def report(result) -> None:
+        done[0] += 1
+        if result.status != "skipped":
+            run_seconds.append(result.seconds)
+        if quiet:
+            return
+        line = f"  [{done[0]}/{total}] {result.name}: {result.status}"
+        if result.status != "skipped":
+            line += f" ({result.seconds:.1f} s"
+            left = total - done[0]
+            line += f"; about {format_duration(left * sum(run_seconds) / len(run_seconds))} left)" if left else ")"
+        if result.error:
+            line += f": {result.error}"
+        typer.echo(line, err=True)
+
+    return report
 
 
 def _print_table(results, as_json: bool, title: str) -> None:
@@ -68,6 +92,7 @@ def batch_segment(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     labels: str | None = typer.Option(None, help="Comma-separated label names to keep."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace output files of unfinished cases that exist."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No line per case (errors and the summary still show)."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
     """Segment every case; a re-run skips finished cases.
@@ -97,14 +122,10 @@ def batch_segment(
                                     outputs=checked)
             return {f"{name} ml": volume for name, volume in summary["segments_ml"].items()}
 
-        def report(result):
-            if not as_json:
-                typer.echo(f"  {result.name}: {result.status}" + (f" ({result.error})" if result.error else ""), err=True)
-
         try:
             results = run_cases(
                 case_list, output_dir, lambda case: {"segmentation": output_dir / f"{case.name}.{output_format}"},
-                process, report,
+                process, case_lines(len(case_list), as_json or quiet),
             )
         finally:
             worker.shutdown()
@@ -118,6 +139,7 @@ def batch_register(
     preset: str = typer.Option("deformable fast", help="rigid, affine, deformable fast, deformable accurate, multimodal."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace output files of unfinished cases that exist."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No line per case (errors and the summary still show)."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
     """Register every case's moving image to its fixed image; a re-run skips finished cases.
@@ -158,7 +180,7 @@ def batch_register(
             return result
 
         try:
-            results = run_cases(case_list, output_dir, outputs_of, process)
+            results = run_cases(case_list, output_dir, outputs_of, process, case_lines(len(case_list), as_json or quiet))
         finally:
             worker.shutdown()
     _finish_batch(results, as_json, f"deepseg batch register: {len(results)} case(s)", output_dir)

@@ -54,11 +54,16 @@ def segment_files(
     if outputs is None:
         outputs = OutputSet(inputs=[*inputs, model_path])
         outputs.claim(output, "output")
+    reading = _reader_progress(on_event)
+    reading(0.0)  # reading starts with importing Slicer's libraries: say so before, not after
     from . import nodes, storage
     from .context import SceneContext
 
     context = SceneContext.headless()
-    volumes = [storage.load_volume(context, path) for path in inputs]
+    volumes = []
+    for index, path in enumerate(inputs):
+        volumes.append(storage.load_volume(context, path))
+        reading((index + 1) / len(inputs))
     options = options.replace(probabilities=probabilities is not None)
     outcome = logic_factory(context).start_segment(volumes, str(model_path), options, on_event=on_event).wait()
     result = outcome.result
@@ -109,18 +114,22 @@ def register_files(
     Returns:
         The summary (plain values, for JSON) and the :class:`~DeepSegModuleLib.registration.results.QualityReport`.
     """
-    from . import nodes, storage
-    from .context import SceneContext
-
     if outputs is None:
         outputs = OutputSet(inputs=[p for p in (fixed, moving, moving_segmentation, fixed_mask, moving_mask) if p])
         for path in (output_transform, inverse_transform, output_volume, output_segmentation, report, preview):
             if path is not None:
                 outputs.claim(path)
     options = options.replace(inverse=inverse_transform is not None)
+    reading = _reader_progress(on_event)
+    reading(0.0)
+    from . import nodes, storage
+    from .context import SceneContext
+
     context = SceneContext.headless()
     fixed_node = storage.load_volume(context, fixed)
+    reading(0.5)
     moving_node = storage.load_volume(context, moving)
+    reading(1.0)
 
     def load_labels(path: Path | None):
         if path is None:
@@ -191,3 +200,14 @@ def _check_points(volume_node) -> np.ndarray:
     fractions = np.array([[0.5, 0.5, 0.5], [0.25, 0.5, 0.5], [0.5, 0.25, 0.5], [0.5, 0.5, 0.25], [0.75, 0.75, 0.75]])
     ijk = fractions * size
     return (grid @ np.c_[ijk, np.ones(len(ijk))].T).T[:, :3]
+
+
+def _reader_progress(on_event):
+    """``report(fraction)`` of the "read" stage (the images, and Slicer's libraries that read them) as a job event."""
+    from .jobs import JobEvent
+
+    def report(fraction: float) -> None:
+        if on_event is not None:
+            on_event(JobEvent("progress", stage="read", fraction=fraction))
+
+    return report

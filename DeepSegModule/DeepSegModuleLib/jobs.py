@@ -73,6 +73,19 @@ class JobEvent:
 ProgressCallback = Callable[..., None]
 
 
+def format_duration(seconds: float) -> str:
+    """``"45 s"``, ``"3 min 20 s"``, ``"2 h 05 min"``: a time left as a person reads it, no more precise than an
+    estimate is (the panel's status line and the batch's case lines)."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
 def resolve_task(task: str) -> Callable:
     """Imports ``"package.module:function"``."""
     module_name, _, function_name = task.partition(":")

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import http.server
 import json
+import re
 import shutil
 import threading
 import zipfile
@@ -195,6 +196,15 @@ def test_register_writes_transform_volume_and_label_map_that_keeps_its_values(tm
     assert (tmp_path / "registered.nrrd").exists()
 
 
+def error_lines(err: str) -> list[str]:
+    """Standard error without the progress lines a pipe gets (one ``  <stage> ...`` per stage), which must be all
+    the rest: what is left is what went wrong."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    progress = [line for line in lines if re.fullmatch(r"  [a-z][\w ,.-]* \.\.\.", line)]
+    assert all(line in progress for line in lines[: len(progress)]), err  # progress first, then the error
+    return lines[len(progress):]
+
+
 def test_bad_input_is_one_line_non_zero_and_leaves_no_output(tmp_path, capsys, sphere_model, sphere_image, model_store):
     image, _, _ = sphere_image
     not_an_image = tmp_path / "notes.nii.gz"
@@ -211,7 +221,7 @@ def test_bad_input_is_one_line_non_zero_and_leaves_no_output(tmp_path, capsys, s
     before = sorted(path.name for path in tmp_path.iterdir())
     for argv, message in cases:
         code, out, err = run(capsys, *argv)
-        lines = err.strip().splitlines()
+        lines = error_lines(err)
         assert code == 1, (argv, out, err)
         assert len(lines) == 1 and message in lines[0], (argv, err)
     assert sorted(path.name for path in tmp_path.iterdir()) == before
@@ -255,6 +265,15 @@ def test_batch_segment_is_resumable_and_survives_a_bad_case(tmp_path, capsys, sp
     code, out, err = run(capsys, "batch", "segment", "--model", sphere_model.parent, "--cases", scans,
                          "--output-dir", results, "--format", "nii.gz")
     assert code == 0 and "case-c" in out and "skipped" in out  # the summary table
+    assert [line.split(":")[0].strip() for line in err.splitlines() if line.startswith("  [")] == [
+        "[1/3] case-a", "[2/3] case-b", "[3/3] case-c"]  # a line per case, counted
+    (results / "case-b.nii.gz").unlink()  # one case to redo: its line has its time and none left
+    code, out, err = run(capsys, "batch", "segment", "--model", sphere_model.parent, "--cases", scans,
+                         "--output-dir", results, "--format", "nii.gz", "--device", "cpu")
+    assert code == 0 and re.search(r"\[2/3\] case-b: done \(\d+\.\d s\; about \d+ s left\)", err), err
+    code, out, err = run(capsys, "batch", "segment", "--model", sphere_model.parent, "--cases", scans,
+                         "--output-dir", results, "--format", "nii.gz", "-q")
+    assert code == 0 and "[1/3]" not in err and "case-c" in out
 
 
 def test_batch_register_from_a_csv(tmp_path, capsys):

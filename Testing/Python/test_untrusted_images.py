@@ -103,7 +103,9 @@ def test_truncated_files_are_a_clear_error_not_half_a_volume(suffix, tmp_path, c
     with pytest.raises(ImageFileError, match="truncated"):
         check_image_file(cut)
     code = cli.main(["segment", "--input", str(cut), "--output", str(tmp_path / "x.seg.nrrd")])
-    err = capsys.readouterr().err.strip().splitlines()
+    from test_cli import error_lines
+
+    err = error_lines(capsys.readouterr().err)
     assert code == 1 and len(err) == 1 and "truncated" in err[0]
 
 
@@ -128,7 +130,9 @@ def test_a_picture_is_a_2d_image(tmp_path, capsys):
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((20, 30), np.uint8)), str(picture))
     code = cli.main(["segment", "--input", str(picture), "--output", str(tmp_path / "x.seg.nrrd")])
     err = capsys.readouterr().err
-    assert code == 1 and "2D" in err and "ERR" not in err and len(err.strip().splitlines()) == 1
+    from test_cli import error_lines
+
+    assert code == 1 and "2D" in err and "ERR" not in err and len(error_lines(err)) == 1
     flat = tmp_path / "slice.nrrd"
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((20, 30), np.float32)), str(flat))
     with pytest.raises(ImageFileError, match="2D image"):

@@ -205,3 +205,44 @@ def test_truncated_bundle_weights_are_a_clear_error(bundle, tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ModelFileError, match="truncated"):
         load_model(copy_root)
+
+
+@pytest.mark.parametrize("padding_mode", ["replicate", "constant", "reflect"])
+def test_the_sliding_window_pads_as_the_bundles_inferer_does(padding_mode):
+    """A bundle's SlidingWindowInferer says how an image smaller than a window is padded (wholeBody_ct_segmentation
+    replicates its border); DeepSeg's window must give MONAI's own outputs for each mode, not zero padding's."""
+    from DeepSegModuleLib.labels import LabelInfo
+    from DeepSegModuleLib.models.description import InputSpec, LoadedModel, ModelDescription, ModelFormat
+    from DeepSegModuleLib.segmentation.inference import sliding_window_predict
+    from monai.inferers import SlidingWindowInferer
+
+    torch.manual_seed(0)
+    network = torch.nn.Conv3d(1, 2, kernel_size=5, padding=2).eval()  # sees 2 voxels past every edge
+    description = ModelDescription(
+        name="padding probe", format=ModelFormat.TORCHSCRIPT, inputs=[InputSpec("image")],
+        labels=[LabelInfo(1, "x")], channel_to_label=[0, 1], patch_size=(16, 16, 16),
+    )  # fmt: skip
+    model = LoadedModel(description, network, torch.device("cpu"), networks=[network])
+    image = torch.rand(1, 1, 11, 13, 9) + 1.0  # smaller than a window along every axis, far from zero
+    ours = sliding_window_predict(image, model, overlap=0.25, sw_batch_size=1, precision="fp32",
+                                  blend_mode="constant", padding_mode=padding_mode)  # fmt: skip
+    with torch.inference_mode():
+        theirs = SlidingWindowInferer(roi_size=(16, 16, 16), overlap=0.25, mode="constant",
+                                      padding_mode=padding_mode)(image, network)  # fmt: skip
+        zero_padded = SlidingWindowInferer(roi_size=(16, 16, 16), overlap=0.25, mode="constant")(image, network)
+    torch.testing.assert_close(ours, torch.as_tensor(theirs), atol=1e-5, rtol=1e-5)
+    if padding_mode != "constant":
+        assert (torch.as_tensor(zero_padded) - torch.as_tensor(theirs)).abs().max() > 1e-2  # the mode matters here
+
+
+def test_a_bundle_that_pads_by_replicating_agrees_with_its_own_workflow(bundle, phantom, tmp_path):
+    """One window larger than the image, padded as the bundle's inferer says: DeepSeg's labels are MONAI's."""
+    inference = copy.deepcopy(INFERENCE)
+    inference["inferer"] = {"_target_": "SlidingWindowInferer", "roi_size": [96, 96, 96], "sw_batch_size": 1,
+                            "overlap": 0.25, "padding_mode": "replicate", "mode": "constant"}  # fmt: skip
+    replicating = _bundle_copy(bundle, tmp_path, inference)
+    data_folder, volume, _, _, _ = phantom
+    reference, _ = _reference_labels(replicating, data_folder, tmp_path / "eval")
+    result = segment(volume, replicating, SegmentationOptions(device="cpu", precision="fp32"), cache=ModelCache())
+    assert reference.any() and dice(result.labels == 1, reference == 1) >= 0.99
+    assert np.mean(result.labels == reference) >= 0.999

@@ -420,6 +420,8 @@ def sliding_window_predict(
     log: Callable[[str], None] | None = None,
     blend_mode: str = "gaussian",
     sigma_scale: float | Sequence[float] = 0.125,
+    padding_mode: str = "constant",
+    cval: float = 0.0,
 ) -> torch.Tensor:
     """Runs the network over a whole normalised image with gaussian-weighted sliding windows.
 
@@ -435,6 +437,9 @@ def sliding_window_predict(
         log: receives user-readable lines about fallbacks.
         blend_mode: ``"gaussian"`` (default) or ``"constant"`` window blending (MONAI's BlendMode).
         sigma_scale: gaussian sigma as a fraction of the window size.
+        padding_mode: how an image smaller than a window is padded (MONAI's: ``"constant"`` with ``cval``,
+            ``"replicate"``, ``"reflect"``...); nnU-Net's window grid pads with zeros, as nnU-Net does.
+        cval: the constant of ``"constant"`` padding.
 
     Returns:
         ``(1, num_output_channels, X, Y, Z)`` blended network outputs on the stitching device: float16 for
@@ -463,7 +468,8 @@ def sliding_window_predict(
         predictor = WindowPredictor(model, mirror_axes, calls, progress, cancel, precision)
         try:
             with torch.inference_mode():
-                return _tiled(image, predictor, description, tiling, overlap, attempt, blend_mode, sigma_scale)
+                return _tiled(image, predictor, description, tiling, overlap, attempt,
+                              dict(mode=blend_mode, sigma_scale=sigma_scale, padding_mode=padding_mode, cval=cval))
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
@@ -484,8 +490,7 @@ def _tiled(
     tiling: Tiling,
     overlap: float,
     attempt: InferenceAttempt,
-    blend_mode: str,
-    sigma_scale: float | Sequence[float],
+    blending: dict,
 ) -> torch.Tensor:
     """One attempt of :func:`sliding_window_predict`: nnU-Net's window grid, or MONAI's sliding window."""
     roi = description.patch_size
@@ -499,10 +504,7 @@ def _tiled(
         roi_size=roi,
         sw_batch_size=attempt.sw_batch_size,
         overlap=overlap,
-        mode=blend_mode,
-        sigma_scale=sigma_scale,
-        padding_mode="constant",
-        cval=0.0,
+        **blending,
         sw_device=attempt.window_device,
         device=attempt.stitch_device,
         cache_roi_weight_map=True,

@@ -175,9 +175,12 @@ class MonaiBundleRunner:
         image = prepared[self.bundle.image_key]
         inferer = self.bundle.inferer
         if isinstance(inferer, SlidingWindowInferer) or inferer is None:
+            # The bundle's own window blending and padding (a bundle that pads by replicating its border gets
+            # other logits near the image's edges with zero padding).
             prediction = _sliding_window(
-                self.model, image[None].as_tensor(), run, blend_mode=str(getattr(inferer, "mode", "gaussian")),
+                self.model, image[None].as_tensor(), run, blend_mode=_plain(getattr(inferer, "mode", "gaussian")),
                 sigma_scale=getattr(inferer, "sigma_scale", 0.125),
+                padding_mode=_plain(getattr(inferer, "padding_mode", "constant")), cval=float(getattr(inferer, "cval", 0.0)),
             )  # fmt: skip
         else:
             with torch.inference_mode():
@@ -200,6 +203,11 @@ class MonaiBundleRunner:
             labels = self.bundle.labels_to_input_grid(labels, pred, self.reference)
         lookup = torch.tensor(self.model.description.channel_to_label, dtype=torch.int64)
         return lookup[labels.clamp(0, len(lookup) - 1)], {}
+
+
+def _plain(value: Any) -> str:
+    """A MONAI enum setting (``BlendMode.GAUSSIAN``) or a string as its plain value."""
+    return str(getattr(value, "value", value))
 
 
 def _sliding_window(model: LoadedModel, image: torch.Tensor, run: RunSettings, **blending: Any) -> torch.Tensor:

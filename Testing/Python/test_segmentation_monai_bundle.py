@@ -246,3 +246,21 @@ def test_a_bundle_that_pads_by_replicating_agrees_with_its_own_workflow(bundle, 
     result = segment(volume, replicating, SegmentationOptions(device="cpu", precision="fp32"), cache=ModelCache())
     assert reference.any() and dice(result.labels == 1, reference == 1) >= 0.99
     assert np.mean(result.labels == reference) >= 0.999
+
+
+def test_a_bundle_of_overlapping_regions_is_refused_not_misnamed(bundle, tmp_path):
+    """BraTS-style outputs (tumour core, whole tumour, enhancing tumour) become label values the metadata does not
+    name (1, 2, 4): refused with the reason, instead of regions named after the wrong channels."""
+    regions = copy.deepcopy(METADATA)
+    regions["network_data_format"]["outputs"]["pred"]["channel_def"] = {"0": "Tumor core", "1": "Whole tumor"}
+    copied = _bundle_copy(bundle, tmp_path, INFERENCE)
+    (copied / "configs" / "metadata.json").write_text(json.dumps(regions))
+    with pytest.raises(ModelFormatError, match="overlapping regions .Tumor core, Whole tumor."):
+        load_model(copied)
+
+
+def test_a_2d_bundle_is_refused_with_the_reason(bundle, tmp_path):
+    flat = copy.deepcopy(INFERENCE)
+    flat["inferer"] = {"_target_": "SlidingWindowInferer", "roi_size": [256, 256], "sw_batch_size": 1}
+    with pytest.raises(ModelFormatError, match="segments 2D images"):
+        load_model(_bundle_copy(bundle, tmp_path, flat))

@@ -62,8 +62,18 @@ def _labels_from_metadata(metadata: Mapping[str, Any], bundle: Path) -> tuple[li
                 "channel_def); add them so segments get names"
             )
         channel_def = {str(c): ("background" if c == 0 else f"label {c}") for c in range(count)}
+    named = sorted((int(k), str(v)) for k, v in channel_def.items())
+    if named and named[0][0] == 0 and named[0][1].strip().lower() not in ("background", "_background_", "bg"):
+        # Overlapping regions (BraTS: tumour core, whole tumour, enhancing tumour), one sigmoid channel each: the
+        # bundle's post-processing turns them into label values of its own (1, 2, 4) that no channel names.
+        # Naming them after the channels would put wrong names on the tumour a planner looks at.
+        raise ModelFormatError(
+            f"{bundle}: its outputs are overlapping regions ({', '.join(name for _, name in named)}) that its "
+            "post-processing turns into label values its metadata does not name; DeepSeg does not guess what they "
+            "are: run this bundle with MONAI's own runner (python -m monai.bundle run)"
+        )
     labels, channels = [], []
-    for channel, name in sorted(((int(k), str(v)) for k, v in channel_def.items())):
+    for channel, name in named:
         if channel == 0 or name.lower() == "background":
             channels.append(0)
             continue
@@ -267,6 +277,11 @@ def _description(parser: Any, metadata: Mapping[str, Any], bundle: Path, config_
         roi = [int(r) for r in roi]
     except (TypeError, ValueError):
         raise ModelFormatError(f"{config_path}: the inferer's roi_size {roi!r} is not a list of integers") from None
+    if len(roi) == 2:
+        raise ModelFormatError(
+            f"{bundle} segments 2D images (its window is {roi[0]} x {roi[1]}) and DeepSeg runs bundles on 3D volumes: "
+            "run it with MONAI's own runner (python -m monai.bundle run)"
+        )
     channel_names = image_meta.get("channel_def") or {"0": image_meta.get("modality", "image")}
     return ModelDescription(
         name=str(metadata.get("name") or bundle.name),

@@ -795,9 +795,10 @@ class DeepSegModuleLogic(ScriptedLoadableModuleLogic):
             self.checkInputVolume(volume)
         options = options or RegistrationOptions()
         try:
-            options.checked()
+            options.config()
         except ValueError:
             raise ValueError(_("Unknown preset '{preset}'.").format(preset=options.preset)) from None
+        options.checked()  # the device
         self.checkOutputTransform(options, outputTransform)
         return self.engineLogic.start_register(
             fixedVolume, movingVolume, options, fixed_mask=fixedMask, moving_mask=movingMask,

@@ -163,7 +163,7 @@ def _build_demo(
     written.update({kind: claimed[kind] for kind in ("preview", "segmentation preview", "registration preview")})
     lap("pictures")
 
-    summary = _summary(subject, template, labels, outcome, segmented)
+    summary = _summary(labels, outcome, segmented)
     return {
         "inputs": {"subject": str(subject_t1_file()), "template": str(files["t1"])},
         "preset": preset,
@@ -211,12 +211,13 @@ def _write_pictures(outputs: Any, claimed: dict[str, Path], subject: Any, templa
     )
 
 
-def _summary(subject: Any, template: Any, labels: np.ndarray, outcome: Any, segmented: Any) -> dict:
+def _summary(labels: np.ndarray, outcome: Any, segmented: Any) -> dict:
     """Segment volumes on both images, the model's agreement with the template's own tissue maps, folding, device."""
     subject_labels, table = outcome.outputs.propagated_labels, outcome.label_table
     model_labels, model_table = segmented.result.labels, segmented.result.label_table
-    voxel_ml = abs(np.linalg.det(nodes.volume_to_array(subject)[1][:3, :3])) / 1000.0
-    template_ml = abs(np.linalg.det(nodes.volume_to_array(template)[1][:3, :3])) / 1000.0
+    # The grids are the ones the results lie on: the subject's (the fixed image) and the template's.
+    voxel_ml = abs(np.linalg.det(outcome.fixed_ijk_to_ras[:3, :3])) / 1000.0
+    template_ml = abs(np.linalg.det(segmented.result.ijk_to_ras[:3, :3])) / 1000.0
     return {
         "subject_segments_ml": {info.name: round(float((subject_labels == info.value).sum() * voxel_ml), 1) for info in table},
         "template_segments_ml": {

@@ -1,10 +1,16 @@
 """Running a cohort: many cases, one persistent worker (the model loads once), resumable, failures isolated.
 
-A case list comes from a folder (every image file is a case, named after the file) or a CSV with a header:
+A case list comes from a folder (every image file is a case, named after the file, and so is every subfolder that
+holds a DICOM series, named after the folder) or a CSV with a header:
 ``case,input[,input2,...]`` for segmentation and ``case,fixed,moving[,moving_segmentation]`` for registration
 (relative paths are relative to the CSV). Each finished case writes its outputs and then a small
 ``<case>.done.json`` record; a re-run skips cases whose record and outputs exist, so an interrupted batch
-continues where it stopped. A failed case is recorded and the batch goes on.
+continues where it stopped. A failed case is recorded and the batch goes on. After the batch,
+``deepseg-summary.csv`` and ``deepseg-summary.json`` hold one row per case: status, seconds, error and the numbers
+of its summary (numbers as numbers in the JSON).
+
+The same cases run on a Ray cluster through :mod:`~DeepSegModuleLib.ray_cohort`, with :func:`finished` and
+:func:`run_case` as here, so both write the same files and records.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -19,10 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .outputs import replace_text
-from .storage import VOLUME_SUFFIXES
+from .models.errors import ModelError
+from .outputs import OutputError, replace_text
+from .storage import VOLUME_SUFFIXES, StorageError
 
 DONE_SUFFIX = ".done.json"
+#: Failures that another try would give again: the input, the model or an output was refused.
+REFUSALS = (ValueError, StorageError, OutputError, ModelError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            PermissionError)  # fmt: skip
 
 
 @dataclass
@@ -35,7 +46,11 @@ class Case:
 
 @dataclass
 class CaseResult:
-    """What happened to a case: "done", "skipped" (done earlier) or "failed"."""
+    """What happened to a case: "done", "skipped" (done earlier) or "failed".
+
+    ``attempts`` counts the tries (a cohort on Ray retries a case once); ``retryable`` says whether a failure may
+    pass on another try (an unexpected error, a worker that died), as a refusal of bad input would not.
+    """
 
     name: str
     status: str
@@ -43,6 +58,8 @@ class CaseResult:
     outputs: dict[str, str] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    attempts: int = 1
+    retryable: bool = False
 
 
 #: A case name becomes a file name in the output folder: the model-id rule (letters, digits, '.', '_', '-';
@@ -63,8 +80,35 @@ def _case_name(path: Path) -> str:
     return cleaned or "case"
 
 
+def _folder_case_name(path: Path) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", path.name).lstrip("._-")[:128]
+    return cleaned or "case"
+
+
+def holds_dicom(folder: Path, look_at: int = 64) -> bool:
+    """Whether one of the first ``look_at`` files under ``folder`` is a DICOM file (its "DICM" preamble marker)."""
+    seen = 0
+    for root, folders, names in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        for name in sorted(names):
+            path = Path(root) / name
+            if path.is_symlink() or not path.is_file():
+                continue
+            try:
+                with path.open("rb") as handle:
+                    if handle.read(132)[128:] == b"DICM":
+                        return True
+            except OSError:
+                pass
+            seen += 1
+            if seen >= look_at:
+                return False
+    return False
+
+
 def read_cases(source: str | Path, columns: tuple[str, ...], optional: tuple[str, ...] = ()) -> list[Case]:
-    """Cases from a folder of images (first column only) or a CSV with a ``case`` column and ``columns``.
+    """Cases from a folder (each image file, and each subfolder holding a DICOM series, is a case; first column
+    only) or a CSV with a ``case`` column and ``columns`` (an entry may be a DICOM series folder).
 
     Raises:
         ValueError: a CSV without the required columns, duplicate case names, or an empty folder.
@@ -76,9 +120,11 @@ def read_cases(source: str | Path, columns: tuple[str, ...], optional: tuple[str
         if len(columns) > 1:
             raise ValueError(f"a folder gives one image per case; for {', '.join(columns)} use a CSV")
         images = sorted(p for p in source.iterdir() if p.is_file() and any(p.name.lower().endswith(s) for s in VOLUME_SUFFIXES))
-        if not images:
-            raise ValueError(f"no images (.nii.gz, .nrrd, .mha, ...) in {source}")
+        series = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".") and holds_dicom(p))
+        if not images and not series:
+            raise ValueError(f"no images (.nii.gz, .nrrd, .mha, ...) and no DICOM series folders in {source}")
         cases = [Case(_case_name(path), {columns[0]: path}) for path in images]
+        cases += [Case(_folder_case_name(path), {columns[0]: path}) for path in series]
     else:
         with source.open(newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
@@ -108,6 +154,34 @@ def read_cases(source: str | Path, columns: tuple[str, ...], optional: tuple[str
     return cases
 
 
+def finished(case: Case, outputs: dict[str, Path], output_dir: Path) -> CaseResult | None:
+    """The "skipped" result of a case done earlier (its record and every output exist), else None."""
+    record = output_dir / f"{case.name}{DONE_SUFFIX}"
+    previous = _read_record(record) if all(path.exists() for path in outputs.values()) else None
+    if previous is None:
+        return None
+    return CaseResult(case.name, "skipped", previous.get("seconds", 0.0), {k: str(v) for k, v in outputs.items()},
+                      previous.get("summary", {}))  # fmt: skip
+
+
+def run_case(
+    case: Case, outputs: dict[str, Path], output_dir: Path, process: Callable[[Case, dict[str, Path]], dict[str, Any]]
+) -> CaseResult:
+    """Runs one case and writes its done-record; a failure becomes a "failed" result (never an exception), marked
+    ``retryable`` unless it is a refusal of bad input that another try would refuse again."""
+    record = output_dir / f"{case.name}{DONE_SUFFIX}"
+    started = time.perf_counter()
+    try:
+        # process() writes all of a case's outputs or none (outputs.OutputSet), so nothing is removed here
+        summary = process(case, outputs)
+        seconds = time.perf_counter() - started
+        _write_record(record, {"seconds": seconds, "summary": summary})
+    except Exception as error:  # noqa: BLE001 - one case's failure must not stop the cohort
+        return CaseResult(case.name, "failed", time.perf_counter() - started, error=" ".join(str(error).split()),
+                          retryable=not isinstance(error, REFUSALS))  # fmt: skip
+    return CaseResult(case.name, "done", seconds, {k: str(v) for k, v in outputs.items()}, summary)
+
+
 def run_cases(
     cases: list[Case],
     output_dir: Path,
@@ -115,7 +189,7 @@ def run_cases(
     process: Callable[[Case, dict[str, Path]], dict[str, Any]],
     on_result: Callable[[CaseResult], None] | None = None,
 ) -> list[CaseResult]:
-    """Processes every case not done yet; returns one result per case in order.
+    """Processes every case not done yet, one after the other; returns one result per case in order.
 
     Args:
         outputs_of: the output files of a case (all must exist for the case to count as done).
@@ -126,22 +200,7 @@ def run_cases(
     results = []
     for case in cases:
         outputs = outputs_of(case)
-        record = output_dir / f"{case.name}{DONE_SUFFIX}"
-        previous = _read_record(record) if all(path.exists() for path in outputs.values()) else None
-        if previous is not None:
-            result = CaseResult(case.name, "skipped", previous.get("seconds", 0.0),
-                                {k: str(v) for k, v in outputs.items()}, previous.get("summary", {}))
-        else:
-            started = time.perf_counter()
-            try:
-                # process() writes all of a case's outputs or none (outputs.OutputSet), so nothing is removed here
-                summary = process(case, outputs)
-                seconds = time.perf_counter() - started
-                _write_record(record, {"seconds": seconds, "summary": summary})
-            except Exception as error:  # noqa: BLE001 - one case's failure must not stop the cohort
-                result = CaseResult(case.name, "failed", time.perf_counter() - started, error=" ".join(str(error).split()))
-            else:
-                result = CaseResult(case.name, "done", seconds, {k: str(v) for k, v in outputs.items()}, summary)
+        result = finished(case, outputs, output_dir) or run_case(case, outputs, output_dir, process)
         results.append(result)
         if on_result is not None:
             on_result(result)
@@ -184,6 +243,31 @@ def write_summary_csv(results: list[CaseResult], output_dir: Path) -> Path:
         values = [result.name, result.status, round(result.seconds, 3), result.error]
         writer.writerow(values + [result.summary.get(key, "") for key in numbers])
     return replace_text(target, text.getvalue())
+
+
+SUMMARY_JSON = "deepseg-summary.json"
+
+
+def write_summary_json(results: list[CaseResult], output_dir: Path, extra: dict[str, Any] | None = None) -> Path:
+    """The batch as JSON in ``<output_dir>/deepseg-summary.json`` (beside the CSV, with the same rule for a file of
+    that name that DeepSeg did not write): every case with its status, seconds, attempts, error and summary."""
+    target = output_dir / SUMMARY_JSON
+    serial = 1
+    while target.exists() and not _json_by_deepseg(target):
+        serial += 1
+        target = output_dir / f"deepseg-summary-{serial}.json"
+    cases = [{"case": r.name, "status": r.status, "seconds": round(r.seconds, 3), "attempts": r.attempts,
+              "error": r.error, "outputs": r.outputs, "summary": r.summary} for r in results]  # fmt: skip
+    content = {"deepseg_batch_summary": 1, **(extra or {}), "cases": cases,
+               "failed": [r.name for r in results if r.status == "failed"]}  # fmt: skip
+    return replace_text(target, json.dumps(content, indent=2, default=str))
+
+
+def _json_by_deepseg(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("deepseg_batch_summary") == 1
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _written_by_deepseg(path: Path) -> bool:

@@ -14,9 +14,14 @@ import typer
 
 from .cli_batch import batch_app
 from .cli_common import (
+    DESCRIPTION_OPTION,
+    MODALITY_OPTION,
+    SEG_ENCODING_OPTION,
+    SERIES_OPTION,
     CommandError,
     check_input,
     check_output,
+    check_seg_encoding,
     checked_options,
     checked_registration,
     emit,
@@ -24,15 +29,20 @@ from .cli_common import (
     progress_bar,
     reported,
     resolve_model,
+    series_choice,
+    with_optional_values,
 )
 from .cli_models import models_app
 from .file_runs import (
+    DICOM_SEG_SUFFIX,
     LABEL_MAP_SUFFIXES,
     SEGMENTATION_SUFFIX,
     TRANSFORM_SUFFIXES,
     register_files,
     segment_files,
+    writes_dicom_seg,
 )
+from .file_runs import suffix as suffix_of
 from .outputs import OutputSet
 from .segmentation.options import label_names
 
@@ -55,16 +65,29 @@ app.add_typer(batch_app, name="batch")
 @app.command()
 def segment(
     inputs: list[Path] = typer.Option(
-        ..., "--input", "-i", metavar="<image>", help="Input image(s), in the model's input order (repeat -i)."
+        ..., "--input", "-i", metavar="<image>",
+        help="Input image(s) or DICOM series folder(s), in the model's input order (repeat -i).",
     ),
-    output: Path = typer.Option(..., "--output", "-o", help="OUT.seg.nrrd (segments) or OUT.nii.gz/.nrrd (label map)."),
+    output: Path = typer.Option(
+        ..., "--output", "-o",
+        help="OUT.seg.nrrd (segments), OUT.nii.gz/.nrrd (label map) or OUT.dcm (DICOM SEG, for a DICOM series).",
+    ),
+    output_format: str = typer.Option(
+        "auto", "--output-format", help="auto (from --output's suffix) or dicom-seg (a DICOM SEG under any file name)."
+    ),
+    seg_encoding: str = SEG_ENCODING_OPTION,
+    series: list[str] | None = SERIES_OPTION,
+    modality: str | None = MODALITY_OPTION,
+    series_description: str | None = DESCRIPTION_OPTION,
     model: str | None = typer.Option(
         None, "--model", "-m",
         help="Model folder/file, or a name in the model store (default: the bundled brain tissue model, deepseg-brain).",
     ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     labels: str | None = typer.Option(None, help="Comma-separated label names to keep (default: all)."),
-    probabilities: Path | None = typer.Option(None, help="Folder for one probability map (.nii.gz) per label."),
+    probabilities: Path | None = typer.Option(
+        None, help="Folder for one probability map (.nii.gz) per label, or OUT.dcm: a FRACTIONAL DICOM SEG."
+    ),
     mirroring: bool = typer.Option(
         False, "--mirroring", "--tta", help="Mirroring test-time augmentation (slower, a little better)."
     ),
@@ -84,6 +107,8 @@ def segment(
     """Segment an image with a model; write a Slicer segmentation or a label map.
 
     Example: deepseg segment --input T1.nii.gz --output brain.seg.nrrd   (the bundled brain tissue model)
+
+    Example: deepseg segment -m total -i CT_series/ -o liver.dcm   (a DICOM SEG referencing the series)
     """
     from .segmentation.options import SegmentationOptions
 
@@ -92,10 +117,22 @@ def segment(
             device=device, overlap=overlap, mirroring=mirroring, precision=precision, labels=label_names(labels),
             probabilities=probabilities is not None, trust_code=trust_code,
         ))  # fmt: skip
-        check_output(output, (SEGMENTATION_SUFFIX, *LABEL_MAP_SUFFIXES), "--output")
+        if output_format not in ("auto", "dicom-seg"):
+            raise CommandError(f"--output-format must be auto or dicom-seg, not {output_format!r}")
+        format_ = None if output_format == "auto" else output_format
+        check_seg_encoding(seg_encoding)
+        dicom = series_choice(series, modality, series_description)
+        if writes_dicom_seg(output, format_):
+            check_output(output, (suffix_of(output),), "--output")
+        else:
+            check_output(output, (SEGMENTATION_SUFFIX, *LABEL_MAP_SUFFIXES, DICOM_SEG_SUFFIX), "--output")
         check_output(preview, (".png",), "--preview")
         for path in inputs:
-            check_input(path, "input")
+            check_input(path, "input", dicom)
+        fractional = probabilities is not None and suffix_of(probabilities) == DICOM_SEG_SUFFIX
+        if (writes_dicom_seg(output, format_) or fractional) and not inputs[0].is_dir():
+            raise CommandError(f"a DICOM SEG references the DICOM images it segments: the first input {inputs[0]} "
+                               "must be a DICOM series folder (or write a .seg.nrrd or a label map)")  # fmt: skip
         from .models.store import ModelStore, recorded_trust
 
         model_path = resolve_model(model)
@@ -112,13 +149,16 @@ def segment(
         outputs.claim(output, "--output")
         if preview is not None:
             outputs.claim(preview, "--preview")
-        if probabilities is not None:
+        if fractional:
+            check_output(probabilities, (DICOM_SEG_SUFFIX,), "--probabilities")
+            outputs.claim(probabilities, "--probabilities")
+        elif probabilities is not None:
             outputs.claim_folder(probabilities, "--probabilities")
 
         with progress_bar(as_json or quiet) as on_event:
             summary = segment_files(
                 logic_factory(), inputs, output, model_path, options, probabilities=probabilities, preview=preview,
-                on_event=on_event, outputs=outputs,
+                on_event=on_event, outputs=outputs, dicom=dicom, output_format=format_, seg_encoding=seg_encoding,
             )
         lines = [f"  {name:<30s} {volume:10.2f} ml" for name, volume in summary["segments_ml"].items()]
         lines += [f"  {stage:<30s} {seconds:8.2f} s" for stage, seconds in summary.get("timings_s", {}).items()]
@@ -135,8 +175,8 @@ def segment(
 
 @app.command()
 def register(
-    fixed: Path = typer.Option(..., help="Fixed (reference) image."),
-    moving: Path = typer.Option(..., help="Moving image, to be aligned with the fixed one."),
+    fixed: Path = typer.Option(..., help="Fixed (reference) image, or a DICOM series folder."),
+    moving: Path = typer.Option(..., help="Moving image (or DICOM series folder), to be aligned with the fixed one."),
     output_transform: Path = typer.Option(..., help="OUT.h5 / OUT.tfm: the transform Slicer, ITK and ANTs read."),
     output_volume: Path | None = typer.Option(None, help="The moving image resampled onto the fixed grid."),
     moving_segmentation: Path | None = typer.Option(None, help="Segmentation (.seg.nrrd) or label map on the moving image."),
@@ -146,6 +186,9 @@ def register(
     moving_mask: Path | None = typer.Option(None, help="Mask (label map or .seg.nrrd) on the moving image."),
     inverse_transform: Path | None = typer.Option(None, help="Also write the inverse transform (moving to fixed)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    series: list[str] | None = SERIES_OPTION,
+    modality: str | None = MODALITY_OPTION,
+    series_description: str | None = DESCRIPTION_OPTION,
     report: Path | None = typer.Option(None, help="Write the quality report (folding, Dice, runtime) as JSON."),
     preview: Path | None = typer.Option(
         None, help="Also write a PNG: checkerboards of the fixed and the moving image, before and after."
@@ -160,6 +203,7 @@ def register(
     """
     with reported(as_json):
         options = checked_registration(preset, device, inverse=inverse_transform is not None)
+        dicom = series_choice(series, modality, series_description)
         if (moving_segmentation is None) != (output_segmentation is None):
             raise CommandError("--moving-segmentation and --output-segmentation go together")
         check_output(output_transform, TRANSFORM_SUFFIXES, "--output-transform")
@@ -171,7 +215,7 @@ def register(
         for path, what in ((fixed, "--fixed"), (moving, "--moving"), (moving_segmentation, "--moving-segmentation"),
                            (fixed_mask, "--fixed-mask"), (moving_mask, "--moving-mask")):
             if path is not None:
-                check_input(path, what)
+                check_input(path, what, dicom if what in ("--fixed", "--moving") else None)
         outputs = OutputSet(inputs=[fixed, moving, moving_segmentation, fixed_mask, moving_mask], overwrite=overwrite)
         outputs.inputs = [p for p in outputs.inputs if p is not None]
         for path, what in ((output_transform, "--output-transform"), (inverse_transform, "--inverse-transform"),
@@ -185,7 +229,7 @@ def register(
                 logic_factory(), fixed, moving, output_transform, options, output_volume=output_volume,
                 moving_segmentation=moving_segmentation, output_segmentation=output_segmentation, fixed_mask=fixed_mask,
                 moving_mask=moving_mask, inverse_transform=inverse_transform, report=report, preview=preview,
-                outputs=outputs, on_event=on_event,
+                outputs=outputs, on_event=on_event, dicom=dicom,
             )  # fmt: skip
         lines = [f"  {line}" for line in quality.lines()]
         lines.append(f"wrote {output_transform}")
@@ -282,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     """Runs one ``deepseg`` command; returns its exit code (130 when interrupted with Ctrl-C)."""
     try:
         # Outside standalone mode click hands back a command's exit code instead of calling sys.exit.
+        argv = with_optional_values(list(sys.argv[1:] if argv is None else argv))
         result = app(args=argv, standalone_mode=False)
         if isinstance(result, int):
             # click hands back Exit(130), which typer makes of Ctrl-C, as a return value

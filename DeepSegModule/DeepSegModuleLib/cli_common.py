@@ -24,7 +24,7 @@ class PlainUsage(TyperCommand):
         return [piece[1:-1] if piece.startswith("{") and piece.endswith("}") else piece for piece in pieces]
 
 
-class CommandError(Exception):
+class CommandError(ValueError):
     """A failure to report in one line (exit code 1)."""
 
 
@@ -36,18 +36,22 @@ def emit(summary: dict[str, Any], as_json: bool, lines: list[str]) -> None:
             typer.echo(line)
 
 
-def _fail(message: str, as_json: bool) -> None:
+def _fail(message: str, as_json: bool, choices: list[dict[str, Any]] | None = None) -> None:
     message = " ".join(str(message).split())  # one line, whatever the exception held
     if as_json:
-        typer.echo(json.dumps({"ok": False, "error": message}))
+        typer.echo(json.dumps({"ok": False, "error": message, **({"choices": choices} if choices else {})}))
     else:
         typer.echo(f"deepseg: error: {message}", err=True)
+        for choice in choices or []:  # a study folder's series, one a line, to copy a UID from
+            typer.echo(f"  {choice['series_uid'] or '(no UID)'}  {choice['modality']}  {choice['images']} images  "
+                       f"{choice['description'] or '(no description)'}", err=True)  # fmt: skip
     raise typer.Exit(code=1)
 
 
 @contextmanager
 def reported(as_json: bool):
     """Turns the errors a user can fix into one line and exit code 1."""
+    from .dicom_series import AmbiguousSeries
     from .jobs import JobCancelled, JobFailed
     from .models.errors import ModelError
     from .storage import StorageError
@@ -56,6 +60,8 @@ def reported(as_json: bool):
         yield
     except typer.Exit:
         raise
+    except AmbiguousSeries as error:
+        _fail(str(error).split(": ", 1)[0], as_json, error.choices)
     except (CommandError, StorageError, JobFailed, JobCancelled, OSError, ValueError, KeyError, ModelError) as error:
         text = error.args[0] if isinstance(error, KeyError) and error.args else error
         _fail(str(text), as_json)
@@ -109,12 +115,68 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def check_input(path: Path, what: str) -> Path:
+def check_input(path: Path, what: str, dicom=None) -> Path:
+    """Fails before any work when an input is missing, or is a folder without one DICOM series to read (several
+    that ``dicom``, a :class:`~DeepSegModuleLib.dicom_series.SeriesChoice`, does not tell apart are listed)."""
     if not path.exists():
         raise CommandError(f"{what} {path} does not exist")
     if path.is_dir():
-        raise CommandError(f"{what} {path} is a folder: pass an image file (.nii.gz, .nrrd, .mha)")
+        from .dicom_series import SeriesChoice, find_series
+
+        find_series(path, dicom or SeriesChoice())
     return path
+
+
+# Options that every command reading images shares: which series of a DICOM folder to read.
+SERIES_OPTION = typer.Option(
+    None, "--series", metavar="UID", help="DICOM: the Series Instance UID to read where a folder holds several (repeat "
+    "for the folders of a pair).",
+)  # fmt: skip
+MODALITY_OPTION = typer.Option(None, "--modality", help="DICOM: read the series of this modality (CT, MR, PT).")
+DESCRIPTION_OPTION = typer.Option(
+    None, "--series-description", help="DICOM: read the series whose description is (or contains) this."
+)
+SEG_ENCODING_OPTION = typer.Option(
+    "labelmap", "--seg-encoding", help="DICOM SEG encoding: labelmap (one frame per image, smallest) or binary "
+    "(one bit-packed frame per segment and image, for older readers).",
+)  # fmt: skip
+RAY_OPTION = typer.Option(
+    None, "--ray", metavar="[ADDRESS]",
+    help="Run the cases on Ray: --ray alone starts a local Ray on this machine; --ray ADDRESS (e.g. auto, "
+    "ray://head:10001) joins a cluster. Inputs and outputs must be on paths every node sees.",
+)  # fmt: skip
+CPUS_PER_ACTOR_OPTION = typer.Option(
+    1, "--cpus-per-actor", min=1, help="With --ray and no GPUs: CPU cores per worker (one model each)."
+)
+
+
+#: Options that may stand alone or take a value (click's options always take one): alone, they get this value.
+OPTIONAL_VALUES = {"--ray": "local"}
+
+
+def with_optional_values(argv: list[str]) -> list[str]:
+    """``argv`` with the value of a bare ``--ray`` (last, or before another option) filled in as ``local``."""
+    filled: list[str] = []
+    for index, argument in enumerate(argv):
+        filled.append(argument)
+        if argument in OPTIONAL_VALUES and (index + 1 == len(argv) or argv[index + 1].startswith("-")):
+            filled.append(OPTIONAL_VALUES[argument])
+    return filled
+
+
+def series_choice(series: list[str] | None, modality: str | None, description: str | None):
+    """The :class:`~DeepSegModuleLib.dicom_series.SeriesChoice` of the DICOM flags."""
+    from .dicom_series import SeriesChoice
+
+    return SeriesChoice(tuple(s.strip() for s in series or () if s.strip()), modality, description)
+
+
+def check_seg_encoding(encoding: str) -> str:
+    from .dicom_seg import ENCODINGS
+
+    if encoding not in ENCODINGS:
+        raise CommandError(f"--seg-encoding must be one of {', '.join(ENCODINGS)}, not {encoding!r}")
+    return encoding
 
 
 def resolve_model(model: str | None) -> Path:

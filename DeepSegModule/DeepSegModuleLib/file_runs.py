@@ -17,13 +17,14 @@ import numpy as np
 from .outputs import OutputSet
 
 LABEL_MAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+DICOM_SEG_SUFFIX = ".dcm"
 SEGMENTATION_SUFFIX = ".seg.nrrd"
 TRANSFORM_SUFFIXES = (".h5", ".tfm")
 
 
 def suffix(path: Path) -> str:
     name = path.name.lower()
-    for suffix in (SEGMENTATION_SUFFIX, ".nii.gz", ".nii", ".nrrd", ".mha", ".h5", ".tfm", ".json", ".png"):
+    for suffix in (SEGMENTATION_SUFFIX, ".nii.gz", ".nii", ".nrrd", ".mha", ".h5", ".tfm", ".json", ".png", ".dcm"):
         if name.endswith(suffix):
             return suffix
     return path.suffix.lower()
@@ -39,13 +40,36 @@ def json_default(value: Any) -> Any:
     return str(value)
 
 
+def load_image(context, path: Path, dicom=None):
+    """An input as a volume node and, for a DICOM series folder, the :class:`~DeepSegModuleLib.dicom_series.DicomSeries`
+    it was read from (None for an image file, which Slicer's own readers read)."""
+    from . import storage
+
+    if Path(path).is_dir():
+        from .dicom_series import SeriesChoice, load_series
+
+        return load_series(context, path, dicom or SeriesChoice())
+    return storage.load_volume(context, path), None
+
+
+def writes_dicom_seg(output: Path, output_format: str | None = None) -> bool:
+    """Whether ``output`` is to be a DICOM SEG: asked for by name (``.dcm``) or by ``--output-format dicom-seg``."""
+    return output_format == "dicom-seg" or suffix(output) == DICOM_SEG_SUFFIX
+
+
 def segment_files(
     logic_factory, inputs: list[Path], output: Path, model_path: Path, options, *, probabilities: Path | None = None,
-    preview: Path | None = None, on_event=None, outputs: OutputSet | None = None,
+    preview: Path | None = None, on_event=None, outputs: OutputSet | None = None, dicom=None,
+    output_format: str | None = None, seg_encoding: str = "labelmap",
 ) -> dict[str, Any]:
     """One case: reads ``inputs``, segments with ``model_path`` and ``options`` (a
     :class:`~DeepSegModuleLib.segmentation.options.SegmentationOptions`), writes ``output`` (and the probability
     maps into the folder ``probabilities``, the ``preview``); all or nothing.
+
+    An input may be a DICOM series folder (chosen by ``dicom``, a
+    :class:`~DeepSegModuleLib.dicom_series.SeriesChoice`, where it holds several); then ``output`` may be a DICOM SEG
+    (see :func:`writes_dicom_seg`; ``seg_encoding`` labelmap or binary) and ``probabilities`` a FRACTIONAL SEG
+    (a name ending in ``.dcm``).
 
     ``logic_factory(context)`` gives the :class:`DeepSegLogic` to run with (its worker may be shared by cases).
     ``outputs`` holds the checked output paths (see :mod:`~DeepSegModuleLib.outputs`); by default the outputs are
@@ -60,20 +84,41 @@ def segment_files(
     from .context import SceneContext
 
     context = SceneContext.headless()
-    volumes = []
+    volumes, series = [], []
     for index, path in enumerate(inputs):
-        volumes.append(storage.load_volume(context, path))
+        node, read = load_image(context, path, dicom)
+        volumes.append(node)
+        series.append(read)
         reading((index + 1) / len(inputs))
+    source = series[0]
+    as_seg = writes_dicom_seg(output, output_format)
+    fractional = probabilities is not None and suffix(probabilities) == DICOM_SEG_SUFFIX
+    if (as_seg or fractional) and source is None:
+        raise ValueError(f"a DICOM SEG references the DICOM images it segments, but the first input {inputs[0]} is "
+                         "not a DICOM series: write a .seg.nrrd or a label map instead")  # fmt: skip
     options = options.replace(probabilities=probabilities is not None)
     outcome = logic_factory(context).start_segment(volumes, str(model_path), options, on_event=on_event).wait()
     result = outcome.result
     try:
-        if suffix(output) == SEGMENTATION_SUFFIX:
+        if as_seg:
+            from .dicom_seg import write_dicom_seg
+
+            write_dicom_seg(outputs.stage(output), source, result.labels, result.label_table,
+                            model_name=result.model_name, model_version=result.model_version, encoding=seg_encoding)  # fmt: skip
+        elif suffix(output) == SEGMENTATION_SUFFIX:
             storage.save_node(context, outcome.segmentation, outputs.stage(output))
         else:
-            storage.save_array_like_file(outputs.stage(output), result.labels, result.ijk_to_ras, like=inputs[0])
+            storage.save_array_like_file(outputs.stage(output), result.labels, result.ijk_to_ras,
+                                         like=None if source is not None else inputs[0])  # fmt: skip
         probability_files = {}
-        for name, node in outcome.probabilities.items():
+        if fractional:
+            from .dicom_seg import write_dicom_seg
+
+            write_dicom_seg(outputs.stage(probabilities), source, result.labels, result.label_table,
+                            model_name=result.model_name, model_version=result.model_version,
+                            probabilities=result.probabilities)  # fmt: skip
+            probability_files = {info.name: str(probabilities) for info in result.label_table}
+        for name, node in ({} if fractional else outcome.probabilities).items():
             path = probabilities / f"{_file_safe(name)}.nii.gz"
             storage.save_node(context, node, outputs.stage(path))
             probability_files[name] = str(path)
@@ -87,13 +132,23 @@ def segment_files(
     except BaseException:
         outputs.rollback()
         raise
-    return {
+    report = result.report()
+    report["messages"] = [note for read in series if read is not None for note in read.notes] + report["messages"]
+    summary = {
         "output": str(output),
         "model": str(model_path),
         "segments_ml": result.volumes_ml(),
         "probabilities": probability_files,
-        **result.report(),
+        **report,
     }
+    if source is not None:
+        summary["dicom_series"] = [_series_summary(read) for read in series if read is not None]
+    return summary
+
+
+def _series_summary(series) -> dict[str, Any]:
+    return {"series_uid": series.info.uid, "modality": series.info.modality, "description": series.info.description,
+            "images": len(series.images), "shape_kji": list(series.array.shape), "resampled": series.resampled}  # fmt: skip
 
 
 def _file_safe(name: str) -> str:
@@ -104,11 +159,12 @@ def register_files(
     logic_factory, fixed: Path, moving: Path, output_transform: Path, options, *, output_volume: Path | None = None,
     moving_segmentation: Path | None = None, output_segmentation: Path | None = None, fixed_mask: Path | None = None,
     moving_mask: Path | None = None, inverse_transform: Path | None = None, report: Path | None = None,
-    preview: Path | None = None, outputs: OutputSet | None = None, on_event=None,
+    preview: Path | None = None, outputs: OutputSet | None = None, on_event=None, dicom=None,
 ):
     """One pair: reads the images, registers ``moving`` to ``fixed`` with ``options`` (a
     :class:`~DeepSegModuleLib.registration.presets.RegistrationOptions`), writes the transform (and the extras); all
-    or nothing. ``logic_factory(context)`` gives the :class:`DeepSegLogic` (its worker may be shared by cases);
+    or nothing. Either image may be a DICOM series folder (chosen by ``dicom`` where it holds several).
+    ``logic_factory(context)`` gives the :class:`DeepSegLogic` (its worker may be shared by cases);
     ``outputs`` holds the checked output paths (by default they are checked here, with no file replaced).
 
     Returns:
@@ -126,9 +182,9 @@ def register_files(
     from .context import SceneContext
 
     context = SceneContext.headless()
-    fixed_node = storage.load_volume(context, fixed)
+    fixed_node, fixed_series = load_image(context, fixed, dicom)
     reading(0.5)
-    moving_node = storage.load_volume(context, moving)
+    moving_node, _ = load_image(context, moving, dicom)
     reading(1.0)
 
     def load_labels(path: Path | None):
@@ -157,7 +213,7 @@ def register_files(
             else:
                 storage.save_array_like_file(
                     outputs.stage(output_segmentation), outcome.outputs.propagated_labels, outcome.fixed_ijk_to_ras,
-                    like=fixed,
+                    like=None if fixed_series is not None else fixed,
                 )
         summary = {
             "output_transform": str(output_transform),

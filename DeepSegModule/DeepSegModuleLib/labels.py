@@ -203,6 +203,10 @@ _TISSUE = CodedEntry("SCT", "85756007", "Tissue")
 _ANATOMICAL_STRUCTURE = CodedEntry("SCT", "123037004", "Anatomical Structure")
 _BODY_SUBSTANCE = CodedEntry("SCT", "91720002", "Body Substance")
 
+#: What a segment is called in standard terms when its model says nothing: Slicer's own default ("Tissue"), so that
+#: every segment DeepSeg writes can be exported as DICOM SEG, which needs a category and a type.
+DEFAULT_TERMINOLOGY = Terminology(_TISSUE, _TISSUE)
+
 BRAIN_TERMS = {
     "brain": Terminology(_ANATOMICAL_STRUCTURE, CodedEntry("SCT", "12738006", "Brain")),
     "grey matter": Terminology(_TISSUE, CodedEntry("SCT", "40146001", "Cerebral Gray Matter")),

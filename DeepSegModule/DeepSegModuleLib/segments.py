@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .labels import LabelInfo, as_label_table
+from .labels import DEFAULT_TERMINOLOGY, LabelInfo, as_label_table
 from .nodes import (
     BINARY_LABELMAP,
-    require_scalar_volume,
     check_affine,
     check_volume_array,
     matrix_to_vtk,
+    require_scalar_volume,
     volume_ijk_to_ras,
     volume_to_array,
 )
@@ -194,9 +194,7 @@ def _write_segments(
             segment.SetColor(*[float(c) for c in info.rgb()])
             segment.SetLabelValue(int(info.value))
             segment.AddRepresentation(BINARY_LABELMAP, oriented)  # one shared layer for all written labels
-            terminology = info.terminology_string()
-            if terminology:
-                segment.SetTerminology(terminology)
+            segment.SetTerminology(info.terminology_string() or DEFAULT_TERMINOLOGY.to_slicer_string())
             if not segment_id:
                 segment_id = segmentation.GenerateUniqueSegmentID(info.name)
             segmentation.AddSegment(segment, segment_id, insert_before)

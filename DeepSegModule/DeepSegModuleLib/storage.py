@@ -285,12 +285,12 @@ def load_scene_bundle(context: SceneContext, path: str | os.PathLike, clear: boo
     return [context.scene.GetNodeByID(node_id) for node_id in context.node_ids() if node_id not in before]
 
 
-def save_array_like_file(path: str | os.PathLike, array: Any, ijk_to_ras: Any, like: str | os.PathLike) -> Path:
+def save_array_like_file(path: str | os.PathLike, array: Any, ijk_to_ras: Any, like: str | os.PathLike | None) -> Path:
     """Writes ``array`` (on a volume node's grid) with the voxel layout of the image file ``like``.
 
     A label map for an input file should line up with that file voxel for voxel in any tool, also where
-    Slicer's reader flipped the slice axis of a left-handed image. Written with SimpleITK (the file's own
-    writer), then moved into place.
+    Slicer's reader flipped the slice axis of a left-handed image. ``like`` None writes the array on its own grid.
+    Written with SimpleITK (the file's own writer), then moved into place.
     """
     import SimpleITK as sitk
 
@@ -300,8 +300,11 @@ def save_array_like_file(path: str | os.PathLike, array: Any, ijk_to_ras: Any, l
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise StorageError(f"cannot write {path}: folder {folder} does not exist or is not writable")
-    shape, grid = nodes.file_grid(str(like))
-    laid_out = nodes.reorder_to_grid(array, ijk_to_ras, shape, grid)
+    if like is None:  # no image file to follow (a DICOM series): the array's own grid
+        laid_out, grid = array, ijk_to_ras
+    else:
+        shape, grid = nodes.file_grid(str(like))
+        laid_out = nodes.reorder_to_grid(array, ijk_to_ras, shape, grid)
     return _write_atomically(
         path, lambda temporary: sitk.WriteImage(nodes.array_to_sitk(laid_out, grid), temporary, True), "the label map"
     )

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+
+# A Ray the tests start listens on the loopback address only (as DeepSeg's own local Ray does; read when ray is
+# imported): no test traffic goes to this machine's network address. The two-node cluster test sets it back to 1
+# inside a network namespace of its own.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
 @pytest.fixture

@@ -160,6 +160,7 @@ class ModelDescription:
         expects: what the model expects of its input (modality, body region, field of view, intensity range),
             from its card; checked before a run (see :mod:`~DeepSegModuleLib.segmentation.expectations`).
         nnunet: an nnU-Net model's plan (None for other formats).
+        version: the model's own version (its card's or bundle's), "" when it gives none.
     """
 
     name: str
@@ -180,6 +181,7 @@ class ModelDescription:
     sha256: str | None = None
     expects: dict[str, Any] | None = None
     nnunet: NnunetPlan | None = None
+    version: str = ""
 
     def __post_init__(self) -> None:
         self.format = ModelFormat(self.format)

@@ -285,6 +285,7 @@ def _description(parser: Any, metadata: Mapping[str, Any], bundle: Path, config_
     channel_names = image_meta.get("channel_def") or {"0": image_meta.get("modality", "image")}
     return ModelDescription(
         name=str(metadata.get("name") or bundle.name),
+        version=str(metadata.get("version") or ""),
         format=ModelFormat.MONAI_BUNDLE,
         inputs=[
             InputSpec(name=str(name), modality=str(image_meta.get("modality", ""))) for name in channel_names.values()

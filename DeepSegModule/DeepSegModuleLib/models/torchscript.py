@@ -194,6 +194,7 @@ def parse_card(card: Mapping[str, Any], source: str = "model card") -> ModelDesc
             )
         return ModelDescription(
             name=str(card.get("name", source)),
+            version=str(card.get("version") or ""),
             format=ModelFormat.TORCHSCRIPT,
             inputs=inputs,
             labels=labels,

@@ -173,6 +173,7 @@ def segment(
         device=str(loaded.device),
         messages=messages,
         model_name=description.name,
+        model_version=description.version,
     )
 
 

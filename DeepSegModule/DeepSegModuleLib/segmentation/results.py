@@ -29,6 +29,7 @@ class SegmentationResult:
         device: where the network ran in the end (after any fallback).
         messages: user-readable notes (fallbacks, skipped steps).
         model_name: the model's name from its description.
+        model_version: the model's version from its description ("" when it gives none).
     """
 
     labels: np.ndarray
@@ -41,6 +42,7 @@ class SegmentationResult:
     device: str = "cpu"
     messages: list[str] = field(default_factory=list)
     model_name: str = ""
+    model_version: str = ""
 
     def report(self) -> dict[str, Any]:
         """The run's figures as plain values (for JSON, the panel's log and batch summaries)."""

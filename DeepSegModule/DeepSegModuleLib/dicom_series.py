@@ -320,10 +320,9 @@ def read(info: SeriesInfo) -> DicomSeries:
     rows, columns = geometry["shape"]
     limits.VOXELS.check(rows * columns * geometry["output_slices"], f"series {info.line()}")
     order = geometry["order"]
-    slices = [_pixels(info.files[index], info) for index in order]
+    stack = _stack([info.files[index] for index in order], (rows, columns), info)
     images = [SourceImage(headers[index], float(geometry["normal"][n]), geometry["in_plane"][n])
               for n, index in enumerate(order)]  # fmt: skip
-    stack = _as_volume(slices)
     notes = geometry["notes"]
     if notes:
         stack = _regularise(stack, images, geometry["spacing_k"], geometry["output_slices"])
@@ -401,8 +400,8 @@ def _geometry(headers: list[Any], info: SeriesInfo) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _pixels(path: Path, info: SeriesInfo) -> np.ndarray:
-    """One image's pixels in modality units (Rescale Slope and Intercept applied)."""
+def _pixels(path: Path, info: SeriesInfo) -> tuple[np.ndarray, float, float]:
+    """One image's stored pixels and its Rescale Slope and Intercept."""
     import pydicom
 
     dataset = pydicom.dcmread(path)
@@ -416,20 +415,32 @@ def _pixels(path: Path, info: SeriesInfo) -> np.ndarray:
                          "pylibjpeg-libjpeg") from None  # fmt: skip
     if pixels.ndim != 2:
         raise DicomError(f"series {info.line()}: {path.name} is not one greyscale image")
-    slope = float(dataset.get("RescaleSlope", 1) or 1)
-    intercept = float(dataset.get("RescaleIntercept", 0) or 0)
-    if slope == 1.0 and intercept == int(intercept):
-        return pixels.astype(np.int32) + int(intercept)
-    return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    return pixels, float(dataset.get("RescaleSlope", 1) or 1), float(dataset.get("RescaleIntercept", 0) or 0)
 
 
-def _as_volume(slices: list[np.ndarray]) -> np.ndarray:
-    if all(s.dtype.kind == "i" for s in slices):
-        low = min(int(s.min()) for s in slices)
-        high = max(int(s.max()) for s in slices)
-        dtype = np.int16 if -32768 <= low and high <= 32767 else np.int32
-        return np.stack(slices).astype(dtype, copy=False)
-    return np.stack([s.astype(np.float32, copy=False) for s in slices])
+def _stack(files: list[Path], shape: tuple[int, int], info: SeriesInfo) -> np.ndarray:
+    """The images in modality units (HU for CT), one slice each, written straight into one array: int16 while the
+    values fit (CT's usual -1024 intercept), int32 past that, float32 once a slope or intercept is fractional."""
+    volume = np.empty((len(files), *shape), dtype=np.int16)
+    for index, path in enumerate(files):
+        pixels, slope, intercept = _pixels(path, info)
+        if pixels.shape != shape:
+            raise DicomError(f"series {info.line()}: {path.name} has {pixels.shape[0]}x{pixels.shape[1]} pixels, "
+                             f"the others {shape[0]}x{shape[1]}")  # fmt: skip
+        if slope == 1.0 and intercept == int(intercept) and volume.dtype.kind == "i":
+            low, high = int(pixels.min()) + int(intercept), int(pixels.max()) + int(intercept)
+            limits_of = np.iinfo(volume.dtype)
+            if low < limits_of.min or high > limits_of.max:
+                volume = volume.astype(np.int32)
+            # Stored values past the signed range wrap on the cast and wrap back on adding the intercept: the
+            # result is exact, because it was just checked to fit (two's complement arithmetic).
+            volume[index] = pixels.astype(volume.dtype)
+            volume[index] += int(intercept)
+        else:
+            if volume.dtype != np.float32:
+                volume = volume.astype(np.float32)
+            volume[index] = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    return volume
 
 
 def _regularise(stack: np.ndarray, images: list[SourceImage], spacing: float, output_slices: int) -> np.ndarray:

@@ -400,3 +400,12 @@ def test_a_batch_takes_dicom_folders_as_cases(tmp_path, capsys, study, bone_mode
     on_disk = json.loads((tmp_path / "out" / "deepseg-summary.json").read_text())
     assert [case["status"] for case in on_disk["cases"]] == ["done", "done"]
     assert isinstance(on_disk["cases"][0]["summary"]["Bone ml"], float)
+
+
+def test_stored_values_past_the_signed_range_come_out_in_modality_units(tmp_path):
+    # Unsigned 16-bit pixels with an intercept of -32768 (as some MR and PET exporters write): values are exact.
+    write_series(tmp_path / "wide", linear_field(offset=-200.0), slices=6, intercept=-32768.0)
+    series = dicom_series.read(dicom_series.find_series(tmp_path / "wide"))
+    expected = linear_field(offset=-200.0)(voxel_points_lps(series.ijk_to_ras, series.array.shape).reshape(-1, 3))
+    assert series.array.dtype == np.int16
+    np.testing.assert_allclose(series.array.reshape(-1), expected, atol=1.0)

@@ -192,6 +192,11 @@ def _schedule(ray, cases, job, cpus_per_actor, on_result, round_trips) -> list[C
         return actor_class.remote(job, cpus_per_actor)
 
     actors = [new_actor() for _ in range(count)]
+    # Started together (each imports torch and Slicer's libraries once); an actor that cannot start fails here.
+    try:
+        ray.get([actor.ready.remote() for actor in actors])
+    except RayError as error:
+        raise RayUnavailable(f"DeepSeg's Ray workers did not start: {_first_line(error)}") from None
     idle = list(range(count))
     running: dict[Any, tuple[int, Case, dict[str, Path], int, float]] = {}
     while pending or running:

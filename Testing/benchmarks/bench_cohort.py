@@ -12,6 +12,7 @@ deepseg-brain model. On a GPU machine, ``--gpu`` gives Ray one actor per GPU ins
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "DeepSegModule"))
 
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the benchmark's Ray on loopback only
 HEAD_MRI = Path(__file__).resolve().parents[3] / "shared" / "data" / "mr_brain_seg3d" / "MR.nii.gz"
 
 

@@ -100,13 +100,14 @@ def check_paths_on_every_node(paths: list[Path], output_dir: Path, timeout_s: fl
     marker.write_text(token, encoding="utf-8")
     try:
         check = ray.remote(num_cpus=0)(_missing_paths)
-        asked = {
-            node["NodeManagerAddress"]: check.options(
+        # One answer per node, by node ID (several nodes may share an address: one machine, or one NAT).
+        asked = [
+            (f"{node['NodeManagerAddress']} ({node['NodeID'][:8]})", check.options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
-            ).remote([str(p) for p in paths], str(marker), token)
+            ).remote([str(p) for p in paths], str(marker), token))
             for node in alive
-        }
-        for address, answer in asked.items():
+        ]  # fmt: skip
+        for address, answer in asked:
             missing = ray.get(answer, timeout=timeout_s)
             if missing:
                 more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

@@ -19,7 +19,8 @@ is taken per brain structure of labels_table.txt (CSF excluded) against the fixe
 and the worst structure. Also printed: folding (DeepSeg: the quality report; ANTs: det J <= 0 of its warp inside the
 fixed brain), wall and CPU seconds of the registration and warping, and the process's peak memory.
 
-Methods: ``deepseg-fast`` (the default preset), ``deepseg-accurate``, ``deepseg-multimodal``, ``ants-syn``
+Methods: ``deepseg-fast`` (the default preset), ``deepseg-accurate``, ``deepseg-multimodal``, ``deepseg-affine``
+(the linear stages alone), ``ants-syn``
 (antspyx's ``SyN`` with its defaults), ``ants-synra`` (``SyNRA``).
 """
 
@@ -38,10 +39,10 @@ from pathlib import Path
 import numpy as np
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "brain_label_maps"
-METHODS = ("deepseg-fast", "deepseg-accurate", "deepseg-multimodal", "ants-syn", "ants-synra")
+METHODS = ("deepseg-fast", "deepseg-accurate", "deepseg-multimodal", "deepseg-affine", "ants-syn", "ants-synra")
 DEFAULT_PAIRS = ("17:18", "19:20")
 DEEPSEG_PRESETS = {"deepseg-fast": "deformable fast", "deepseg-accurate": "deformable accurate",
-                   "deepseg-multimodal": "multimodal"}  # fmt: skip
+                   "deepseg-multimodal": "multimodal", "deepseg-affine": "affine"}  # fmt: skip
 
 
 def brain_structures() -> dict[int, str]:

@@ -42,6 +42,7 @@ from .initialization import (
     mask_tensor,
     modality_correlations,
     normalize_intensity,
+    search_initial_pose,
     warn_modality,
     MODALITY_CORRELATION_THRESHOLD,
 )
@@ -228,6 +229,11 @@ def _initial_alignment(
         highest, lowest = modality_correlations(pyramid, matrix_u, translation_u)
         if highest < MODALITY_CORRELATION_THRESHOLD or -lowest > highest:
             warn_modality(report, highest, lowest, extracted=bool(report.notes))
+    if (initial_fixed_to_moving_ras is None and config.initial_pose_search and config.initial_alignment != "none"
+            and pyramid.fixed_mask is None and pyramid.moving_mask is None and linear_uses_ncc):  # fmt: skip
+        matrix_u, translation_u, note = search_initial_pose(pyramid, matrix_u, translation_u)
+        if note:
+            report.notes.append(note)
     pyramid.report_progress("initial alignment", 1.0)
     report.runtime_s["initial alignment"] = time.perf_counter() - stage_start
     return matrix_u, translation_u

@@ -187,6 +187,86 @@ def _moving_samples(pyramid: Pyramid, level: Level, matrix_u: np.ndarray, transl
     return moving_values, inside
 
 
+# The initial pose search (search_initial_pose): shifts of up to _POSE_SHIFT_MM in steps of _POSE_STEP_MM along
+# each axis, each combined with nods (rotations about the left-right axis) of _POSE_NODS_DEG, scored on at most
+# _POSE_SAMPLES fixed foreground voxels of the coarsest level. A candidate replaces the centre-of-mass start only
+# when it correlates better by _POSE_MARGIN.
+_POSE_SHIFT_MM = 40.0
+_POSE_STEP_MM = 10.0
+_POSE_NODS_DEG = (-20.0, -10.0, 0.0, 10.0, 20.0)
+_POSE_SAMPLES = 3000
+_POSE_MARGIN = 0.02
+_POSE_CHUNK = 512
+
+
+def search_initial_pose(
+    pyramid: Pyramid, matrix_u: np.ndarray, translation_u: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """A better starting pose than the centres of mass, where two heads differ in field of view or in how they nod.
+
+    Two different people's heads, one scanned with the neck and one without, or one nodding: their centres of mass
+    are centimetres apart in what they show, and a rigid stage that starts there can fall into the wrong valley
+    (the affine stage then squashes one head onto the other). So every candidate of a coarse grid of shifts and
+    nods (see the constants above) is scored by the correlation of the fixed foreground with the moving image,
+    times the share of that foreground that lands inside the moving image, in one batched pass on the coarsest
+    level; the best replaces the start when clearly better. Rotations are about the fixed image's centre.
+
+    Returns:
+        The (possibly) new ``matrix_u``, ``translation_u`` and a note for the report (None when unchanged).
+    """
+    level = pyramid.coarsest_level()
+    with torch.no_grad():
+        foreground = (level.fixed_weight * (level.fixed > 0.05).to(level.fixed.dtype)).reshape(-1) > 0
+        points = grid_points(level.fixed_grid, pyramid.frame.ras_to_u(), pyramid.device).reshape(-1, 3)[foreground]
+        values = level.fixed.reshape(-1)[foreground]
+        if len(points) < 64:
+            return matrix_u, translation_u, None
+        stride = max(1, len(points) // _POSE_SAMPLES)
+        points, values = points[::stride], values[::stride]
+        steps = torch.arange(-_POSE_SHIFT_MM, _POSE_SHIFT_MM + 1e-6, _POSE_STEP_MM, dtype=torch.float32)
+        shifts_u = torch.cartesian_prod(steps, steps, steps).to(pyramid.device) / pyramid.frame.scale
+        start = torch.as_tensor(matrix_u, dtype=torch.float32, device=pyramid.device)
+        translation = torch.as_tensor(translation_u, dtype=torch.float32, device=pyramid.device)
+        to_normalized = pyramid.u_to_normalized(level.moving_grid)
+        candidates: list[tuple[float, float, torch.Tensor]] = []  # (score, nod, shift)
+        for nod in _POSE_NODS_DEG:
+            angle = np.radians(nod)
+            rotation = torch.tensor([[1.0, 0.0, 0.0], [0.0, np.cos(angle), -np.sin(angle)],
+                                     [0.0, np.sin(angle), np.cos(angle)]], dtype=torch.float32, device=pyramid.device)  # fmt: skip
+            mapped = points @ (rotation @ start).T + translation  # (N, 3) in the moving u frame
+            for first in range(0, len(shifts_u), _POSE_CHUNK):
+                chunk = shifts_u[first : first + _POSE_CHUNK]
+                normalized = apply_matrix(mapped[None] + chunk[:, None], to_normalized)[:, :, None]  # (S, N, 1, 3)
+                scores = _pose_scores(pyramid, level, normalized, values)
+                best = int(torch.argmax(scores))
+                candidates.append((float(scores[best]), nod, chunk[best]))
+        score, nod, shift = max(candidates, key=lambda candidate: candidate[0])
+        unchanged = apply_matrix((points @ start.T + translation)[None], to_normalized)[:, :, None]
+        initial = float(_pose_scores(pyramid, level, unchanged, values)[0])
+    if score < initial + _POSE_MARGIN:
+        return matrix_u, translation_u, None
+    angle = np.radians(nod)
+    rotation = np.array([[1.0, 0.0, 0.0], [0.0, np.cos(angle), -np.sin(angle)], [0.0, np.sin(angle), np.cos(angle)]])
+    shift_mm = shift.double().cpu().numpy() * pyramid.frame.scale
+    note = (f"initial pose search: moved the start by ({shift_mm[0]:.0f}, {shift_mm[1]:.0f}, {shift_mm[2]:.0f}) mm "
+            f"and a {nod:.0f} degree nod (correlation {initial:.2f} -> {score:.2f})")  # fmt: skip
+    return rotation @ matrix_u, translation_u + shift.double().cpu().numpy(), note
+
+
+def _pose_scores(pyramid: Pyramid, level: Level, normalized: torch.Tensor, fixed_values: torch.Tensor) -> torch.Tensor:
+    """Per candidate (first axis of ``normalized``, (S, N, 1, 3)): the weighted correlation of the fixed samples with
+    the moving image there, times the share of samples inside the moving image (and its mask)."""
+    moving_values, inside = pyramid.sample_image(level, "moving", normalized[None])
+    moving_values, inside = moving_values.reshape(normalized.shape[:2]), inside.reshape(normalized.shape[:2])
+    total = inside.sum(dim=1).clamp_min(1e-6)
+    fixed_centred = fixed_values - (inside * fixed_values).sum(dim=1, keepdim=True) / total[:, None]
+    moving_centred = moving_values - (inside * moving_values).sum(dim=1, keepdim=True) / total[:, None]
+    covariance = (inside * fixed_centred * moving_centred).sum(dim=1)
+    variance = (inside * fixed_centred**2).sum(dim=1) * (inside * moving_centred**2).sum(dim=1)
+    correlation = covariance / variance.clamp_min(1e-12).sqrt()
+    return correlation * (total / normalized.shape[1])
+
+
 def modality_correlations(pyramid: Pyramid, matrix_u: np.ndarray, translation_u: np.ndarray) -> tuple[float, float]:
     """Highest and lowest foreground correlation over shifts around the initial alignment.
 

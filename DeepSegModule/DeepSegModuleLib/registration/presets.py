@@ -76,11 +76,19 @@ class RegistrationConfig:
             quality report's ``notes`` say when it happened.
         folding_warning_percent: Folding above this (percent of voxels with det(J) <= 0 inside the
             quality mask) is flagged in the quality report and warned about.
+        initial_pose_search: After the initial alignment, and when neither image has a mask (given or
+            automatic) and the linear stages use cross-correlation, try a coarse grid of shifts (+-40 mm) and
+            nods (+-20 degrees) on the coarsest level and start from the best if it correlates clearly better
+            (two heads with different fields of view or poses; see ``initialization.search_initial_pose``).
+        linear_foreground: Without a fixed mask, the linear stages compare the fixed image's foreground
+            (intensities above 5 % of its range), not the air around it.
         seed: Seed of the point sampling, for reproducible runs.
     """
 
     stages: tuple[str, ...] = ("rigid", "affine", "deformable")
     initial_alignment: str = "center_of_mass"
+    initial_pose_search: bool = True
+    linear_foreground: bool = True
     linear_similarity: str = "ncc"
     linear_spacings_mm: tuple[float, ...] = (8.0, 4.0, 2.0)
     linear_iterations: tuple[int, ...] = (100, 50, 25)

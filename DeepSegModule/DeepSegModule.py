@@ -113,6 +113,7 @@ class DeepSegModuleParameterNode:
     fixedVolume, movingVolume - the moving volume is aligned to the fixed one.
     fixedMask, movingMask - optional segmentations limiting which voxels count.
     movingSegmentation - optional segments on the moving volume to carry onto the fixed volume.
+    fixedSegmentation - optional reference segments on the fixed volume: the report gives each structure's Dice.
     registrationPreset - one of the engine's presets.
     outputTransform, outputVolume, registeredSegmentation - where results go; new nodes when empty.
     inverseTransform - also write the fixed-to-moving transform.
@@ -136,6 +137,7 @@ class DeepSegModuleParameterNode:
     fixedMask: vtkMRMLSegmentationNode
     movingMask: vtkMRMLSegmentationNode
     movingSegmentation: vtkMRMLSegmentationNode
+    fixedSegmentation: vtkMRMLSegmentationNode
     registrationPreset: Annotated[str, Choice(REGISTRATION_PRESETS)] = "deformable fast"
     outputTransform: vtkMRMLTransformNode
     outputVolume: vtkMRMLScalarVolumeNode
@@ -781,12 +783,14 @@ class DeepSegModuleLogic(ScriptedLoadableModuleLogic):
 
     def startRegister(self, fixedVolume, movingVolume, options: RegistrationOptions | None = None, fixedMask=None,
                       movingMask=None, movingSegmentation=None, outputTransform=None, outputVolume=None,
-                      outputSegmentation=None, onEvent=None):  # fmt: skip
+                      outputSegmentation=None, onEvent=None, fixedSegmentation=None):  # fmt: skip
         """Starts registering ``movingVolume`` to ``fixedVolume``; returns a Run (``poll()`` it, or ``wait()``).
 
         ``options``: a :class:`~DeepSegModuleLib.registration.presets.RegistrationOptions` (preset, device,
         inverse). The transform node holds the resampling transform (fixed point to moving point): put the moving
-        volume under it to see it aligned. Outputs are new nodes unless existing ones are given.
+        volume under it to see it aligned. Outputs are new nodes unless existing ones are given. With
+        ``fixedSegmentation`` (reference segments on the fixed volume) and ``movingSegmentation``, the quality
+        report gives the Dice of each structure the two share by name.
 
         Raises:
             ValueError: an unusable input, option or output; nothing is started then.
@@ -803,7 +807,7 @@ class DeepSegModuleLogic(ScriptedLoadableModuleLogic):
         return self.engineLogic.start_register(
             fixedVolume, movingVolume, options, fixed_mask=fixedMask, moving_mask=movingMask,
             moving_segmentation=movingSegmentation, output_transform=outputTransform, output_volume=outputVolume,
-            output_segmentation=outputSegmentation, on_event=onEvent,
+            output_segmentation=outputSegmentation, on_event=onEvent, fixed_segmentation=fixedSegmentation,
         )  # fmt: skip
 
     def register(self, fixedVolume, movingVolume, options: RegistrationOptions | None = None,
@@ -863,7 +867,7 @@ class DeepSegModuleLogic(ScriptedLoadableModuleLogic):
             fixedMask=parameterNode.fixedMask, movingMask=parameterNode.movingMask,
             movingSegmentation=parameterNode.movingSegmentation, outputTransform=parameterNode.outputTransform,
             outputVolume=parameterNode.outputVolume, outputSegmentation=parameterNode.registeredSegmentation,
-            onEvent=onEvent,
+            onEvent=onEvent, fixedSegmentation=parameterNode.fixedSegmentation,
         )  # fmt: skip
 
     # results

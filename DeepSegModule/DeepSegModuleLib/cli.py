@@ -181,6 +181,10 @@ def register(
     output_volume: Path | None = typer.Option(None, help="The moving image resampled onto the fixed grid."),
     moving_segmentation: Path | None = typer.Option(None, help="Segmentation (.seg.nrrd) or label map on the moving image."),
     output_segmentation: Path | None = typer.Option(None, help="Where the moving segmentation lands on the fixed image."),
+    fixed_segmentation: Path | None = typer.Option(
+        None, help="Reference segmentation (or label map) of the same structures on the fixed image: the report "
+        "gives each structure's Dice (segments matched by name).",
+    ),
     preset: str = typer.Option("deformable fast", help="rigid, affine, deformable fast, deformable accurate, multimodal."),
     fixed_mask: Path | None = typer.Option(None, help="Mask (label map or .seg.nrrd) on the fixed image."),
     moving_mask: Path | None = typer.Option(None, help="Mask (label map or .seg.nrrd) on the moving image."),
@@ -206,6 +210,9 @@ def register(
         dicom = series_choice(series, modality, series_description)
         if (moving_segmentation is None) != (output_segmentation is None):
             raise CommandError("--moving-segmentation and --output-segmentation go together")
+        if fixed_segmentation is not None and moving_segmentation is None:
+            raise CommandError("--fixed-segmentation is compared with the moving segmentation carried onto the fixed "
+                               "image: give --moving-segmentation and --output-segmentation too")  # fmt: skip
         check_output(output_transform, TRANSFORM_SUFFIXES, "--output-transform")
         check_output(inverse_transform, TRANSFORM_SUFFIXES, "--inverse-transform")
         check_output(output_volume, LABEL_MAP_SUFFIXES, "--output-volume")
@@ -213,10 +220,12 @@ def register(
         check_output(report, (".json",), "--report")
         check_output(preview, (".png",), "--preview")
         for path, what in ((fixed, "--fixed"), (moving, "--moving"), (moving_segmentation, "--moving-segmentation"),
-                           (fixed_mask, "--fixed-mask"), (moving_mask, "--moving-mask")):
+                           (fixed_mask, "--fixed-mask"), (moving_mask, "--moving-mask"),
+                           (fixed_segmentation, "--fixed-segmentation")):
             if path is not None:
                 check_input(path, what, dicom if what in ("--fixed", "--moving") else None)
-        outputs = OutputSet(inputs=[fixed, moving, moving_segmentation, fixed_mask, moving_mask], overwrite=overwrite)
+        outputs = OutputSet(inputs=[fixed, moving, moving_segmentation, fixed_mask, moving_mask, fixed_segmentation],
+                            overwrite=overwrite)  # fmt: skip
         outputs.inputs = [p for p in outputs.inputs if p is not None]
         for path, what in ((output_transform, "--output-transform"), (inverse_transform, "--inverse-transform"),
                            (output_volume, "--output-volume"), (output_segmentation, "--output-segmentation"),
@@ -229,7 +238,7 @@ def register(
                 logic_factory(), fixed, moving, output_transform, options, output_volume=output_volume,
                 moving_segmentation=moving_segmentation, output_segmentation=output_segmentation, fixed_mask=fixed_mask,
                 moving_mask=moving_mask, inverse_transform=inverse_transform, report=report, preview=preview,
-                outputs=outputs, on_event=on_event, dicom=dicom,
+                outputs=outputs, on_event=on_event, dicom=dicom, fixed_segmentation=fixed_segmentation,
             )  # fmt: skip
         lines = [f"  {line}" for line in quality.lines()]
         lines.append(f"wrote {output_transform}")

@@ -160,6 +160,7 @@ def register_files(
     moving_segmentation: Path | None = None, output_segmentation: Path | None = None, fixed_mask: Path | None = None,
     moving_mask: Path | None = None, inverse_transform: Path | None = None, report: Path | None = None,
     preview: Path | None = None, outputs: OutputSet | None = None, on_event=None, dicom=None,
+    fixed_segmentation: Path | None = None,
 ):
     """One pair: reads the images, registers ``moving`` to ``fixed`` with ``options`` (a
     :class:`~DeepSegModuleLib.registration.presets.RegistrationOptions`), writes the transform (and the extras); all
@@ -171,7 +172,8 @@ def register_files(
         The summary (plain values, for JSON) and the :class:`~DeepSegModuleLib.registration.results.QualityReport`.
     """
     if outputs is None:
-        outputs = OutputSet(inputs=[p for p in (fixed, moving, moving_segmentation, fixed_mask, moving_mask) if p])
+        outputs = OutputSet(inputs=[p for p in (fixed, moving, moving_segmentation, fixed_mask, moving_mask,
+                                                fixed_segmentation) if p])  # fmt: skip
         for path in (output_transform, inverse_transform, output_volume, output_segmentation, report, preview):
             if path is not None:
                 outputs.claim(path)
@@ -197,6 +199,7 @@ def register_files(
     outcome = logic_factory(context).start_register(
         fixed_node, moving_node, options, fixed_mask=load_labels(fixed_mask), moving_mask=load_labels(moving_mask),
         moving_segmentation=load_labels(moving_segmentation), on_event=on_event,
+        fixed_segmentation=load_labels(fixed_segmentation),
     ).wait()
     check_points = _check_points(fixed_node)
     mapped = nodes.transform_points(outcome.transform, check_points)

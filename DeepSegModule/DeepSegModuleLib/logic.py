@@ -312,13 +312,16 @@ class DeepSegLogic:
         output_volume: Any = None,
         output_segmentation: Any = None,
         on_event: Callable[[JobEvent], None] | None = None,
+        fixed_segmentation: Any = None,
     ) -> Run:
         """Starts registering ``moving_volume`` to ``fixed_volume`` with ``options`` (preset, device, inverse).
 
         The result is a transform node holding the resampling transform (fixed point -> moving point): linear for
         "rigid"/"affine", a grid transform (linear and deformable parts combined) otherwise. Put the moving volume
         under it to see it aligned with the fixed one. Optionally: the moving segmentation propagated onto the fixed
-        volume, and the inverse transform.
+        volume, and the inverse transform. With ``fixed_segmentation`` too (the same structures drawn on the fixed
+        volume), the quality report gives the Dice of every structure the two share by name; structures the
+        reference lacks are not scored.
         """
         options = (options or RegistrationOptions()).checked()
         fixed, fixed_grid = nodes.volume_to_array(fixed_volume, world=True)
@@ -333,6 +336,11 @@ class DeepSegLogic:
         label_table = None
         if moving_segmentation is not None:
             inputs["moving_labels"], label_table = _labels_on(self.context, moving_segmentation, moving_volume)
+        if fixed_segmentation is not None:
+            if label_table is None:
+                raise ValueError("a reference segmentation on the fixed volume is compared with the moving "
+                                 "segmentation carried onto it: give the moving segmentation too")  # fmt: skip
+            inputs["fixed_labels"] = _labels_by_name(self.context, fixed_segmentation, fixed_volume, label_table)
         params = {"fixed_ijk_to_ras": fixed_grid, "moving_ijk_to_ras": moving_grid, "options": options}
         job = self.worker.submit(tasks.REGISTER, inputs, params)
         moving_name, fixed_name = moving_volume.GetName(), fixed_volume.GetName()
@@ -356,6 +364,14 @@ class DeepSegLogic:
                     outputs.inverse_total_displacement_ras, np.linalg.inv(outputs.fixed_to_moving_ras), moving_grid,
                     f"{fixed_name} to {moving_name}", None,
                 )  # fmt: skip
+            if label_table is not None:
+                outputs.quality.label_names = {info.value: info.name for info in label_table}
+            if "fixed_labels" in inputs and outputs.quality.dice:
+                # only the structures the reference has (a label missing from it would score 0)
+                present = {int(v) for v in np.unique(inputs["fixed_labels"]) if v}
+                outputs.quality.dice = {k: v for k, v in outputs.quality.dice.items() if k in present}
+                values = list(outputs.quality.dice.values())
+                outputs.quality.mean_dice = float(np.mean(values)) if values else None
             if outputs.propagated_labels is not None and label_table is not None:
                 outcome.segmentation = segments.labels_to_segmentation(
                     self.context, outputs.propagated_labels, label_table, ijk_to_ras=fixed_grid,
@@ -391,6 +407,20 @@ def stored_model_ids(root: str | os.PathLike | None = None) -> list[str]:
     its names lazily, and the store itself needs neither torch nor MONAI, so this imports neither.
     """
     return ModelStore(root).list_ids()
+
+
+def _labels_by_name(context: SceneContext, segmentation: Any, volume: Any, table: list[LabelInfo]) -> np.ndarray:
+    """A reference segmentation's labels on ``volume``'s grid, renumbered to ``table``'s values by segment name
+    (names it does not share with ``table`` become 0)."""
+    labels, reference_table = _labels_on(context, segmentation, volume)
+    values = {info.name.strip().lower(): info.value for info in table}
+    lookup = np.zeros(int(labels.max()) + 1 if labels.size else 1, dtype=np.int32)
+    for info in reference_table:
+        lookup[info.value] = values.get(info.name.strip().lower(), 0)
+    if not lookup.any():
+        raise ValueError("the reference segmentation shares no segment name with the moving segmentation, so no "
+                         "structure can be compared; name the segments alike")  # fmt: skip
+    return lookup[labels].astype(np.int32)
 
 
 def _labels_on(context: SceneContext, segmentation: Any, volume: Any) -> tuple[np.ndarray, list[LabelInfo]]:

@@ -42,6 +42,7 @@ def register(inputs: dict[str, Any], params: dict[str, Any], progress):
         fixed_mask=inputs.get("fixed_mask"),
         moving_mask=inputs.get("moving_mask"),
         moving_labels=inputs.get("moving_labels"),
+        fixed_labels=inputs.get("fixed_labels"),
         device=options.device,
         progress=progress,
     )

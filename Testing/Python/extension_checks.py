@@ -362,7 +362,8 @@ PANEL_PARAMETERS = {
     "inputVolume", "inputVolume2", "inputVolume3", "inputVolume4", "modelName", "labels",
     "outputSegmentation", "probabilities", "trustModelCode",
     # registration
-    "fixedVolume", "movingVolume", "fixedMask", "movingMask", "movingSegmentation", "registrationPreset",
+    "fixedVolume", "movingVolume", "fixedMask", "movingMask", "movingSegmentation", "fixedSegmentation",
+    "registrationPreset",
     "outputTransform", "outputVolume", "registeredSegmentation", "inverseTransform", "showQualityReport",
     # both
     "device", "overlap", "mirroring",

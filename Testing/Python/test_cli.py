@@ -355,3 +355,32 @@ def test_models_info_lists_the_labels(capsys):
     assert code == 0
     info = json.loads(out)
     assert set(info["labels"].values()) == {"cerebrospinal fluid", "grey matter", "white matter"}
+
+
+def test_register_scores_each_structure_against_a_reference_on_the_fixed_image(tmp_path, capsys):
+    spacing = np.diag([2.0, 2.0, 2.0, 1.0])
+    grid = ((32, 32, 32), spacing)
+    centre = np.array([31.0, 31.0, 31.0])
+    shift = np.array([4.0, -3.0, 2.0])
+    fixed, fixed_truth = sphere_volume(centre, 10.0, grid)
+    moving, moving_truth = sphere_volume(centre + shift, 10.0, grid)
+    for name, volume in (("fixed", fixed), ("moving", moving)):
+        sitk.WriteImage(nodes.array_to_sitk(gaussian_filter(volume.array, 1.5), spacing), str(tmp_path / f"{name}.nrrd"))
+    moving_labels = moving_truth.astype(np.uint8) * 7
+    moving_labels[:3, :3, :3] = 3  # a structure the reference lacks: not scored
+    sitk.WriteImage(nodes.array_to_sitk(moving_labels, spacing), str(tmp_path / "moving-labels.nii.gz"))
+    sitk.WriteImage(nodes.array_to_sitk(fixed_truth.astype(np.uint8) * 7, spacing), str(tmp_path / "fixed-labels.nii.gz"))
+
+    code, out, err = run(
+        capsys, "register", "--fixed", tmp_path / "fixed.nrrd", "--moving", tmp_path / "moving.nrrd", "--preset",
+        "rigid", "--device", "cpu", "--output-transform", tmp_path / "t.h5", "--moving-segmentation",
+        tmp_path / "moving-labels.nii.gz", "--output-segmentation", tmp_path / "on-fixed.nii.gz",
+        "--fixed-segmentation", tmp_path / "fixed-labels.nii.gz",
+    )  # fmt: skip
+    assert code == 0, err
+    dice_line = next(line for line in out.splitlines() if "Dice" in line)
+    assert "Label 7:" in dice_line and "Label 3" not in dice_line
+    assert float(dice_line.split("Label 7:")[1].split(";")[0]) > 0.9
+    code, _, err = run(capsys, "register", "--fixed", tmp_path / "fixed.nrrd", "--moving", tmp_path / "moving.nrrd",
+                       "--output-transform", tmp_path / "t2.h5", "--fixed-segmentation", tmp_path / "fixed-labels.nii.gz")  # fmt: skip
+    assert code == 1 and "give --moving-segmentation" in err

@@ -62,7 +62,7 @@ def test_parameter_node_types_resolve_as_slicers_wrapper_resolves_them(deepseg_m
     assert deepseg_module.DeepSegModuleParameterNode.device in choice.choices
     for name in ("inputVolume2", "inputVolume3", "inputVolume4", "fixedVolume", "movingVolume", "outputVolume"):
         assert parameter_types[name] is slicer.vtkMRMLScalarVolumeNode
-    for name in ("fixedMask", "movingMask", "movingSegmentation", "registeredSegmentation"):
+    for name in ("fixedMask", "movingMask", "movingSegmentation", "fixedSegmentation", "registeredSegmentation"):
         assert parameter_types[name] is slicer.vtkMRMLSegmentationNode
     assert parameter_types["outputTransform"] is slicer.vtkMRMLTransformNode
 

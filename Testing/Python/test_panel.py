@@ -154,14 +154,22 @@ def test_panel_registers_overlays_the_result_and_logs_the_quality_report(panel, 
     from scipy.ndimage import gaussian_filter
     from segmentation_helpers import sphere_volume
 
+    from DeepSegModuleLib import segments
+    from DeepSegModuleLib.labels import LabelInfo
+
     widget, shown = panel
     spacing = np.diag([2.0, 2.0, 2.0, 1.0])
     grid = ((32, 32, 32), spacing)
-    fixed, _ = sphere_volume(np.array([31.0, 31.0, 31.0]), 10.0, grid)
-    moving, _ = sphere_volume(np.array([35.0, 28.0, 33.0]), 10.0, grid)
+    fixed, fixed_ball = sphere_volume(np.array([31.0, 31.0, 31.0]), 10.0, grid)
+    moving, moving_ball = sphere_volume(np.array([35.0, 28.0, 33.0]), 10.0, grid)
     parameters = widget._parameterNode
     parameters.fixedVolume = nodes.array_to_volume(context, gaussian_filter(fixed.array, 1.5), spacing, name="fixed")
     parameters.movingVolume = nodes.array_to_volume(context, gaussian_filter(moving.array, 1.5), spacing, name="moving")
+    # the same structure drawn on both: the report gives its Dice, by name
+    parameters.movingSegmentation = segments.labels_to_segmentation(
+        context, moving_ball.astype(np.uint8), [LabelInfo(1, "Ball")], reference_volume=parameters.movingVolume)
+    parameters.fixedSegmentation = segments.labels_to_segmentation(
+        context, fixed_ball.astype(np.uint8), [LabelInfo(1, "Ball")], reference_volume=parameters.fixedVolume)
     widget._updateButtons()
 
     widget.onRegisterButton()
@@ -176,6 +184,8 @@ def test_panel_registers_overlays_the_result_and_logs_the_quality_report(panel, 
     ]
     log = widget.ui.logTextEdit.lines
     assert "  Quality report:" in log and any(line.startswith("  time: ") for line in log)
+    dice = next(line for line in log if "Dice" in line)
+    assert "Ball:" in dice and float(dice.split("Ball:")[1].split(";")[0]) > 0.9
     assert widget.ui.registerButton.text == "Register"
 
 

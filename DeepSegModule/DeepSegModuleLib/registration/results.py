@@ -10,6 +10,9 @@ from typing import Any
 
 import numpy as np
 
+# Up to this many structures the report lists each one's Dice; past it, the mean and the worst three.
+_DICE_LISTED = 8
+
 
 @dataclass
 class QualityReport:
@@ -35,6 +38,7 @@ class QualityReport:
             before its budget once its loss stops improving).
         warnings: Problems a user must know about (heavy folding, weak modality match).
         notes: What the engine decided on its own that changes the result (an automatic mask).
+        label_names: Label value -> structure name, for ``dice`` (set by the caller that knows the segments).
     """
 
     folding_percent: float | None = None
@@ -52,6 +56,7 @@ class QualityReport:
     iterations: dict[str, list[int]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    label_names: dict[int, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict (for JSON)."""
@@ -72,8 +77,16 @@ class QualityReport:
                 f"SD log J {number(self.log_jacobian_std)}"
             )
         if self.dice:
-            per_label = ", ".join(f"{label}: {number(value)}" for label, value in sorted(self.dice.items()))
-            lines.append(f"Dice {per_label}; mean {number(self.mean_dice)}")
+            def name(label: int) -> str:
+                return self.label_names.get(label, str(label))
+
+            if len(self.dice) <= _DICE_LISTED:
+                per_label = ", ".join(f"{name(label)}: {number(value)}" for label, value in sorted(self.dice.items()))
+                lines.append(f"Dice {per_label}; mean {number(self.mean_dice)}")
+            else:  # a brain's 30 structures: the mean and the worst, which is what a user looks for
+                worst = sorted(self.dice.items(), key=lambda item: item[1])[:3]
+                listed = ", ".join(f"{name(label)} {number(value)}" for label, value in worst)
+                lines.append(f"Dice mean {number(self.mean_dice)} over {len(self.dice)} structures; worst: {listed}")
         for when, statistics in sorted(self.landmark_error_mm.items()):
             if isinstance(statistics, Mapping):
                 values = ", ".join(f"{name} {number(value)}" for name, value in statistics.items())

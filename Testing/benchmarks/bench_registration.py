@@ -266,19 +266,27 @@ def _to_itk(array_kji: np.ndarray, ijk_to_ras: np.ndarray):
     return image
 
 
+def elastix_parameters():
+    """elastix's default affine and B-spline maps, the affine one started from the centres of gravity, as ANTs and
+    DeepSeg start: without it the seg3d head and the template do not overlap and elastix stops with "Too many
+    samples map outside moving image buffer"."""
+    import itk
+
+    parameters = itk.ParameterObject.New()
+    affine = parameters.GetDefaultParameterMap("affine")
+    affine["AutomaticTransformInitialization"] = ["true"]
+    affine["AutomaticTransformInitializationMethod"] = ["CenterOfGravity"]
+    parameters.AddParameterMap(affine)
+    parameters.AddParameterMap(parameters.GetDefaultParameterMap("bspline"))
+    return parameters
+
+
 def run_elastix(case: dict) -> tuple[np.ndarray, np.ndarray, dict]:
     import itk
 
     fixed = _to_itk(case["fixed"], case["fixed_ijk_to_ras"])
     moving = _to_itk(case["moving"], case["moving_ijk_to_ras"])
-    parameters = itk.ParameterObject.New()
-    affine = parameters.GetDefaultParameterMap("affine")
-    # Start from the centres of gravity, as ANTs and DeepSeg do: without it the seg3d head and the
-    # template do not overlap and elastix stops with "Too many samples map outside moving image buffer".
-    affine["AutomaticTransformInitialization"] = ["true"]
-    affine["AutomaticTransformInitializationMethod"] = ["CenterOfGravity"]
-    parameters.AddParameterMap(affine)
-    parameters.AddParameterMap(parameters.GetDefaultParameterMap("bspline"))
+    parameters = elastix_parameters()
     masks = {}
     for key, grid_key in (("fixed_mask", "fixed_ijk_to_ras"), ("moving_mask", "moving_ijk_to_ras")):
         if case.get(key) is not None:

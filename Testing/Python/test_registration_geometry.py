@@ -157,13 +157,13 @@ def test_small_optimisation_loops_run_on_one_thread_and_the_setting_comes_back(m
             "deformable fast",
             device="cpu",
             linear_iterations=(5, 5),
-            deformable_iterations=(5,),
+            deformable_iterations=(5, 5),
         )
         assert torch.get_num_threads() == 2
     finally:
         original(threads)
     # One thread for each linear stage and deformable level, two again after each.
-    assert counts == [1, 2] * 3, counts
+    assert counts == [1, 2] * 4, counts  # rigid, affine and the two deformable levels
 
 
 def test_a_registration_imports_neither_monai_nor_torch_dynamo():
@@ -175,7 +175,7 @@ def test_a_registration_imports_neither_monai_nor_torch_dynamo():
         "image = np.zeros((24, 24, 24), np.float32); image[6:18, 5:19, 7:17] = 1\n"
         "image += 0.1 * rng.random(image.shape).astype(np.float32)\n"
         "register(image, np.eye(4), np.roll(image, 1, axis=0), np.eye(4), 'deformable fast', device='cpu',\n"
-        "         linear_iterations=(5, 5), deformable_iterations=(5,))\n"
+        "         linear_iterations=(5, 5), deformable_iterations=(5, 5))\n"
         "print(sorted(m for m in ('monai', 'torch._dynamo') if m in sys.modules))\n"
     )
     library = Path(__file__).resolve().parents[2] / "DeepSegModule"

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .geometry import Grid, apply_matrix, grid_points, sample
-from .pyramid import Level, Pyramid, erode
+from .pyramid import FOREGROUND_LEVEL, Level, Pyramid, erode, fixed_foreground
 from .results import QualityReport
 
 # Below this Pearson correlation (inside both foregrounds, at the best shift around the initial
@@ -163,7 +163,7 @@ def check_overlap(pyramid: Pyramid, matrix_u: np.ndarray, translation_u: np.ndar
     """Raise when too little of the fixed foreground maps inside the moving image."""
     level = pyramid.coarsest_level()
     _, inside = _moving_samples(pyramid, level, matrix_u, translation_u)
-    foreground = level.fixed_weight * (level.fixed > 0.05).to(level.fixed.dtype)
+    foreground = fixed_foreground(level)
     if float(foreground.sum()) == 0:
         foreground = level.fixed_weight
     fraction = float((inside * foreground).sum() / foreground.sum().clamp_min(1e-6))
@@ -216,7 +216,7 @@ def search_initial_pose(
     """
     level = pyramid.coarsest_level()
     with torch.no_grad():
-        foreground = (level.fixed_weight * (level.fixed > 0.05).to(level.fixed.dtype)).reshape(-1) > 0
+        foreground = fixed_foreground(level).reshape(-1) > 0
         points = grid_points(level.fixed_grid, pyramid.frame.ras_to_u(), pyramid.device).reshape(-1, 3)[foreground]
         values = level.fixed.reshape(-1)[foreground]
         if len(points) < 64:
@@ -230,9 +230,7 @@ def search_initial_pose(
         to_normalized = pyramid.u_to_normalized(level.moving_grid)
         candidates: list[tuple[float, float, torch.Tensor]] = []  # (score, nod, shift)
         for nod in _POSE_NODS_DEG:
-            angle = np.radians(nod)
-            rotation = torch.tensor([[1.0, 0.0, 0.0], [0.0, np.cos(angle), -np.sin(angle)],
-                                     [0.0, np.sin(angle), np.cos(angle)]], dtype=torch.float32, device=pyramid.device)  # fmt: skip
+            rotation = torch.as_tensor(_nod(nod), dtype=torch.float32, device=pyramid.device)
             mapped = points @ (rotation @ start).T + translation  # (N, 3) in the moving u frame
             for first in range(0, len(shifts_u), _POSE_CHUNK):
                 chunk = shifts_u[first : first + _POSE_CHUNK]
@@ -245,12 +243,16 @@ def search_initial_pose(
         initial = float(_pose_scores(pyramid, level, unchanged, values)[0])
     if score < initial + _POSE_MARGIN:
         return matrix_u, translation_u, None
-    angle = np.radians(nod)
-    rotation = np.array([[1.0, 0.0, 0.0], [0.0, np.cos(angle), -np.sin(angle)], [0.0, np.sin(angle), np.cos(angle)]])
     shift_mm = shift.double().cpu().numpy() * pyramid.frame.scale
     note = (f"initial pose search: moved the start by ({shift_mm[0]:.0f}, {shift_mm[1]:.0f}, {shift_mm[2]:.0f}) mm "
             f"and a {nod:.0f} degree nod (correlation {initial:.2f} -> {score:.2f})")  # fmt: skip
-    return rotation @ matrix_u, translation_u + shift.double().cpu().numpy(), note
+    return _nod(nod) @ matrix_u, translation_u + shift.double().cpu().numpy(), note
+
+
+def _nod(degrees: float) -> np.ndarray:
+    """The rotation about the left-right (R) axis of the u frame by ``degrees``."""
+    angle = np.radians(degrees)
+    return np.array([[1.0, 0.0, 0.0], [0.0, np.cos(angle), -np.sin(angle)], [0.0, np.sin(angle), np.cos(angle)]])
 
 
 def _pose_scores(pyramid: Pyramid, level: Level, normalized: torch.Tensor, fixed_values: torch.Tensor) -> torch.Tensor:
@@ -258,13 +260,21 @@ def _pose_scores(pyramid: Pyramid, level: Level, normalized: torch.Tensor, fixed
     the moving image there, times the share of samples inside the moving image (and its mask)."""
     moving_values, inside = pyramid.sample_image(level, "moving", normalized[None])
     moving_values, inside = moving_values.reshape(normalized.shape[:2]), inside.reshape(normalized.shape[:2])
-    total = inside.sum(dim=1).clamp_min(1e-6)
-    fixed_centred = fixed_values - (inside * fixed_values).sum(dim=1, keepdim=True) / total[:, None]
-    moving_centred = moving_values - (inside * moving_values).sum(dim=1, keepdim=True) / total[:, None]
-    covariance = (inside * fixed_centred * moving_centred).sum(dim=1)
-    variance = (inside * fixed_centred**2).sum(dim=1) * (inside * moving_centred**2).sum(dim=1)
-    correlation = covariance / variance.clamp_min(1e-12).sqrt()
+    correlation, total = _weighted_correlations(fixed_values, moving_values, inside)
     return correlation * (total / normalized.shape[1])
+
+
+def _weighted_correlations(
+    fixed_values: torch.Tensor, moving_values: torch.Tensor, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``moving_values`` and ``weight`` (S, N): the weighted Pearson correlation with ``fixed_values``
+    (N), and the row's total weight."""
+    total = weight.sum(dim=1).clamp_min(1e-6)
+    fixed_centred = fixed_values - (weight * fixed_values).sum(dim=1, keepdim=True) / total[:, None]
+    moving_centred = moving_values - (weight * moving_values).sum(dim=1, keepdim=True) / total[:, None]
+    covariance = (weight * fixed_centred * moving_centred).sum(dim=1)
+    variance = (weight * fixed_centred**2).sum(dim=1) * (weight * moving_centred**2).sum(dim=1)
+    return covariance / variance.clamp_min(1e-12).sqrt(), total
 
 
 def modality_correlations(pyramid: Pyramid, matrix_u: np.ndarray, translation_u: np.ndarray) -> tuple[float, float]:
@@ -283,11 +293,11 @@ def modality_correlations(pyramid: Pyramid, matrix_u: np.ndarray, translation_u:
     """
     level = pyramid.coarsest_level()
     with torch.no_grad():
-        fixed_foreground = level.fixed_weight * (level.fixed > 0.05).to(level.fixed.dtype)
-        fixed_interior = erode(fixed_foreground)
+        foreground = fixed_foreground(level)
+        fixed_interior = erode(foreground)
         if float(fixed_interior.sum()) < 64:
-            fixed_interior = fixed_foreground
-        moving_foreground = (level.moving > 0.05).to(level.moving.dtype)
+            fixed_interior = foreground
+        moving_foreground = (level.moving > FOREGROUND_LEVEL).to(level.moving.dtype)
         if level.moving_mask is not None:
             moving_foreground = moving_foreground * (level.moving_mask > 0.5)
         moving_interior = erode(moving_foreground)
@@ -317,14 +327,7 @@ def modality_correlations(pyramid: Pyramid, matrix_u: np.ndarray, translation_u:
         moving_values, moving_inside = sampled[0], sampled[1]
         inside = (normalized.abs().amax(dim=-1) <= 1.0).to(moving_values.dtype)
         weight = inside * (moving_inside > 0.5).to(moving_values.dtype)
-        total = weight.sum(dim=1).clamp_min(1e-6)
-        fixed_mean = (weight * fixed_values).sum(dim=1, keepdim=True) / total[:, None]
-        moving_mean = (weight * moving_values).sum(dim=1, keepdim=True) / total[:, None]
-        fixed_centred = fixed_values - fixed_mean
-        moving_centred = moving_values - moving_mean
-        covariance = (weight * fixed_centred * moving_centred).sum(dim=1)
-        variance = (weight * fixed_centred**2).sum(dim=1) * (weight * moving_centred**2).sum(dim=1)
-        correlation = covariance / variance.clamp_min(1e-12).sqrt()
+        correlation, total = _weighted_correlations(fixed_values, moving_values, weight)
         # Shifts that keep too few samples say nothing.
         usable = total >= max(32.0, 0.25 * float(total.max()))
         correlation = correlation[usable]

@@ -7,13 +7,11 @@ import torch
 
 from .geometry import apply_matrix, rotation_matrix
 from .optimizers import Rprop
-from .pyramid import Level, Pyramid
+from .pyramid import Level, Pyramid, fixed_foreground
 from .similarity import WeightedMutualInformationLoss, weighted_ncc_loss
 
 # A linear level ends once every Rprop step is below this fraction of the level's voxel (see Rprop).
 _LINEAR_PRECISION_VOXELS = 0.005
-# The fixed image's foreground for the linear stages: intensities (scaled to 0..1) above this.
-_FOREGROUND_LEVEL = 0.05
 
 
 def optimise_linear(
@@ -109,7 +107,7 @@ def _linear_samples_of(pyramid: Pyramid, level: Level, side: str) -> tuple[torch
                 if pyramid.fixed_mask is None and pyramid.config.linear_foreground:
                     # Without a mask, the fixed image's foreground, not the air around it: air matches air
                     # whatever the transform does to the head, and rewards squashing one head into the other.
-                    foreground = sample_weight * (image.reshape(-1) > _FOREGROUND_LEVEL).to(sample_weight.dtype)
+                    foreground = fixed_foreground(level).reshape(-1)
                     if float(foreground.sum()) >= 64:
                         sample_weight = foreground
             keep = torch.nonzero(sample_weight > 0).reshape(-1)

@@ -187,9 +187,18 @@ def _coarsening_factors(source: Grid, target: Grid) -> np.ndarray:
     source_sizes, target_sizes = source.size_ijk, target.size_ijk
     return np.where(target_sizes > 1, (source_sizes - 1) / np.maximum(target_sizes - 1, 1), 1.0)
 
+#: Intensities (each image scaled to 0..1) above this are an image's foreground; below it, its background (air).
+FOREGROUND_LEVEL = 0.05
+
+
+def fixed_foreground(level: Level) -> torch.Tensor:
+    """The fixed image's foreground on ``level``, weighted by its mask: ``(1, 1, D, H, W)``."""
+    return level.fixed_weight * (level.fixed > FOREGROUND_LEVEL).to(level.fixed.dtype)
+
+
 def foreground_box(level: Level, margin: int) -> tuple[slice, slice, slice]:
     """(k, j, i) slices of the fixed level grid around its weighted foreground, ``margin`` voxels wider."""
-    foreground = ((level.fixed_weight > 0) & (level.fixed > 0.05))[0, 0]
+    foreground = (fixed_foreground(level) > 0)[0, 0]
     if not bool(foreground.any()):
         return (slice(None),) * 3
     box = []

@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .dicom_series import holds_dicom
 from .models.errors import ModelError
 from .outputs import OutputError, replace_text
 from .storage import VOLUME_SUFFIXES, StorageError
@@ -75,35 +75,13 @@ def _case_name(path: Path) -> str:
             break
     else:
         name = path.stem
-    # a file's own name, made a safe case name (spaces and other characters become '_')
+    return _safe_case_name(name)
+
+
+def _safe_case_name(name: str) -> str:
+    """A file's or a folder's own name made a safe case name (spaces and other characters become '_')."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip("._-")[:128]
     return cleaned or "case"
-
-
-def _folder_case_name(path: Path) -> str:
-    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", path.name).lstrip("._-")[:128]
-    return cleaned or "case"
-
-
-def holds_dicom(folder: Path, look_at: int = 64) -> bool:
-    """Whether one of the first ``look_at`` files under ``folder`` is a DICOM file (its "DICM" preamble marker)."""
-    seen = 0
-    for root, folders, names in os.walk(folder):
-        folders[:] = sorted(name for name in folders if not name.startswith("."))
-        for name in sorted(names):
-            path = Path(root) / name
-            if path.is_symlink() or not path.is_file():
-                continue
-            try:
-                with path.open("rb") as handle:
-                    if handle.read(132)[128:] == b"DICM":
-                        return True
-            except OSError:
-                pass
-            seen += 1
-            if seen >= look_at:
-                return False
-    return False
 
 
 def read_cases(source: str | Path, columns: tuple[str, ...], optional: tuple[str, ...] = ()) -> list[Case]:
@@ -124,7 +102,7 @@ def read_cases(source: str | Path, columns: tuple[str, ...], optional: tuple[str
         if not images and not series:
             raise ValueError(f"no images (.nii.gz, .nrrd, .mha, ...) and no DICOM series folders in {source}")
         cases = [Case(_case_name(path), {columns[0]: path}) for path in images]
-        cases += [Case(_folder_case_name(path), {columns[0]: path}) for path in series]
+        cases += [Case(_safe_case_name(path.name), {columns[0]: path}) for path in series]
     else:
         with source.open(newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))

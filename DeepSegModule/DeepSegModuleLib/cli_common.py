@@ -61,7 +61,7 @@ def reported(as_json: bool):
     except typer.Exit:
         raise
     except AmbiguousSeries as error:
-        _fail(str(error).split(": ", 1)[0], as_json, error.choices)
+        _fail(error.headline, as_json, error.choices)
     except (CommandError, StorageError, JobFailed, JobCancelled, OSError, ValueError, KeyError, ModelError) as error:
         text = error.args[0] if isinstance(error, KeyError) and error.args else error
         _fail(str(text), as_json)

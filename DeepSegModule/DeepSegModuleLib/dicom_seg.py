@@ -138,13 +138,12 @@ def write_dicom_seg(
         for number, info in enumerate(table, start=1):
             lookup[info.value] = number
         dtype = np.uint8 if len(table) < 256 else np.uint16
-        numbered = lookup[np.asarray(series.on_source_images(labels, order=0), dtype=np.int64)].astype(dtype)
+        # segment numbers per voxel; highdicom takes this label-map form for BINARY too
+        pixels = lookup[np.asarray(series.on_source_images(labels, order=0), dtype=np.int64)].astype(dtype)
         if encoding == "labelmap":
             kind, syntax, omit_empty = hd.seg.SegmentationTypeValues.LABELMAP, RLELossless, False
-            pixels = numbered
         else:
             kind, syntax, omit_empty = hd.seg.SegmentationTypeValues.BINARY, ExplicitVRLittleEndian, True
-            pixels = numbered
     seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=pixels,

@@ -63,8 +63,9 @@ class DicomError(ValueError):
 class AmbiguousSeries(DicomError):
     """Several series qualify; :attr:`choices` describes each (uid, modality, images, description)."""
 
-    def __init__(self, message: str, choices: list[dict[str, Any]]) -> None:
-        super().__init__(message)
+    def __init__(self, headline: str, listing: str, choices: list[dict[str, Any]]) -> None:
+        super().__init__(f"{headline}: {listing}")
+        self.headline = headline  # the message without the listing, for a caller that lists the choices itself
         self.choices = choices
 
 
@@ -136,21 +137,42 @@ def instance_uid(dataset: Any) -> str:
     return uid or (_text(meta, "MediaStorageSOPInstanceUID") if meta is not None else "")
 
 
-def _files_under(folder: Path) -> list[Path]:
-    limit = DICOM_FILES.value()
-    found: list[Path] = []
+def _walk_files(folder: Path):
+    """The files under ``folder`` that may be images, in a stable order: no hidden files or folders, no DICOMDIR,
+    no links (a link may point anywhere on the machine)."""
     for root, folders, names in os.walk(folder, followlinks=False):
         folders[:] = sorted(name for name in folders if not name.startswith("."))
         for name in sorted(names):
             if name.startswith(".") or name.upper() == "DICOMDIR":
                 continue
             path = Path(root) / name
-            if path.is_symlink() or not path.is_file():
-                continue  # a link may point anywhere on the machine
-            found.append(path)
-            if len(found) > limit:
-                DICOM_FILES.check(len(found), f"the folder {folder} (counting its first files)")
+            if not path.is_symlink() and path.is_file():
+                yield path
+
+
+def _files_under(folder: Path) -> list[Path]:
+    limit = DICOM_FILES.value()
+    found: list[Path] = []
+    for path in _walk_files(folder):
+        found.append(path)
+        if len(found) > limit:
+            DICOM_FILES.check(len(found), f"the folder {folder} (counting its first files)")
     return found
+
+
+def holds_dicom(folder: str | os.PathLike, look_at: int = 64) -> bool:
+    """Whether one of the first ``look_at`` files under ``folder`` is a DICOM file (its "DICM" preamble marker):
+    a cheap test of which subfolders of a cohort are series, before any header is parsed."""
+    for seen, path in enumerate(_walk_files(Path(folder))):
+        if seen >= look_at:
+            return False
+        try:
+            with path.open("rb") as handle:
+                if handle.read(132)[128:] == b"DICM":
+                    return True
+        except OSError:
+            pass
+    return False
 
 
 def scan(folder: str | os.PathLike) -> FolderScan:
@@ -237,7 +259,7 @@ def choose(found: FolderScan, choice: SeriesChoice = SeriesChoice()) -> SeriesIn
         listing = "; ".join(s.line() for s in readable)
         raise AmbiguousSeries(
             f"{found.folder} holds {len(readable)} series; choose one with --series UID, --modality or "
-            f"--series-description: {listing}", [s.as_choice() for s in readable],
+            "--series-description", listing, [s.as_choice() for s in readable],
         )  # fmt: skip
     return readable[0]
 

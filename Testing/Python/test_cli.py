@@ -161,15 +161,22 @@ def test_models_import_from_a_url_checks_the_sha256(tmp_path, capsys, model_stor
     assert code == 0 and "downloading" not in err
 
 
-def test_register_writes_transform_volume_and_label_map_that_keeps_its_values(tmp_path, capsys):
+def write_sphere_pair(folder, shift):
+    """fixed.nrrd and moving.nrrd in ``folder``: a smooth 10 mm ball on a 2 mm grid, in the moving image moved by
+    ``shift`` mm; returns the 2 mm grid, the fixed volume (before smoothing) and the two balls' true masks."""
     spacing = np.diag([2.0, 2.0, 2.0, 1.0])
     grid = ((32, 32, 32), spacing)
     centre = np.array([31.0, 31.0, 31.0])
-    shift = np.array([4.0, -3.0, 2.0])
-    fixed, _ = sphere_volume(centre, 10.0, grid)
+    fixed, fixed_truth = sphere_volume(centre, 10.0, grid)
     moving, moving_truth = sphere_volume(centre + shift, 10.0, grid)
     for name, volume in (("fixed", fixed), ("moving", moving)):
-        sitk.WriteImage(nodes.array_to_sitk(gaussian_filter(volume.array, 1.5), spacing), str(tmp_path / f"{name}.nrrd"))
+        sitk.WriteImage(nodes.array_to_sitk(gaussian_filter(volume.array, 1.5), spacing), str(folder / f"{name}.nrrd"))
+    return spacing, fixed, fixed_truth, moving_truth
+
+
+def test_register_writes_transform_volume_and_label_map_that_keeps_its_values(tmp_path, capsys):
+    shift = np.array([4.0, -3.0, 2.0])
+    spacing, fixed, _, moving_truth = write_sphere_pair(tmp_path, shift)
     sitk.WriteImage(nodes.array_to_sitk(moving_truth.astype(np.uint8) * 7, spacing), str(tmp_path / "moving-labels.nii.gz"))
 
     code, out, err = run(
@@ -358,14 +365,7 @@ def test_models_info_lists_the_labels(capsys):
 
 
 def test_register_scores_each_structure_against_a_reference_on_the_fixed_image(tmp_path, capsys):
-    spacing = np.diag([2.0, 2.0, 2.0, 1.0])
-    grid = ((32, 32, 32), spacing)
-    centre = np.array([31.0, 31.0, 31.0])
-    shift = np.array([4.0, -3.0, 2.0])
-    fixed, fixed_truth = sphere_volume(centre, 10.0, grid)
-    moving, moving_truth = sphere_volume(centre + shift, 10.0, grid)
-    for name, volume in (("fixed", fixed), ("moving", moving)):
-        sitk.WriteImage(nodes.array_to_sitk(gaussian_filter(volume.array, 1.5), spacing), str(tmp_path / f"{name}.nrrd"))
+    spacing, _, fixed_truth, moving_truth = write_sphere_pair(tmp_path, np.array([4.0, -3.0, 2.0]))
     moving_labels = moving_truth.astype(np.uint8) * 7
     moving_labels[:3, :3, :3] = 3  # a structure the reference lacks: not scored
     sitk.WriteImage(nodes.array_to_sitk(moving_labels, spacing), str(tmp_path / "moving-labels.nii.gz"))
